@@ -1,0 +1,36 @@
+# Two commands on a fresh clone with only python3: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint format fixtures clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m gaam_jax.demo
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -n 2 --durations=10 tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+# Regenerates tests/fixtures/ from the authors' PyTorch package (separate venv, needs PyPI).
+fixtures:
+	$$(bash ../shared/tools/reference_venv.sh .reference-venv) tests/reference/make_fixtures.py tests/fixtures
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
