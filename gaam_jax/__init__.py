@@ -4,18 +4,33 @@ Public API:
   * :mod:`gaam_jax.functional`: the pure-JAX core (paper form and mixture form).
   * :class:`GaussianAdaptiveAttention`: multi-head GAAM, paper form (Linen).
   * :class:`MixtureGaussianAdaptiveAttention`, :class:`GaussianBlock`: the authors' package form.
+  * :class:`GroupedQueryAttention`, :class:`PaperCodeGroupedQueryAttention`, :class:`GQGAAM`.
+  * :class:`GaussianAdaptiveTransformer`: the paper's decoder on frozen encoder features.
+  * :mod:`gaam_jax.importance`: the Importance Factor.
+  * :func:`decoder_param_counts`, :func:`count_params`: parameter counts.
   * :mod:`gaam_jax.interop`: load weights trained with the authors' PyTorch package.
 """
 
-from gaam_jax import functional, interop
+from gaam_jax import functional, importance, interop
 from gaam_jax.gaussian_attention import GaussianAdaptiveAttention
+from gaam_jax.gqa import GroupedQueryAttention, PaperCodeGroupedQueryAttention
+from gaam_jax.gqgaam import GQGAAM
 from gaam_jax.mixture import GaussianBlock, MixtureGaussianAdaptiveAttention, lognormal_init
+from gaam_jax.param_count import count_params, decoder_param_counts
+from gaam_jax.transformer import GaussianAdaptiveTransformer
 
 __all__ = [
+    "GQGAAM",
     "GaussianAdaptiveAttention",
+    "GaussianAdaptiveTransformer",
     "GaussianBlock",
+    "GroupedQueryAttention",
     "MixtureGaussianAdaptiveAttention",
+    "PaperCodeGroupedQueryAttention",
+    "count_params",
+    "decoder_param_counts",
     "functional",
+    "importance",
     "interop",
     "lognormal_init",
 ]
