@@ -1,0 +1,63 @@
+"""Shared helpers for the training tests: a small learnable feature dataset and a tiny config."""
+
+import json
+import pathlib
+import textwrap
+
+import numpy as np
+
+from data.datasets import encoder_features
+
+
+def toy_features(folder: pathlib.Path, n: int = 80, layers: int = 4, dim: int = 16, seed: int = 0):
+    """Builds a 2-class encoder_features dataset whose class shifts one layer's mean."""
+    shards = folder / "shards"
+    shards.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    x = rng.normal(size=(n, layers, dim)).astype(np.float32)
+    x[:, 1, :] += 1.5 * labels[:, None]
+    np.savez(shards / encoder_features.shard_name(0), features=x, label=labels, id=np.arange(n))
+    manifest = dict(encoder="toy", pooling="mean", num_layers=layers, dim=dim, dtype="float32",
+                    label_names=["a", "b"], num_shards=1, source="toy/train")  # fmt: skip
+    (shards / encoder_features.MANIFEST).write_text(json.dumps(manifest))
+    builder = encoder_features.build(shards, folder / "data", "toy")
+    return pathlib.Path(builder.data_dir)
+
+
+def tiny_config(path: pathlib.Path, dataset: pathlib.Path, **overrides) -> pathlib.Path:
+    """Writes a config file for a tiny, fast run on ``dataset``."""
+    values = dict(
+        num_epochs=4, batch_size=8, checkpoint_every_epochs=1, checkpoint_every_steps=3,
+        learning_rate=3e-3, k=2, front="gaam", loss="cross_entropy",
+    )  # fmt: skip
+    values.update(overrides)
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            import ml_collections
+
+            def get_config():
+                c = ml_collections.ConfigDict()
+                c.dataset_paths = ml_collections.ConfigDict({{"toy": "{dataset}"}})
+                c.model = ml_collections.ConfigDict(dict(
+                    front="{values["front"]}", num_heads=2, num_gaussians=2, attention_dim=16,
+                    query_heads=4, kv_heads=2, gqa="paper_code", conv_features=8, map_shape=(),
+                    variance="two_pass", dtype="float32"))
+                c.optimizer = ml_collections.ConfigDict(dict(
+                    learning_rate={values["learning_rate"]}, weight_decay=0.01, grad_clip=1000.0,
+                    plateau_factor=0.1, plateau_patience=1))
+                c.loss = "{values["loss"]}"
+                c.batch_size = {values["batch_size"]}
+                c.eval_batch_size = 16
+                c.num_epochs = {values["num_epochs"]}
+                c.cv = ml_collections.ConfigDict(dict(kind="stratified_kfold", k={values["k"]}, seed=0))
+                c.seeds = (0,)
+                c.checkpoint_every_epochs = {values["checkpoint_every_epochs"]}
+                c.checkpoint_every_steps = {values["checkpoint_every_steps"]}
+                c.max_to_keep = 2
+                return c
+            """
+        )
+    )
+    return path

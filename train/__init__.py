@@ -1,0 +1,1 @@
+"""Training, evaluation, cross-validation, checkpoints and inference for GAAM decoders."""

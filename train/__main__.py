@@ -1,0 +1,48 @@
+"""``python -m train --config configs/<name>.py --workdir DIR [--config.<key>=<value> ...]``.
+
+Runs every fold and seed of the config, resuming whatever a previous invocation left unfinished,
+and prints the cross-validated results table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from train import config as config_lib
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="configs/<name>.py")
+    parser.add_argument("--workdir", required=True, help="folder for checkpoints and results")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(f"unrecognised argument {item!r} (overrides look like --config.key=value)")
+        overrides.append(item.removeprefix("--config."))
+    try:
+        config = config_lib.load(args.config)
+        config_lib.apply_overrides(config, overrides)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from train import cross_validation
+
+    start = time.perf_counter()
+    try:
+        cross_validation.run(config, args.workdir, progress=not args.no_progress)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wall time: {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Experiment configs: ``configs/*.py`` files exposing ``get_config()``, plus command-line overrides."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+from collections.abc import Sequence
+
+import ml_collections
+
+REQUIRED = ("dataset_paths", "model", "optimizer", "cv", "batch_size", "num_epochs", "seeds")
+
+
+def load(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """Imports ``path`` and returns its ``get_config()``."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist.")
+    spec = importlib.util.spec_from_file_location(f"_gaam_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} defines no get_config().")
+    config = module.get_config()
+    missing = [k for k in REQUIRED if k not in config]
+    if missing:
+        raise ValueError(f"{path}: the config lacks the keys {missing}.")
+    return config
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every leaf key, dotted (``optimizer.learning_rate``)."""
+    keys = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            keys += flat_keys(value, f"{name}.")
+        else:
+            keys.append(name)
+    return sorted(keys)
+
+
+def _parse_value(text: str, old: object) -> object:
+    if isinstance(old, str) or old is None:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+        return text if isinstance(old, str) and not isinstance(value, str) else value
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as err:
+        raise ValueError(f"cannot parse {text!r} as {type(old).__name__}.") from err
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(old, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if type(value) is not type(old):
+        raise ValueError(f"expected {type(old).__name__}, got {text!r}.")
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Applies ``key=value`` overrides (keys dotted, values Python literals) in place.
+
+    Raises:
+      ValueError: for an unknown key (the message lists the valid ones) or a value of the
+        wrong type.
+    """
+    valid = flat_keys(config)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like key=value.")
+        if key not in valid:
+            raise ValueError(f"unknown config key {key!r}. Valid keys: {', '.join(valid)}.")
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        try:
+            node[leaf] = _parse_value(text, node[leaf])
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"config key {key!r}: {err}") from err

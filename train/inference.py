@@ -1,0 +1,101 @@
+"""Prediction from a trained run, on feature files or on raw text, and ``jax.export`` artefacts.
+
+::
+
+    predictor = Predictor.from_run("out/default/pang_lee_polarity/seed0_fold1", config, info)
+    predictor.predict(features)                 # [batch, N, d] -> class ids
+    predictor.predict_text(["a fine film ."])   # through the MiniLM encoder
+    predictor.export("model.jaxexport")         # reloads with load_exported(), no model code
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from train.checkpointing import Checkpoints
+from train.trainer import Trainer
+
+
+class Predictor:
+    """A jit-compiled classifier with fixed parameters.
+
+    Args:
+      trainer: supplies the model definition.
+      state: a ``TrainState`` (its params and batch statistics are used).
+      pooling: the pooling of the training features, for :meth:`predict_text`.
+    """
+
+    def __init__(self, trainer: Trainer, state: Any, pooling: str = "mean"):
+        self.model = trainer.model
+        self.input_shape = trainer.input_shape
+        self.variables = {"params": state.params, "batch_stats": state.batch_stats}
+        self.pooling = pooling
+        self._logits = jax.jit(lambda v, x: self.model.apply(v, x))
+        self._encoder = None
+
+    @classmethod
+    def from_run(
+        cls, run_dir: str | pathlib.Path, config: ml_collections.ConfigDict, info: Any
+    ) -> Predictor:
+        """Loads the best checkpoint of a run trained with ``config`` on data described by ``info``.
+
+        Raises:
+          FileNotFoundError: if the run has no readable checkpoint.
+        """
+        trainer = Trainer(
+            config, info.features["label"].num_classes, info.features["features"].shape
+        )
+        ckpt = Checkpoints(pathlib.Path(run_dir) / "checkpoints")
+        try:
+            restored = ckpt.restore_best(trainer.init_state(0))
+        finally:
+            ckpt.close()
+        if restored is None:
+            raise FileNotFoundError(f"{run_dir} has no readable checkpoint.")
+        return cls(trainer, restored[0], pooling=info.metadata.get("pooling", "mean"))
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """Float32 logits of ``[batch, N, d]`` features."""
+        features = np.asarray(features, np.float32)
+        if features.shape[1:] != self.input_shape:
+            raise ValueError(f"features must be [batch, {self.input_shape}], got {features.shape}.")
+        return np.asarray(self._logits(self.variables, features), np.float32)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Class ids of ``[batch, N, d]`` features."""
+        return self.logits(features).argmax(-1)
+
+    def predict_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Class ids of raw texts, encoded by MiniLM with the training features' pooling."""
+        if self._encoder is None:
+            from data.extract import TextEncoder
+
+            self._encoder = TextEncoder(pooling=self.pooling)
+        return self.predict(self._encoder(list(texts)))
+
+    def export(self, path: str | pathlib.Path) -> pathlib.Path:
+        """Serialises ``features -> logits`` (parameters baked in, any batch size) to ``path``."""
+        variables = self.variables
+
+        def fn(x):
+            return self.model.apply(variables, x)
+
+        (batch,) = jax.export.symbolic_shape("batch")
+        spec = jax.ShapeDtypeStruct((batch, *self.input_shape), jnp.float32)
+        exported = jax.export.export(jax.jit(fn))(spec)
+        path = pathlib.Path(path)
+        path.write_bytes(exported.serialize())
+        return path
+
+
+def load_exported(path: str | pathlib.Path) -> Callable[[np.ndarray], np.ndarray]:
+    """Loads a :meth:`Predictor.export` artefact: returns ``features -> logits``."""
+    exported = jax.export.deserialize(bytearray(pathlib.Path(path).read_bytes()))
+    return lambda x: np.asarray(exported.call(np.asarray(x, np.float32)))
