@@ -51,7 +51,8 @@ def tiny_config(path: pathlib.Path, dataset: pathlib.Path, **overrides) -> pathl
                 c.batch_size = {values["batch_size"]}
                 c.eval_batch_size = 16
                 c.num_epochs = {values["num_epochs"]}
-                c.cv = ml_collections.ConfigDict(dict(kind="stratified_kfold", k={values["k"]}, seed=0))
+                c.cv = ml_collections.ConfigDict(
+                    dict(kind="stratified_kfold", k={values["k"]}, seed=0))
                 c.seeds = (0,)
                 c.checkpoint_every_epochs = {values["checkpoint_every_epochs"]}
                 c.checkpoint_every_steps = {values["checkpoint_every_steps"]}

@@ -1,4 +1,4 @@
-"""Experiment configs: ``configs/*.py`` files exposing ``get_config()``, plus command-line overrides."""
+"""Experiment configs: `configs/*.py` files with a `get_config()`, and command-line overrides."""
 
 from __future__ import annotations
 
