@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run demo test lint format fixtures clean
+.PHONY: run demo bench test lint format fixtures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ run: $(STAMP)
 	    $(PY) -m data.extract --dataset $$ds --data-dir $(DATA) || exit 1; \
 	done
 	$(PY) -m train --config configs/default.py --workdir out/default
+
+# Speed and memory against the authors' PyTorch package (separate venv with torch); ~10 min.
+bench:
+	$$(bash benchmarks/venv.sh .bench-venv) -m benchmarks.run --out benchmarks/results
 
 demo: $(STAMP)
 	$(PY) -m gaam_jax.demo
@@ -48,4 +52,4 @@ fixtures:
 	  tests/reference/make_bert_fixtures.py tests/fixtures
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .bench-venv .pytest_cache .ruff_cache

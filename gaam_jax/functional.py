@@ -64,14 +64,11 @@ __all__ = [
     "head_sizes",
 ]
 
-Variance = Literal["two_pass", "one_pass"]
+Variance = Literal["shifted", "one_pass"]
 
 # Epsilons of the paper's Algorithm 1 and the experiment code.
 PAPER_VAR_EPS = 1e-8
 PAPER_NORM_EPS = 1e-5
-# Finite stand-in for log(0) at masked positions: keeps logsumexp and its gradient finite even
-# for a fully masked slice, where -inf would give inf - inf.
-_MASKED_LOGIT = -1e30
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,10 +119,11 @@ def _centred_moments(
     the reduced axis as size 1). Masked elements must already be replaced by finite values; they
     are excluded from the count. A slice with no valid element gets mean 0 and variance 0.
 
-    ``"two_pass"`` shifts the data by a first estimate of the mean (a constant for autodiff: the
-    result does not depend on it) before taking the moments. For inputs of magnitude 1e4 the
-    float32 mean itself is off by about ulp(1e4) = 1e-3, which would shift every ``z`` by that
-    much; after the shift the residual mean is tiny and exact to float32 precision.
+    ``"shifted"`` takes the moments of ``x - pivot`` (the shifted-data algorithm): one pass over
+    the data, and accurate for inputs of magnitude 1e4, where E[x^2] - E[x]^2 on the raw values
+    cancels catastrophically (and even a float32 mean is off by ulp(1e4) = 1e-3). The pivot is
+    the slice's first element, or with a mask its masked mean (one more pass, so a masked-out
+    value is never used). It is a constant for autodiff: the result does not depend on it.
     ``"one_pass"`` is the experiment code's E[x^2] - E[x]^2 on the raw values.
     """
 
@@ -139,17 +137,21 @@ def _centred_moments(
     else:
         count = jnp.sum(mask, axis=red, keepdims=True, dtype=jnp.float32)
     safe_count = jnp.maximum(count, 1.0)
-    if variance == "two_pass":
-        xc = xf - jax.lax.stop_gradient(masked_sum(xf) / safe_count)
+    if variance == "shifted":
+        if mask is None:
+            pivot = jax.lax.slice_in_dim(xf, 0, 1, axis=red)
+        else:
+            pivot = masked_sum(xf) / safe_count
+        xc = xf - jax.lax.stop_gradient(pivot)
     elif variance == "one_pass":
         if ddof:
             raise ValueError("variance='one_pass' is only defined for the population variance.")
         xc = xf
     else:
-        raise ValueError(f"variance must be 'two_pass' or 'one_pass', got {variance!r}.")
+        raise ValueError(f"variance must be 'shifted' or 'one_pass', got {variance!r}.")
     mean_c = masked_sum(xc) / safe_count
-    # sum((xc - mean_c)^2) = sum(xc^2) - count * mean_c^2; after the shift mean_c is tiny, so
-    # this does not cancel (for one_pass it is exactly the code's E[x^2] - E[x]^2).
+    # sum((xc - mean_c)^2) = sum(xc^2) - count * mean_c^2: after the shift mean_c is of the
+    # order of the spread, so this does not cancel (for one_pass it is the code's formula).
     var = (masked_sum(jnp.square(xc)) - count * jnp.square(mean_c)) / jnp.maximum(count - ddof, 1.0)
     return xc, mean_c, var
 
@@ -172,7 +174,7 @@ def gaussian_gate(
     axis: int = -2,
     feature_axis: int | None = -1,
     mask: jax.Array | None = None,
-    variance: Variance = "two_pass",
+    variance: Variance = "shifted",
     var_eps: float = PAPER_VAR_EPS,
     norm_eps: float = PAPER_NORM_EPS,
 ) -> jax.Array:
@@ -187,9 +189,10 @@ def gaussian_gate(
       axis: the axis the statistics are taken over and the heads split (contiguous equal groups).
       feature_axis: the axis that indexes the per-feature parameters; must differ from ``axis``.
       mask: optional boolean, broadcastable to ``x``, True = valid.
-      variance: ``"two_pass"`` (default; E[(x - mean)^2], accurate for large inputs such as
-        Llama hidden states) or ``"one_pass"`` (E[x^2] - E[x]^2, the experiment code's estimator).
-        Both are the population variance; they differ only in rounding.
+      variance: ``"shifted"`` (default; moments of the data shifted by a pivot, accurate for
+        large inputs such as Llama hidden states) or ``"one_pass"`` (E[x^2] - E[x]^2 on the raw
+        values, the experiment code's estimator). Both are the population variance; they differ
+        only in rounding.
       var_eps: added to ``|var|`` (1e-8 in the paper's code).
       norm_eps: added inside the square root (1e-5 in the paper's code).
 
@@ -258,7 +261,7 @@ def gaussian_adaptive_attention(
     axis: int = -2,
     feature_axis: int | None = -1,
     mask: jax.Array | None = None,
-    variance: Variance = "two_pass",
+    variance: Variance = "shifted",
     var_eps: float = PAPER_VAR_EPS,
     norm_eps: float = PAPER_NORM_EPS,
     return_gate: bool = False,
@@ -323,16 +326,25 @@ def _mixture_gate_even(
     xf = xs.astype(jnp.float32)
     if ms is not None:
         xf = jnp.where(ms, xf, 0.0)
-    xc, mean_c, var = _centred_moments(xf, ms, red, ddof=1, variance="two_pass")
+    xc, mean_c, var = _centred_moments(xf, ms, red, ddof=1, variance="shifted")
     # torch.var is non-negative; the guard only matters for rounding in constant slices.
     var = jnp.maximum(var, 0.0) + eps
     d = xc - mean_c - big_m
-    log_p = -0.5 * (big_w * jnp.square(d) + big_c) / var + log_const
+    # log P = bound + q with bound = -C / (2 var) + log_const (constant along the axis) and
+    # q = -W d^2 / (2 var) <= 0. So exp(q) <= 1 cannot overflow, and the logsumexp needs no
+    # max pass: one reduction instead of two.
+    bound = -0.5 * big_c / var + log_const
+    q = -0.5 * big_w * jnp.square(d) / var
+    e = jnp.exp(q)
     if ms is not None:
-        log_p = jnp.where(ms, log_p, _MASKED_LOGIT)
-    log_sum = jax.nn.logsumexp(log_p, axis=red, keepdims=True)
+        e = jnp.where(ms, e, 0.0)
+    total = jnp.sum(e, axis=red, keepdims=True)
+    # An empty (fully masked) or underflowed sum gives log 0 = -inf, which the eps floor below
+    # replaces; the inner where keeps the gradient of log finite there.
+    positive = total > 0
+    log_sum = jnp.where(positive, bound + jnp.log(jnp.where(positive, total, 1.0)), -jnp.inf)
     # P / max(sum P, eps), in log space.
-    gate = jnp.exp(log_p - jnp.maximum(log_sum, math.log(eps)))
+    gate = jnp.exp(q + bound - jnp.maximum(log_sum, math.log(eps)))
     if ms is not None:
         gate = jnp.where(ms, gate, 1.0)
     return gate

@@ -37,7 +37,7 @@ class GaussianAdaptiveAttention(nn.Module):
       feature_axis: axis indexing the per-feature parameters, or None for one pair per head.
       delta_init: initialiser of the mean offsets (paper: 0).
       xi_init: initialiser of the scaled variances (paper: 2).
-      variance: ``"two_pass"`` (default) or ``"one_pass"`` (the experiment code's estimator).
+      variance: ``"shifted"`` (default) or ``"one_pass"`` (the experiment code's estimator).
       dtype: output dtype; None keeps the input's. Statistics are float32 regardless.
       param_dtype: storage dtype of ``delta`` and ``xi``.
     """
@@ -47,14 +47,14 @@ class GaussianAdaptiveAttention(nn.Module):
     feature_axis: int | None = -1
     delta_init: Initializer = nn.initializers.zeros_init()
     xi_init: Initializer = nn.initializers.constant(2.0)
-    variance: Variance = "two_pass"
+    variance: Variance = "shifted"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
         check.positive_int(self.num_heads, "num_heads")
-        if self.variance not in ("two_pass", "one_pass"):
-            raise ValueError(f"variance must be 'two_pass' or 'one_pass', got {self.variance!r}.")
+        if self.variance not in ("shifted", "one_pass"):
+            raise ValueError(f"variance must be 'shifted' or 'one_pass', got {self.variance!r}.")
         super().__post_init__()
 
     @nn.compact

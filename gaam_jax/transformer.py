@@ -89,7 +89,7 @@ class GaussianAdaptiveTransformer(nn.Module):
     conv_features: int = 512
     kernel_size: tuple[int, int] = (3, 3)
     map_shape: tuple[int, int] | None = None
-    variance: Variance = "two_pass"
+    variance: Variance = "shifted"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 

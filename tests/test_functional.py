@@ -356,7 +356,7 @@ def test_large_magnitude_inputs(dtype):
 
 
 def test_one_pass_variance_loses_accuracy_at_large_magnitude():
-    # Why two_pass is the default: at 1e4 the experiment code's E[x^2] - E[x]^2 cancels.
+    # Why shifted is the default: at 1e4 the experiment code's E[x^2] - E[x]^2 cancels.
     x = 1e4 + _normal((2, 40, 8), seed=71)
     delta, xi = jnp.zeros((8, 8)), jnp.full((8, 8), 2.0)
     exact = _paper_gate_float64(x, delta, xi, 8)

@@ -43,7 +43,7 @@ def tiny_config(path: pathlib.Path, dataset: pathlib.Path, **overrides) -> pathl
                 c.model = ml_collections.ConfigDict(dict(
                     front="{values["front"]}", num_heads=2, num_gaussians=2, attention_dim=16,
                     query_heads=4, kv_heads=2, gqa="paper_code", conv_features=8, map_shape=(),
-                    variance="two_pass", dtype="float32"))
+                    variance="shifted", dtype="float32"))
                 c.optimizer = ml_collections.ConfigDict(dict(
                     learning_rate={values["learning_rate"]}, weight_decay=0.01, grad_clip=1000.0,
                     plateau_factor=0.1, plateau_patience=1))

@@ -20,6 +20,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="configs/<name>.py")
     parser.add_argument("--workdir", required=True, help="folder for checkpoints and results")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (multi-host: TPU pods, SLURM, ...)",
+    )
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for item in rest:
@@ -32,6 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
     from train import cross_validation
 
     start = time.perf_counter()

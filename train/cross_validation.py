@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 
 from data import pipeline
-from gaam_jax import importance
+from gaam_jax import importance, sharding
 from train import report
 from train.trainer import Trainer, _write_json_atomic, train_run
 
@@ -36,6 +36,9 @@ def run(
 ) -> dict:
     """Trains every dataset x seed x fold of ``config`` (skipping finished runs) and reports.
 
+    With a ``mesh`` entry in the config (e.g. ``{'data': -1, 'model': 2}``) every run is
+    sharded over that device mesh (see :class:`~train.trainer.Trainer`).
+
     Each run lives in ``<workdir>/<dataset>/seed<s>_fold<k>/`` with its checkpoints, metrics,
     ``result.json``, and (for GAAM fronts) ``importance.png`` and ``gate_mean.npy``. The tables
     are printed and saved as ``<workdir>/results.md`` and ``results.json``.
@@ -52,7 +55,8 @@ def run(
         num_classes = info.features["label"].num_classes
         input_shape = info.features["features"].shape
         folds = folds_for(config, source)
-        trainer = Trainer(config, num_classes, input_shape)
+        mesh = sharding.make_mesh(dict(config.mesh)) if "mesh" in config else None
+        trainer = Trainer(config, num_classes, input_shape, mesh=mesh)
         runs, cols = [], []
         for seed in config.seeds:
             for k, (train_idx, val_idx) in enumerate(folds):
@@ -69,7 +73,7 @@ def run(
                         jax.device_get(out["state"].params)
                     )
                     gate = trainer.importance_map(out["state"], source, val_idx)
-                    if gate is not None:
+                    if gate is not None and jax.process_index() == 0:
                         np.save(run_dir / "gate_mean.npy", gate)
                         importance.plot_heatmap(
                             importance.importance_factor(gate),
@@ -79,7 +83,8 @@ def run(
                         result["layer_contribution_percent"] = np.round(
                             np.asarray(importance.layer_contribution(gate)), 2
                         ).tolist()
-                    _write_json_atomic(result_path, result)
+                    if jax.process_index() == 0:
+                        _write_json_atomic(result_path, result)
                 runs.append(result)
                 cols.append(f"F{k + 1}" if len(config.seeds) == 1 else f"s{seed}F{k + 1}")
                 if progress:

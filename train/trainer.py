@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from data import pipeline
-from gaam_jax import GaussianAdaptiveTransformer, importance
+from gaam_jax import GaussianAdaptiveTransformer, importance, sharding
 from train import losses, plateau
 from train.checkpointing import Checkpoints
 
@@ -146,25 +146,87 @@ def eval_step(
     }
 
 
+def state_shardings(
+    abstract: TrainState,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> TrainState:
+    """Shardings of a train state.
+
+    Parameters and their optimiser moments follow the rules; the rest (step, counts, BatchNorm
+    statistics, LR scale) is replicated.
+    """
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = sharding.param_shardings(abstract.params, mesh, rules)
+    opt_state = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract.opt_state,
+        params,
+        transform_non_params=lambda _: replicated,
+    )
+    return TrainState(
+        step=replicated,
+        params=params,
+        opt_state=opt_state,
+        batch_stats=jax.tree.map(lambda _: replicated, abstract.batch_stats),
+        lr_scale=replicated,
+    )
+
+
 class Trainer:
     """Compiled steps for one model/optimiser configuration, reusable across folds and seeds.
+
+    With a ``mesh``, the state is initialised directly sharded (abstract shapes first, then a
+    jitted init with output shardings from :mod:`gaam_jax.sharding` rules), the steps run
+    under ``jax.jit`` with explicit input and output shardings, and batches are assembled from
+    each process's local part into global arrays (batch over ``data``, the GAAM head groups of
+    the layer axis over ``model``).
 
     Args:
       config: the experiment config.
       num_classes: classes of the dataset.
       input_shape: ``(N, d)`` of one example.
+      mesh: optional device mesh with axes ``data`` and ``model``.
+      rules: logical-to-mesh axis rules (default :data:`gaam_jax.sharding.DEFAULT_RULES`).
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, num_classes: int, input_shape: tuple):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        num_classes: int,
+        input_shape: tuple,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        rules: sharding.Rules = sharding.DEFAULT_RULES,
+    ):
         self.config = config
         self.model = make_model(config.model, num_classes)
         self.tx = make_optimizer(config.optimizer)
         self.loss_fn = losses.get(config.loss)
         self.input_shape = tuple(input_shape)
+        self.mesh = mesh
         self._train_steps: dict[int, Callable] = {}
-        self.eval_step = jax.jit(
-            functools.partial(eval_step, model=self.model, loss_fn=self.loss_fn)
-        )
+        evaluate = functools.partial(eval_step, model=self.model, loss_fn=self.loss_fn)
+        if mesh is None:
+            self.state_sharding = self.batch_sharding = None
+            self.eval_step = jax.jit(evaluate)
+        else:
+            abstract = jax.eval_shape(lambda: self._create(0))
+            self.state_sharding = state_shardings(abstract, self.tx, mesh, rules)
+            x_spec = sharding.logical_to_spec(
+                ("batch", "layers", "embed"), (config.batch_size, *self.input_shape), mesh, rules
+            )
+            rows = jax.sharding.PartitionSpec(x_spec[0])
+            self.batch_sharding = {
+                "x": jax.sharding.NamedSharding(mesh, x_spec),
+                "label": jax.sharding.NamedSharding(mesh, rows),
+                "valid": jax.sharding.NamedSharding(mesh, rows),
+            }
+            self.eval_step = jax.jit(
+                evaluate, in_shardings=(self.state_sharding, self.batch_sharding)
+            )
 
         def gates(state, x):
             _, inter = self.model.apply(
@@ -182,19 +244,51 @@ class Trainer:
             step = functools.partial(
                 train_step, model=self.model, tx=self.tx, loss_fn=self.loss_fn, seed=seed
             )
-            self._train_steps[seed] = jax.jit(step, donate_argnums=0)
+            if self.mesh is None:
+                self._train_steps[seed] = jax.jit(step, donate_argnums=0)
+            else:
+                batch = {k: self.batch_sharding[k] for k in ("x", "label")}
+                replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+                self._train_steps[seed] = jax.jit(
+                    step,
+                    in_shardings=(self.state_sharding, batch),
+                    out_shardings=(self.state_sharding, replicated),
+                    donate_argnums=0,
+                )
         return self._train_steps[seed]
 
-    def init_state(self, seed: int) -> TrainState:
-        """A fresh state for ``seed``."""
+    def _create(self, seed: int) -> TrainState:
         x = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
         return create_state(self.model, self.tx, seed, x)
+
+    def init_state(self, seed: int) -> TrainState:
+        """A fresh state for ``seed`` (created directly sharded when there is a mesh)."""
+        if self.mesh is None:
+            return self._create(seed)
+        return jax.jit(lambda: self._create(seed), out_shardings=self.state_sharding)()
+
+    def put_batch(self, batch: dict) -> dict:
+        """This process's part of a batch -> global (sharded) arrays; unchanged without a mesh."""
+        if self.mesh is None:
+            return batch
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding[k], np.asarray(v))
+            for k, v in batch.items()
+        }
 
     def evaluate(self, state: TrainState, source: Any, indices: np.ndarray) -> dict:
         """Loss and accuracy over ``indices`` (every example exactly once)."""
         totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-        for batch in pipeline.eval_batches(source, indices, batch_size=self.config.eval_batch_size):
-            out = self.eval_step(state, {k: batch[k] for k in ("x", "label", "valid")})
+        for batch in pipeline.eval_batches(
+            source,
+            indices,
+            batch_size=self.config.eval_batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        ):
+            out = self.eval_step(
+                state, self.put_batch({k: batch[k] for k in ("x", "label", "valid")})
+            )
             for key in totals:
                 totals[key] += float(out[key])
         return {
@@ -262,7 +356,8 @@ def train_run(
     if restored is not None:
         state, meta = restored
     step_fn = trainer.train_step(seed)
-    writer = _tensorboard(workdir)
+    primary = jax.process_index() == 0  # the process that writes logs
+    writer = _tensorboard(workdir) if primary else None
     from tqdm import tqdm
 
     try:
@@ -279,7 +374,7 @@ def train_run(
                 desc=f"{workdir.name} epoch {epoch + 1}/{cfg.num_epochs}", disable=not progress,
             )  # fmt: skip
             for batch in it:
-                state, m = step_fn(state, {"x": batch["x"], "label": batch["label"]})
+                state, m = step_fn(state, trainer.put_batch({k: batch[k] for k in ("x", "label")}))
                 loss = float(m["loss"])
                 step = int(state.step)
                 if not math.isfinite(loss):
@@ -288,7 +383,7 @@ def train_run(
                         f"{workdir}; training stopped and the last good checkpoint in "
                         f"{workdir / 'checkpoints'} was kept."
                     )
-                n = len(batch["label"])
+                n = cfg.batch_size
                 sums = {
                     "loss": sums["loss"] + loss * n,
                     "correct": sums["correct"] + float(m["correct"]),
@@ -332,7 +427,8 @@ def train_run(
                 ckpt.save_best(int(state.step), state, meta)
             if (epoch + 1) % cfg.checkpoint_every_epochs == 0 or epoch + 1 == cfg.num_epochs:
                 ckpt.save(int(state.step), state, meta)
-            _write_metrics(workdir, history)
+            if primary:
+                _write_metrics(workdir, history)
             if writer is not None:
                 for key, value in record.items():
                     if key not in ("epoch", "step"):

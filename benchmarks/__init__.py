@@ -1,0 +1,1 @@
+"""Benchmarks of gaam_jax against its PyTorch peers (run: python -m benchmarks.run)."""

@@ -1,0 +1,1 @@
+"""Experiment configs: one ml_collections file with get_config() per experiment."""

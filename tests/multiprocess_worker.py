@@ -1,0 +1,56 @@
+"""One process of the 2-process data-parallel test (tests/test_multiprocess.py).
+
+Usage: python multiprocess_worker.py PROCESS_ID PORT CONFIG DATASET OUT.npz
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+
+import jax  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def main(process_id: int, port: int, config_path: str, dataset: str, out: str) -> None:
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id
+    )
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from data import pipeline
+    from gaam_jax import sharding
+    from train import config as config_lib
+    from train.trainer import Trainer
+
+    assert jax.device_count() == 4 and jax.local_device_count() == 2
+    config = config_lib.load(config_path)
+    config.model.num_heads = 4
+    source, info = pipeline.load_features(dataset)
+    mesh = sharding.make_mesh({"data": -1, "model": 1})
+    trainer = Trainer(config, 2, info.features["features"].shape, mesh=mesh)
+    state = trainer.init_state(0)
+    step = trainer.train_step(0)
+    it = pipeline.train_epoch(
+        source, np.arange(64), batch_size=config.batch_size, seed=0, epoch=0,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )  # fmt: skip
+    for _, batch in zip(range(3), it, strict=False):
+        state, _ = step(state, trainer.put_batch({k: batch[k] for k in ("x", "label")}))
+    params = multihost_utils.process_allgather(state.params, tiled=True)
+    if jax.process_index() == 0:
+        flat = {"/".join(k): np.asarray(v) for k, v in _flatten(params).items()}
+        np.savez(out, **flat)
+    jax.distributed.shutdown()
+
+
+def _flatten(tree):
+    from flax.traverse_util import flatten_dict
+
+    return flatten_dict(tree)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])

@@ -1,0 +1,17 @@
+"""Smoke test: every benchmark section runs once on tiny sizes (no timing assertions)."""
+
+from benchmarks import run
+
+
+def test_benchmarks_run_quick(tmp_path, capsys):
+    assert run.main(["--quick", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "results.md").read_text()
+    for section in (
+        "1. GAAM mixture layer",
+        "2. Against the memory",
+        "3. Scaling",
+        "4. The decoder",
+        "5. bfloat16",
+    ):
+        assert section in text
+    assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
