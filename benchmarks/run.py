@@ -78,6 +78,7 @@ def compare(candidates: dict[str, tuple[Callable[[], tuple], Callable]], repeats
         for name in order:
             prepare, run = candidates[name]
             args = prepare()
+            _sync(args)  # finish the (asynchronous) preparation before the timer starts
             start = time.perf_counter()
             _sync(run(*args))
             samples[name].append(time.perf_counter() - start)

@@ -115,9 +115,10 @@ def _centred_moments(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Statistics of float32 ``xf`` over axis ``red``, optionally masked.
 
-    Returns ``(xc, mean_c, var)`` with ``x - mean(x) = xc - mean_c`` (``mean_c`` and ``var`` keep
-    the reduced axis as size 1). Masked elements must already be replaced by finite values; they
-    are excluded from the count. A slice with no valid element gets mean 0 and variance 0.
+    Returns ``(pivot, mean_c, var)`` with ``x - mean(x) = (x - pivot) - mean_c`` (all three
+    keep the reduced axis as size 1; ``pivot`` may be a scalar 0). Masked elements must already
+    be replaced by finite values; they are excluded from the count. A slice with no valid
+    element gets mean 0 and variance 0.
 
     ``"shifted"`` takes the moments of ``x - pivot`` (the shifted-data algorithm): one pass over
     the data, and accurate for inputs of magnitude 1e4, where E[x^2] - E[x]^2 on the raw values
@@ -142,10 +143,12 @@ def _centred_moments(
             pivot = jax.lax.slice_in_dim(xf, 0, 1, axis=red)
         else:
             pivot = masked_sum(xf) / safe_count
-        xc = xf - jax.lax.stop_gradient(pivot)
+        pivot = jax.lax.stop_gradient(pivot)
+        xc = xf - pivot
     elif variance == "one_pass":
         if ddof:
             raise ValueError("variance='one_pass' is only defined for the population variance.")
+        pivot = jnp.zeros((), jnp.float32)
         xc = xf
     else:
         raise ValueError(f"variance must be 'shifted' or 'one_pass', got {variance!r}.")
@@ -153,7 +156,7 @@ def _centred_moments(
     # sum((xc - mean_c)^2) = sum(xc^2) - count * mean_c^2: after the shift mean_c is of the
     # order of the spread, so this does not cancel (for one_pass it is the code's formula).
     var = (masked_sum(jnp.square(xc)) - count * jnp.square(mean_c)) / jnp.maximum(count - ddof, 1.0)
-    return xc, mean_c, var
+    return pivot, mean_c, var
 
 
 def _split_axis(x: jax.Array, ax: int, heads: int) -> jax.Array:
@@ -244,10 +247,12 @@ def gaussian_gate(
     if mask is not None:
         ms = _split_axis(mask, ax, heads)
         xf = jnp.where(ms, xf, 0.0)  # masked values never reach statistics or gradients
-    xc, mean_c, var = _centred_moments(xf, ms, red, ddof=0, variance=variance)
+    pivot, mean_c, var = _centred_moments(xf, ms, red, ddof=0, variance=variance)
     var = jnp.abs(var) + var_eps
-    z = (xc - (mean_c + delta_b)) * jax.lax.rsqrt(var + norm_eps)
-    gate = jnp.exp(-jnp.square(z) / (2.0 * xi_b))
+    # Per-slice and per-parameter factors first, so the elementwise pass multiplies only.
+    shift, inv_std, coef = mean_c + delta_b, jax.lax.rsqrt(var + norm_eps), -0.5 / xi_b
+    z = ((xf - pivot) - shift) * inv_std
+    gate = jnp.exp(coef * jnp.square(z))
     if ms is not None:
         gate = jnp.where(ms, gate, 1.0)
     return gate.reshape(x.shape)
@@ -326,15 +331,15 @@ def _mixture_gate_even(
     xf = xs.astype(jnp.float32)
     if ms is not None:
         xf = jnp.where(ms, xf, 0.0)
-    xc, mean_c, var = _centred_moments(xf, ms, red, ddof=1, variance="shifted")
+    pivot, mean_c, var = _centred_moments(xf, ms, red, ddof=1, variance="shifted")
     # torch.var is non-negative; the guard only matters for rounding in constant slices.
     var = jnp.maximum(var, 0.0) + eps
-    d = xc - mean_c - big_m
     # log P = bound + q with bound = -C / (2 var) + log_const (constant along the axis) and
-    # q = -W d^2 / (2 var) <= 0. So exp(q) <= 1 cannot overflow, and the logsumexp needs no
-    # max pass: one reduction instead of two.
+    # q = -W (x - mean - M)^2 / (2 var) <= 0. So exp(q) <= 1 cannot overflow, and the
+    # logsumexp needs no max pass: one reduction instead of two.
     bound = -0.5 * big_c / var + log_const
-    q = -0.5 * big_w * jnp.square(d) / var
+    shift, coef = mean_c + big_m, -0.5 * big_w / var
+    q = coef * jnp.square((xf - pivot) - shift)
     e = jnp.exp(q)
     if ms is not None:
         e = jnp.where(ms, e, 0.0)
