@@ -13,7 +13,7 @@ import numpy as np
 from data import pipeline
 from gaam_jax import importance, sharding
 from train import report
-from train.trainer import Trainer, _write_json_atomic, train_run
+from train.trainer import Trainer, train_run, write_atomic
 
 
 def folds_for(
@@ -84,7 +84,7 @@ def run(
                             np.asarray(importance.layer_contribution(gate)), 2
                         ).tolist()
                     if jax.process_index() == 0:
-                        _write_json_atomic(result_path, result)
+                        write_atomic(result_path, json.dumps(result, indent=1))
                 runs.append(result)
                 cols.append(f"F{k + 1}" if len(config.seeds) == 1 else f"s{seed}F{k + 1}")
                 if progress:
@@ -114,6 +114,6 @@ def run(
         "final": final,
         "gaussian_parameters": params_summary,
     }
-    _write_json_atomic(workdir / "results.json", results)
+    write_atomic(workdir / "results.json", json.dumps(results, indent=1))
     print(text)
     return results

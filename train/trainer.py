@@ -309,9 +309,10 @@ class Trainer:
         return np.asarray(importance.mean_gate(acc))
 
 
-def _write_json_atomic(path: pathlib.Path, obj: Any) -> None:
+def write_atomic(path: pathlib.Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file, so a kill never leaves half of it."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -453,9 +454,7 @@ def train_run(
 
 
 def _write_metrics(workdir: pathlib.Path, history: list[dict]) -> None:
-    tmp = workdir / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    os.replace(tmp, workdir / "metrics.jsonl")
+    write_atomic(workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
 
 def _tensorboard(workdir: pathlib.Path):
