@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
             map_shape=(),  # () = most square factorisation of d (16 x 24 for 384)
             variance="shifted",
             dtype="float32",  # float32 | bfloat16
+            layers=(),  # encoder layers to keep, 0-based; () = all
         )
     )
     c.optimizer = ml_collections.ConfigDict(
@@ -48,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
             grad_clip=1000.0,  # the code clips at 1000 (effectively off)
             plateau_factor=0.1,  # ReduceLROnPlateau on validation accuracy
             plateau_patience=10,
+            frozen=(),  # regexes of parameter paths not to train, e.g. "^attention/"
         )
     )
     c.loss = "cross_entropy"  # cross_entropy | focal (alpha 0.25, gamma 2.5)

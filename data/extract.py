@@ -11,7 +11,8 @@ over the padding too, as the paper's IEMOCAP features did with zero-padded audio
 
 Work is written in shards (``--shard-size`` examples each, written atomically): an interrupted
 run restarted with the same command redoes only the unfinished shards. Finally the shards are
-turned into ``<data-dir>/encoder_features/<dataset>_<encoder>_<pooling>``.
+turned into ``<data-dir>/encoder_features/<dataset>_<encoder>_<pooling>`` (with ``_<split>``
+appended for a split other than ``train``, e.g. the test split used as a validation set).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -141,7 +143,8 @@ def extract(
       data_dir: tfds data folder (source dataset, shards and the result live here).
       encoder: the :class:`TextEncoder`.
       encoder_name: recorded in the dataset name and metadata.
-      split: source split.
+      split: source split; a split other than ``train`` is named in the result
+        (``ag_news_subset_minilm_mean_test``), whose own split is always ``train``.
       shards_dir: where shards go; default ``<data_dir>/shards/<name>``.
       batch_size: encoder batch size.
       shard_size: examples per shard.
@@ -160,6 +163,8 @@ def extract(
     if n == 0:
         raise ValueError(f"{dataset}/{split} is empty: nothing to extract.")
     name = f"{dataset}_{encoder_name}_{encoder.pooling}"
+    if split != "train":  # held-out splits get their own dataset (configs' validation_paths)
+        name += "_" + re.sub(r"[^0-9A-Za-z]+", "_", split).strip("_")
     shards_dir = pathlib.Path(shards_dir or pathlib.Path(data_dir) / "shards" / name)
     shards_dir.mkdir(parents=True, exist_ok=True)
     num_shards = -(-n // shard_size)

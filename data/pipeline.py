@@ -24,6 +24,7 @@ import grain
 import numpy as np
 
 __all__ = [
+    "ConcatSource",
     "EpochIterator",
     "FeatureSource",
     "eval_batches",
@@ -55,6 +56,31 @@ def load_features(path: str | pathlib.Path, split: str = "train") -> tuple[Any, 
         )
     builder = tfds.builder_from_directory(str(path))
     return builder.as_data_source(split=split), builder.info
+
+
+class ConcatSource:
+    """Random access over several data sources, one after another (a train and a test split).
+
+    Index ``i`` of the concatenation is index ``i - offsets[k]`` of source ``k``.
+    """
+
+    def __init__(self, sources: Sequence[Any]):
+        self.sources = list(sources)
+        self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> Any:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} examples.")
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.sources[k][i - int(self.offsets[k])]
+
+    def indices(self, k: int) -> np.ndarray:
+        """The indices of source ``k`` inside the concatenation."""
+        return np.arange(self.offsets[k], self.offsets[k + 1])
 
 
 @dataclasses.dataclass(frozen=True)

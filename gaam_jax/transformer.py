@@ -80,6 +80,9 @@ class GaussianAdaptiveTransformer(nn.Module):
         or ``'auto'`` (gemm on CPU, xla elsewhere). Same parameters and results either way.
       dtype: computation dtype (GAAM statistics and softmax stay float32).
       param_dtype: parameter dtype.
+      layers: encoder layers to keep (0-based indices into the N of the input) before the
+        front, e.g. the paper's Importance-Factor ablation that retrains on the highest-IF
+        layers; None keeps them all. Part of the model, so exported models select it too.
     """
 
     num_classes: int
@@ -97,6 +100,7 @@ class GaussianAdaptiveTransformer(nn.Module):
     conv_impl: Literal["auto", "gemm", "xla"] = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.front not in FRONTS:
@@ -104,6 +108,10 @@ class GaussianAdaptiveTransformer(nn.Module):
         check.positive_int(self.num_classes, "num_classes")
         check.positive_int(self.num_heads, "num_heads")
         check.positive_int(self.conv_features, "conv_features")
+        if self.layers is not None and (
+            not self.layers or len(set(self.layers)) != len(self.layers)
+        ):
+            raise ValueError(f"layers must be distinct indices, at least one, got {self.layers}.")
         super().__post_init__()
 
     def _front(self, x: jax.Array, train: bool) -> jax.Array:
@@ -156,6 +164,12 @@ class GaussianAdaptiveTransformer(nn.Module):
         if x.ndim != 3:
             raise ValueError(f"x must be [batch, layers, features], got shape {x.shape}.")
         check.floating_input(x)
+        if self.layers is not None:
+            if max(self.layers) >= x.shape[1] or min(self.layers) < -x.shape[1]:
+                raise ValueError(
+                    f"layers {self.layers} are out of range for inputs with {x.shape[1]} layers."
+                )
+            x = x[:, jnp.asarray(self.layers)]
         x = self._front(x, train)
         b, n, width = x.shape
         h, w = self.map_shape or square_map_shape(width)

@@ -244,3 +244,37 @@ def test_training_loss_falls_on_real_minilm_features(tfds_dir, tmp_path):
     losses_by_epoch = [r["train_loss"] for r in out["history"]]
     assert losses_by_epoch[-1] < 0.9 * losses_by_epoch[0], losses_by_epoch
     assert out["best_accuracy"] > 0.6  # above chance (0.5) on held-out sentences
+
+
+def test_frozen_parameters_are_never_updated(toy, tmp_path):
+    config = config_lib.load(tiny_config(tmp_path / "cfg.py", toy, num_epochs=2))
+    config.optimizer.frozen = ("^attention/",)  # the frozen-GAAM baseline
+    source, info = pipeline.load_features(toy)
+    tr, va = folds_for(config, source)[0]
+    trainer = Trainer(config, 2, info.features["features"].shape)
+    first = trainer.init_state(0)
+    out = train_run(trainer, source, tr, va, tmp_path / "run", seed=0, progress=False)
+    params = out["final_state"].params
+    np.testing.assert_array_equal(params["attention"]["delta"], 0.0)
+    np.testing.assert_array_equal(params["attention"]["xi"], 2.0)
+    assert not np.array_equal(params["conv1"]["kernel"], first.params["conv1"]["kernel"])
+    config.optimizer.frozen = ("^nothing/",)
+    with pytest.raises(ValueError, match="matches no parameter.*attention/delta"):
+        Trainer(config, 2, info.features["features"].shape).init_state(0)
+
+
+def test_config_argument_selects_a_variant():
+    assert config_lib.load("configs/reproduce.py:frozen").optimizer.frozen == ("^attention/",)
+    assert config_lib.load("configs/reproduce.py").model.front == "gaam"
+    with pytest.raises(ValueError, match="variant must be one of"):
+        config_lib.load("configs/reproduce.py:nope")
+    with pytest.raises(ValueError, match="does not take 'x'"):
+        config_lib.load("configs/default.py:x")
+
+
+def test_concat_source_indexes_its_parts():
+    both = pipeline.ConcatSource([[10, 11, 12], [20, 21]])
+    assert len(both) == 5 and [both[i] for i in range(5)] == [10, 11, 12, 20, 21]
+    np.testing.assert_array_equal(both.indices(1), [3, 4])
+    with pytest.raises(IndexError):
+        both[5]

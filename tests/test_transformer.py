@@ -164,3 +164,18 @@ def test_bad_inputs():
         _small("gaam").init(jax.random.key(0), X[0])
     with pytest.raises(ValueError, match="cannot be split into 3 equal heads"):
         _small("gaam", num_heads=3).init(jax.random.key(0), X)
+
+
+def test_layer_selection_keeps_the_named_layers():
+    x = jax.random.normal(jax.random.key(0), (3, 6, 64))
+    picked = GaussianAdaptiveTransformer(2, num_heads=1, conv_features=4, layers=(4, 1, 2))
+    plain = GaussianAdaptiveTransformer(2, num_heads=1, conv_features=4)
+    variables = picked.init(jax.random.key(1), x)
+    chex.assert_trees_all_close(
+        picked.apply(variables, x), plain.apply(variables, x[:, jnp.array([4, 1, 2])])
+    )  # the same computation on the same values: exact
+    assert variables["params"]["attention"]["delta"].shape == (1, 64)
+    with pytest.raises(ValueError, match="out of range for inputs with 6 layers"):
+        GaussianAdaptiveTransformer(2, layers=(6,)).init(jax.random.key(1), x)
+    with pytest.raises(ValueError, match="distinct"):
+        GaussianAdaptiveTransformer(2, layers=(1, 1))

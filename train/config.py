@@ -6,15 +6,25 @@ import ast
 import importlib.util
 import pathlib
 from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 
 REQUIRED = ("dataset_paths", "model", "optimizer", "cv", "batch_size", "num_epochs", "seeds")
 
 
-def load(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """Imports ``path`` and returns its ``get_config()``."""
-    path = pathlib.Path(path)
+def split_arg(path: str | pathlib.Path) -> tuple[pathlib.Path, str | None]:
+    """``'configs/x.py:arg'`` -> ``(Path('configs/x.py'), 'arg')``; no argument gives None."""
+    text = str(path)
+    arg = None
+    if not text.endswith(".py") and ":" in text:
+        text, arg = text.rsplit(":", 1)
+    return pathlib.Path(text), arg
+
+
+def load_module(path: str | pathlib.Path) -> Any:
+    """Imports a config file (any ``:arg`` suffix is ignored) and returns the module."""
+    path, _ = split_arg(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist.")
     spec = importlib.util.spec_from_file_location(f"_gaam_config_{path.stem}", path)
@@ -22,10 +32,29 @@ def load(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path} defines no get_config().")
-    config = module.get_config()
+    return module
+
+
+def load(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """Imports a config file and returns its ``get_config()``.
+
+    ``path`` may end in ``:<arg>`` (``configs/paper/iemocap.py:daamv1``) to pick a variant:
+    the file's ``get_config(arg)`` receives the string, as with ml_collections' config flags.
+
+    Raises:
+      FileNotFoundError: the file does not exist.
+      ValueError: the file has no ``get_config``, rejects the argument, or the config lacks a
+        required key.
+    """
+    module = load_module(path)
+    file, arg = split_arg(path)
+    try:
+        config = module.get_config() if arg is None else module.get_config(arg)
+    except TypeError as err:
+        raise ValueError(f"{file}: get_config() does not take {arg!r} ({err}).") from err
     missing = [k for k in REQUIRED if k not in config]
     if missing:
-        raise ValueError(f"{path}: the config lacks the keys {missing}.")
+        raise ValueError(f"{file}: the config lacks the keys {missing}.")
     return config
 
 

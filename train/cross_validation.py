@@ -15,20 +15,53 @@ from gaam_jax import importance, sharding
 from train import report
 from train.trainer import Trainer, train_run, write_atomic
 
+CV_KINDS = ("stratified_kfold", "leave_one_group_out", "holdout")
+
 
 def folds_for(
     config: ml_collections.ConfigDict, source: Any
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The cross-validation folds of ``source`` that ``config.cv`` asks for."""
+    """The cross-validation folds of one ``source`` that ``config.cv`` asks for."""
     labels = np.array([int(source[i]["label"]) for i in range(len(source))])
     if config.cv.kind == "stratified_kfold":
         return pipeline.stratified_kfold(labels, config.cv.k, config.cv.seed)
     if config.cv.kind == "leave_one_group_out":
         groups = np.array([int(source[i]["group"]) for i in range(len(source))])
         return pipeline.leave_one_group_out(groups)
-    raise ValueError(
-        f"cv.kind must be 'stratified_kfold' or 'leave_one_group_out', got {config.cv.kind!r}."
-    )
+    raise ValueError(f"cv.kind must be one of {CV_KINDS}, got {config.cv.kind!r}.")
+
+
+def splits_for(
+    config: ml_collections.ConfigDict, name: str
+) -> tuple[Any, Any, list[tuple[np.ndarray, np.ndarray]]]:
+    """The data source, its tfds info and the ``(train, validation)`` index pairs of ``name``.
+
+    With ``cv.kind == 'holdout'`` (CIFAR-100, AG News: the official test split is the
+    validation set) ``dataset_paths[name]`` holds the training features and
+    ``validation_paths[name]`` the held-out ones; there is one pair and the runs differ only by
+    seed. Otherwise the folds are cut from ``dataset_paths[name]`` alone.
+    """
+    source, info = pipeline.load_features(config.dataset_paths[name])
+    if config.cv.kind != "holdout":
+        return source, info, folds_for(config, source)
+    if name not in config.get("validation_paths", {}):
+        raise ValueError(f"cv.kind 'holdout' needs validation_paths.{name} (the held-out split).")
+    held_out, held_info = pipeline.load_features(config.validation_paths[name])
+    for key in ("features", "label"):
+        if repr(info.features[key]) != repr(held_info.features[key]):
+            raise ValueError(
+                f"{name}: the training and validation features disagree on {key!r}: "
+                f"{info.features[key]!r} vs {held_info.features[key]!r}."
+            )
+    both = pipeline.ConcatSource([source, held_out])
+    return both, info, [(both.indices(0), both.indices(1))]
+
+
+def column_name(config: ml_collections.ConfigDict, seed: int, fold: int) -> str:
+    """``F<k>`` for folds, ``R<i>`` for the seeded runs of a holdout split, ``s<seed>F<k>``."""
+    if config.cv.kind == "holdout":
+        return f"R{list(config.seeds).index(seed) + 1}"
+    return f"F{fold}" if len(config.seeds) == 1 else f"s{seed}F{fold}"
 
 
 def run(
@@ -50,11 +83,12 @@ def run(
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     best, final, params_summary, columns = {}, {}, {}, None
-    for name, path in config.dataset_paths.items():
-        source, info = pipeline.load_features(path)
+    if config.cv.kind not in CV_KINDS:
+        raise ValueError(f"cv.kind must be one of {CV_KINDS}, got {config.cv.kind!r}.")
+    for name in config.dataset_paths:
+        source, info, folds = splits_for(config, name)
         num_classes = info.features["label"].num_classes
         input_shape = info.features["features"].shape
-        folds = folds_for(config, source)
         mesh = sharding.make_mesh(dict(config.mesh)) if "mesh" in config else None
         trainer = Trainer(config, num_classes, input_shape, mesh=mesh)
         runs, cols = [], []
@@ -86,7 +120,7 @@ def run(
                     if jax.process_index() == 0:
                         write_atomic(result_path, json.dumps(result, indent=1))
                 runs.append(result)
-                cols.append(f"F{k + 1}" if len(config.seeds) == 1 else f"s{seed}F{k + 1}")
+                cols.append(column_name(config, seed, k + 1))
                 if progress:
                     print(
                         f"{name} seed {seed} fold {k + 1}: best-epoch accuracy "

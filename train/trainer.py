@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pathlib
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -71,15 +72,48 @@ def make_model(
         map_shape=tuple(model_cfg.map_shape) or None,
         variance=model_cfg.variance,
         dtype=DTYPES[model_cfg.dtype],
+        layers=tuple(model_cfg.get("layers", ())) or None,
+    )
+
+
+def param_path(path: tuple) -> str:
+    """``'attention/delta'`` for a parameter's key path."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def frozen_mask(params: Any, patterns: tuple[str, ...]) -> Any:
+    """True for each parameter whose path (``'attention/delta'``) matches one of ``patterns``."""
+    compiled = [re.compile(p) for p in patterns]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: any(c.search(param_path(path)) for c in compiled), params
     )
 
 
 def make_optimizer(opt_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Gradient clipping, then AdamW (the authors' code: weight decay 0.01)."""
-    return optax.chain(
+    """Gradient clipping, then AdamW (the authors' code: weight decay 0.01).
+
+    Parameters whose path matches a regular expression in ``opt_cfg.frozen`` (e.g.
+    ``'^attention/'``: the frozen-GAAM baseline) get no update at all, weight decay included.
+    Their gradients still count in the clipping norm.
+    """
+    tx = optax.chain(
         optax.clip_by_global_norm(opt_cfg.grad_clip),
         optax.adamw(opt_cfg.learning_rate, weight_decay=opt_cfg.weight_decay),
     )
+    patterns = tuple(opt_cfg.get("frozen", ()))
+    if not patterns:
+        return tx
+
+    def labels(params):
+        mask = frozen_mask(params, patterns)
+        if not any(jax.tree.leaves(mask)):
+            raise ValueError(
+                f"optimizer.frozen {patterns} matches no parameter; parameters are "
+                f"{[param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]}."
+            )
+        return jax.tree.map(lambda m: "frozen" if m else "trained", mask)
+
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def create_state(
@@ -302,7 +336,9 @@ class Trainer:
         """The mean gate map ``DA`` over ``indices``, or None for fronts without a gate."""
         if self.config.model.front not in ("gaam", "gqgaam", "mixture"):
             return None
-        acc = importance.init_state(self.input_shape)
+        layers = self.model.layers
+        n = len(layers) if layers is not None else self.input_shape[0]
+        acc = importance.init_state((n, *self.input_shape[1:]))
         update = jax.jit(importance.update)
         for batch in pipeline.eval_batches(source, indices, batch_size=self.config.eval_batch_size):
             acc = update(acc, self.gates(state, batch["x"]), batch["valid"])
