@@ -25,6 +25,41 @@ def toy_features(folder: pathlib.Path, n: int = 80, layers: int = 4, dim: int = 
     return pathlib.Path(builder.data_dir)
 
 
+def mock_features(
+    folder: pathlib.Path,
+    name: str,
+    *,
+    n: int,
+    layers: int,
+    dim: int,
+    classes: int,
+    groups: int = 0,
+    seed: int = 0,
+) -> pathlib.Path:
+    """Builds an ``encoder_features`` dataset of random features of a paper's shape.
+
+    Labels cycle through ``classes``; with ``groups`` > 0 the examples are dealt into groups
+    1..groups (IEMOCAP sessions).
+    """
+    shards = folder / f"shards_{name}"
+    shards.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    arrays = dict(
+        features=rng.normal(size=(n, layers, dim)).astype(np.float32),
+        label=np.arange(n) % classes,
+        id=np.arange(n),
+    )
+    if groups:
+        arrays["group"] = 1 + np.arange(n) % groups
+    np.savez(shards / encoder_features.shard_name(0), **arrays)
+    manifest = dict(encoder="mock", pooling="mean", num_layers=layers, dim=dim, dtype="float32",
+                    label_names=[f"c{i}" for i in range(classes)], num_shards=1,
+                    source=f"mock/{name}")  # fmt: skip
+    (shards / encoder_features.MANIFEST).write_text(json.dumps(manifest))
+    builder = encoder_features.build(shards, folder / "data", name)
+    return pathlib.Path(builder.data_dir)
+
+
 def tiny_config(path: pathlib.Path, dataset: pathlib.Path, **overrides) -> pathlib.Path:
     """Writes a config file for a tiny, fast run on ``dataset``."""
     values = dict(

@@ -1,0 +1,1 @@
+"""The paper's experiment configs: IEMOCAP, CIFAR-100 and AG News, one file each."""

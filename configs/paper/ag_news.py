@@ -1,0 +1,38 @@
+"""AG News topic classification on Llama-2-13B features (the paper's Table 4).
+
+Data: 120,000 training texts; the 7,600 test texts are the validation set. Per text (title +
+description, no padding, BOS included) the 40 Llama-2-13B hidden states (hidden_states[1:])
+averaged over all tokens: ``[40, 5120]``. tfds' ``ag_news_subset`` builder gives the texts;
+write the features as ``encoder_features`` shards of both splits into
+``out/data/encoder_features/ag_news_llama2_13b_mean{,_test}``.
+
+Recipe (the code): cross-entropy, AdamW lr 5e-5, batch 32, 35 epochs, 3 runs R1..R3 that differ
+by seed (the code's 111, then +1 per run).
+
+Variants: ``daamv1`` (g 8), ``daamv2`` (g 1: a true single head; the released AG News DAAMv2
+passes ``num_heads=8`` and is identical to DAAMv1), ``gqdaam`` (g 8, GQA maps 64 x 8),
+``mixture``, ``mha``, ``mha_bn``.
+"""
+
+import ml_collections
+
+from configs.paper import base
+
+DATA = "out/data/encoder_features"
+MODEL = {"gqdaam": {"map_shape": (64, 8)}}
+
+
+def get_config(variant: str = "gqdaam") -> ml_collections.ConfigDict:
+    """Returns the config of ``variant`` (see the module docstring)."""
+    return base.config(
+        variant,
+        dataset="ag_news",
+        train_path=f"{DATA}/ag_news_llama2_13b_mean/1.0.0",
+        validation_path=f"{DATA}/ag_news_llama2_13b_mean_test/1.0.0",
+        learning_rate=5e-5,
+        batch_size=32,
+        loss="cross_entropy",
+        seeds=(111, 112, 113),
+        cv={"kind": "holdout"},
+        model=MODEL.get(variant),
+    )
