@@ -1,0 +1,32 @@
+"""The research notebook runs, offline, from top to bottom (so it never goes stale)."""
+
+import pathlib
+import re
+
+import nbclient
+import nbformat
+import pytest
+
+NOTEBOOK = pathlib.Path(__file__).parent.parent / "notebooks" / "quickstart.ipynb"
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+    monkeypatch.setenv("GAAM_DATA_DIR", str(tmp_path / "data"))  # the kernel inherits it
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # one device, as a user's kernel has
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    )
+    client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
+    text = "".join(
+        out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
+    )
+    assert "functional == module: True" in text
+    accuracies = [float(a) for a in re.findall(r"validation accuracy ([\d.]+)", text)]
+    assert len(accuracies) == 5
+    assert accuracies[-1] >= 0.65, accuracies  # 40 balanced sentences: chance is 0.5

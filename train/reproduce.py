@@ -1,0 +1,171 @@
+"""``python -m train.reproduce``: the offline re-run of the paper's comparison, end to end.
+
+Steps, each resumable (a finished run keeps its ``result.json`` and is not redone):
+
+1. every variant of the experiment config (``configs/reproduce.py``: the paper's decoders, a
+   no-attention baseline and a frozen GAAM) on every dataset, cross-validated over its seeds;
+2. the Importance-Factor layer ablation: from the IF of the ``ablation.source`` variant
+   (averaged over all its runs) pick the ``ablation.num_layers`` highest-IF and lowest-IF
+   layers and retrain on each set alone;
+3. ``docs/results.md`` with the tables, the heatmaps of the ``HEATMAPS`` variants (default: the
+   ablation source) and the machine (:mod:`train.results_doc`).
+
+The config file defines ``get_config(variant)``, ``VARIANTS`` (names), ``ABLATION``
+(``source``, ``num_layers``, ``overrides``) and optionally ``HEATMAPS``.
+
+Jobs (one variant on one dataset) run in ``--jobs`` worker processes: on a 2-core machine two
+processes train 1.6x faster than one, because a step of these small models is mostly
+single-threaded Python and dispatch.
+
+Usage::
+
+    python -m train.reproduce --workdir out/reproduce --docs docs/results.md [--jobs 2]
+        [--config configs/reproduce.py] [--config.<key>=<value> ...]
+
+``--config.*`` overrides apply to every variant (e.g. ``--config.num_epochs=2`` for a trial).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from train import config as config_lib
+
+
+def job_dir(workdir: pathlib.Path, variant: str, dataset: str) -> pathlib.Path:
+    """Where one variant's runs on one dataset live."""
+    return workdir / variant / dataset
+
+
+def run_job(
+    config_path: str,
+    variant: str,
+    dataset: str,
+    overrides: Sequence[str],
+    workdir: str,
+) -> dict:
+    """Trains ``variant`` on ``dataset`` (all seeds and folds); runs in a worker process."""
+    from train import cross_validation
+
+    config = config_lib.load(f"{config_path}:{variant}")
+    config_lib.apply_overrides(config, overrides)
+    if dataset not in config.dataset_paths:
+        raise ValueError(f"{config_path}:{variant} has no dataset {dataset!r}.")
+    for name in list(config.dataset_paths):
+        if name != dataset:
+            del config.dataset_paths[name]
+    start = time.perf_counter()
+    results = cross_validation.run(config, workdir, progress=False)
+    print(f"[reproduce] {variant} on {dataset}: {time.perf_counter() - start:.0f} s", flush=True)
+    return results
+
+
+def mean_gate(run_root: pathlib.Path) -> np.ndarray:
+    """The Density-Attention map averaged over every run under ``run_root``.
+
+    Raises:
+      FileNotFoundError: if no run saved a ``gate_mean.npy`` (a front without a gate).
+    """
+    gates = [np.load(p) for p in sorted(run_root.glob("*/gate_mean.npy"))]
+    if not gates:
+        raise FileNotFoundError(f"no gate_mean.npy under {run_root}: the front has no gate.")
+    return np.mean(gates, axis=0)
+
+
+def pick_layers(gate: np.ndarray, num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The ``num_layers`` highest- and lowest-IF layers (0-based, sorted) of a gate map."""
+    from gaam_jax import importance
+
+    order = [int(i) for i in importance.rank_layers(importance.importance_factor(gate))]
+    if not 0 < num_layers <= len(order) // 2:
+        raise ValueError(
+            f"ablation.num_layers must be in [1, {len(order) // 2}], got {num_layers}."
+        )
+    return tuple(sorted(order[:num_layers])), tuple(sorted(order[-num_layers:]))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m train.reproduce", description=__doc__)
+    parser.add_argument("--config", default="configs/reproduce.py", help="experiment config")
+    parser.add_argument("--workdir", default="out/reproduce", help="runs and results")
+    parser.add_argument("--docs", default="docs/results.md", help="the report to write")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes")
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(f"unrecognised argument {item!r} (overrides look like --config.key=value)")
+        overrides.append(item.removeprefix("--config."))
+    module = config_lib.load_module(args.config)
+    variants = list(module.VARIANTS)
+    try:  # fail before any work on a bad override or a missing dataset
+        base = config_lib.load(f"{args.config}:{variants[0]}")
+        config_lib.apply_overrides(base, overrides)
+        for path in base.dataset_paths.values():
+            if not (pathlib.Path(path) / "dataset_info.json").exists():
+                raise FileNotFoundError(
+                    f"no feature dataset at {path}; build it with python -m data.extract "
+                    "(make reproduce does)."
+                )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    datasets = list(base.dataset_paths)
+    workdir = pathlib.Path(args.workdir)
+    ablation = dict(module.ABLATION)
+    start = time.perf_counter()
+    context = multiprocessing.get_context("spawn")  # JAX in forked children is unsafe
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        jobs = {
+            (v, d): pool.submit(run_job, args.config, v, d, overrides, str(job_dir(workdir, v, d)))
+            for v in variants
+            for d in datasets
+        }
+        results = {key: job.result() for key, job in jobs.items()}
+        chosen, ablation_jobs = {}, {}
+        for d in datasets:
+            gate = mean_gate(job_dir(workdir, ablation["source"], d) / d)
+            high, low = pick_layers(gate, ablation["num_layers"])
+            chosen[d] = {"high": high, "low": low}
+            for which, layers in chosen[d].items():
+                extra = [f"model.layers={layers}", *ablation["overrides"]]
+                ablation_jobs[(f"layers_{which}_if", d)] = pool.submit(
+                    run_job,
+                    args.config,
+                    ablation["source"],
+                    d,
+                    [*overrides, *extra],
+                    str(job_dir(workdir, f"layers_{which}_if", d)),
+                )
+        ablation_results = {key: job.result() for key, job in ablation_jobs.items()}
+    summary = {
+        "config": args.config,
+        "overrides": overrides,
+        "variants": variants,
+        "datasets": datasets,
+        "seeds": list(base.seeds),
+        "ablation": {**ablation, "layers": chosen},
+        "heatmaps": list(getattr(module, "HEATMAPS", (ablation["source"],))),
+        "wall_seconds": time.perf_counter() - start,
+        "results": {f"{v}/{d}": r for (v, d), r in {**results, **ablation_results}.items()},
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    from train import results_doc
+
+    results_doc.write(workdir, pathlib.Path(args.docs), summary)
+    print(f"wrote {args.docs}; wall time {summary['wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
