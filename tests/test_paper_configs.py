@@ -28,8 +28,9 @@ EXPERIMENTS = {
 }
 
 
+# daamv2 is trained end to end below, for every experiment.
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-@pytest.mark.parametrize("variant", base.VARIANTS)
+@pytest.mark.parametrize("variant", [v for v in base.VARIANTS if v != "daamv2"])
 def test_every_variant_takes_two_steps(experiment, variant):
     path, classes, shape = EXPERIMENTS[experiment]
     config = config_lib.load(f"{path}:{variant}")

@@ -21,7 +21,7 @@ def _experiment(tmp_path):
 
             VARIANTS = {{"gaam": {{"front": "gaam"}}, "none": {{"front": "none"}},
                          "frozen": {{"front": "gaam"}}}}
-            ABLATION = dict(source="gaam", num_layers=2, overrides=("model.num_heads=1",))
+            ABLATION = dict(sources=("gaam",), num_layers=2, overrides=("model.num_heads=1",))
 
             def get_config(variant="gaam"):
                 spec = importlib.util.spec_from_file_location("tiny_base", "{base}")
@@ -46,14 +46,14 @@ def test_reproduce_writes_the_report_and_resumes(tmp_path):
     argv = ["--config", str(config), "--workdir", str(workdir), "--docs", str(docs), "--jobs", "1"]
     assert reproduce.main(argv) == 0
     text = docs.read_text()
-    for variant in ("gaam", "none", "frozen", "layers_high_if", "layers_low_if"):
+    for variant in ("gaam", "none", "frozen", "gaam_high_if", "gaam_low_if"):
         assert f"| `{variant}` |" in text
     assert "Δ vs none (W/T/L)" in text and "mean ± std (4 runs)" in text
     # frozen GAAM: delta and xi never leave their initial values
     assert "| `frozen` | `attention` | [0.0000, 0.0000] | [2.0000, 2.0000] |" in text
     assert (docs.parent / "figures" / "if_toy_gaam.png").stat().st_size > 0
     summary = json.loads((workdir / "summary.json").read_text())
-    high, low = summary["ablation"]["layers"]["toy"].values()
+    high, low = summary["ablation"]["layers"]["gaam"]["toy"].values()
     assert len(high) == len(low) == 2 and not set(high) & set(low)
     result = workdir / "gaam" / "toy" / "toy" / "seed1_fold2" / "result.json"
     before = result.stat().st_mtime_ns
@@ -81,7 +81,7 @@ def test_pick_layers_ranks_by_importance():
 def test_missing_features_are_named_before_any_work(tmp_path, capsys):
     config = tiny_config(tmp_path / "c.py", tmp_path / "nowhere")
     (tmp_path / "e.py").write_text(
-        f"VARIANTS = ('gaam',)\nABLATION = {{}}\nexec(open('{config}').read())\n"
+        f"VARIANTS = ('gaam',)\nABLATION = {{'sources': ()}}\nexec(open('{config}').read())\n"
         "tiny = get_config\n\ndef get_config(variant):\n    return tiny()\n"
     )
     argv = ["--config", str(tmp_path / "e.py"), "--workdir", str(tmp_path / "w")]

@@ -25,12 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="call jax.distributed.initialize() first (multi-host: TPU pods, SLURM, ...)",
     )
-    args, rest = parser.parse_known_args(argv)
-    overrides = []
-    for item in rest:
-        if not item.startswith("--config."):
-            parser.error(f"unrecognised argument {item!r} (overrides look like --config.key=value)")
-        overrides.append(item.removeprefix("--config."))
+    args, overrides = config_lib.parse_args_with_overrides(parser, argv)
     try:
         config = config_lib.load(args.config)
         config_lib.apply_overrides(config, overrides)

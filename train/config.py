@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib.util
 import pathlib
@@ -112,3 +113,18 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             node[leaf] = _parse_value(text, node[leaf])
         except (ValueError, TypeError) as err:
             raise ValueError(f"config key {key!r}: {err}") from err
+
+
+def parse_args_with_overrides(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> tuple[argparse.Namespace, list[str]]:
+    """Parses ``argv``; every argument the parser does not know must be ``--config.key=value``.
+
+    Returns:
+      The parsed arguments and the overrides without their ``--config.`` prefix.
+    """
+    args, rest = parser.parse_known_args(argv)
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(f"unrecognised argument {item!r} (overrides look like --config.key=value)")
+    return args, [item.removeprefix("--config.") for item in rest]

@@ -4,14 +4,14 @@ Steps, each resumable (a finished run keeps its ``result.json`` and is not redon
 
 1. every variant of the experiment config (``configs/reproduce.py``: the paper's decoders, a
    no-attention baseline and a frozen GAAM) on every dataset, cross-validated over its seeds;
-2. the Importance-Factor layer ablation: from the IF of the ``ablation.source`` variant
-   (averaged over all its runs) pick the ``ablation.num_layers`` highest-IF and lowest-IF
-   layers and retrain on each set alone;
+2. the Importance-Factor layer ablation: for each variant in ``ABLATION['sources']``, from its
+   IF (averaged over all its runs) pick the ``num_layers`` highest-IF and lowest-IF layers and
+   retrain that variant on each set alone (``<source>_high_if``, ``<source>_low_if``);
 3. ``docs/results.md`` with the tables, the heatmaps of the ``HEATMAPS`` variants (default: the
-   ablation source) and the machine (:mod:`train.results_doc`).
+   ablation sources) and the machine (:mod:`train.results_doc`).
 
 The config file defines ``get_config(variant)``, ``VARIANTS`` (names), ``ABLATION``
-(``source``, ``num_layers``, ``overrides``) and optionally ``HEATMAPS``.
+(``sources``, ``num_layers``, ``overrides``) and optionally ``HEATMAPS``.
 
 Jobs (one variant on one dataset) run in ``--jobs`` worker processes: on a 2-core machine two
 processes train 1.6x faster than one, because a step of these small models is mostly
@@ -53,7 +53,12 @@ def run_job(
     overrides: Sequence[str],
     workdir: str,
 ) -> dict:
-    """Trains ``variant`` on ``dataset`` (all seeds and folds); runs in a worker process."""
+    """Trains ``variant`` on ``dataset`` (all seeds and folds); runs in a worker process.
+
+    Returns:
+      ``{'results': cross_validation.run's results, 'seconds': this call's time, 'fresh':
+      whether the job had no finished results before}``.
+    """
     from train import cross_validation
 
     config = config_lib.load(f"{config_path}:{variant}")
@@ -63,10 +68,12 @@ def run_job(
     for name in list(config.dataset_paths):
         if name != dataset:
             del config.dataset_paths[name]
+    fresh = not (pathlib.Path(workdir) / "results.json").exists()
     start = time.perf_counter()
     results = cross_validation.run(config, workdir, progress=False)
-    print(f"[reproduce] {variant} on {dataset}: {time.perf_counter() - start:.0f} s", flush=True)
-    return results
+    seconds = time.perf_counter() - start
+    print(f"[reproduce] {variant} on {dataset}: {seconds:.0f} s", flush=True)
+    return {"results": results, "seconds": seconds, "fresh": fresh}
 
 
 def mean_gate(run_root: pathlib.Path) -> np.ndarray:
@@ -100,12 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", default="out/reproduce", help="runs and results")
     parser.add_argument("--docs", default="docs/results.md", help="the report to write")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
-    args, rest = parser.parse_known_args(argv)
-    overrides = []
-    for item in rest:
-        if not item.startswith("--config."):
-            parser.error(f"unrecognised argument {item!r} (overrides look like --config.key=value)")
-        overrides.append(item.removeprefix("--config."))
+    args, overrides = config_lib.parse_args_with_overrides(parser, argv)
     module = config_lib.load_module(args.config)
     variants = list(module.VARIANTS)
     try:  # fail before any work on a bad override or a missing dataset
@@ -126,38 +128,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # JAX in forked children is unsafe
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        jobs = {
-            (v, d): pool.submit(run_job, args.config, v, d, overrides, str(job_dir(workdir, v, d)))
-            for v in variants
-            for d in datasets
-        }
-        results = {key: job.result() for key, job in jobs.items()}
-        chosen, ablation_jobs = {}, {}
-        for d in datasets:
-            gate = mean_gate(job_dir(workdir, ablation["source"], d) / d)
-            high, low = pick_layers(gate, ablation["num_layers"])
-            chosen[d] = {"high": high, "low": low}
-            for which, layers in chosen[d].items():
-                extra = [f"model.layers={layers}", *ablation["overrides"]]
-                ablation_jobs[(f"layers_{which}_if", d)] = pool.submit(
-                    run_job,
-                    args.config,
-                    ablation["source"],
-                    d,
-                    [*overrides, *extra],
-                    str(job_dir(workdir, f"layers_{which}_if", d)),
-                )
-        ablation_results = {key: job.result() for key, job in ablation_jobs.items()}
+
+        def submit(variant, dataset, name, extra=()):
+            path = str(job_dir(workdir, name, dataset))
+            return pool.submit(run_job, args.config, variant, dataset, [*overrides, *extra], path)
+
+        jobs = {(v, d): submit(v, d, v) for v in variants for d in datasets}
+        done = {key: job.result() for key, job in jobs.items()}
+        chosen, jobs = {}, {}
+        for source in ablation["sources"]:
+            for d in datasets:
+                gate = mean_gate(job_dir(workdir, source, d) / d)
+                high, low = pick_layers(gate, ablation["num_layers"])
+                chosen.setdefault(source, {})[d] = {"high": high, "low": low}
+                for which, layers in chosen[source][d].items():
+                    extra = [f"model.layers={layers}", *ablation["overrides"]]
+                    jobs[(f"{source}_{which}_if", d)] = submit(
+                        source, d, f"{source}_{which}_if", extra
+                    )
+        done.update({key: job.result() for key, job in jobs.items()})
+    # Job times, kept from the invocation that trained each job (a resumed job costs ~0 s).
+    timings_path = workdir / "job_seconds.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    for (v, d), job in done.items():
+        if job["fresh"] or f"{v}/{d}" not in timings:
+            timings[f"{v}/{d}"] = job["seconds"]
+    timings_path.write_text(json.dumps(timings, indent=1))
     summary = {
         "config": args.config,
         "overrides": overrides,
         "variants": variants,
         "datasets": datasets,
         "seeds": list(base.seeds),
+        "jobs": args.jobs,
         "ablation": {**ablation, "layers": chosen},
-        "heatmaps": list(getattr(module, "HEATMAPS", (ablation["source"],))),
+        "heatmaps": list(getattr(module, "HEATMAPS", ablation["sources"])),
         "wall_seconds": time.perf_counter() - start,
-        "results": {f"{v}/{d}": r for (v, d), r in {**results, **ablation_results}.items()},
+        "job_seconds": timings,
+        "results": {f"{v}/{d}": job["results"] for (v, d), job in done.items()},
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     from train import results_doc
