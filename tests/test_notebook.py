@@ -1,7 +1,9 @@
 """The research notebook runs, offline, from top to bottom (so it never goes stale)."""
 
+import json
 import pathlib
 import re
+import sys
 
 import nbclient
 import nbformat
@@ -15,11 +17,19 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("GAAM_DATA_DIR", str(tmp_path / "data"))  # the kernel inherits it
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # one device, as a user's kernel has
+    # A kernel spec for this interpreter, so a user-level "python3" spec cannot be picked instead.
+    spec = tmp_path / "jupyter" / "kernels" / "gaam-jax-test"
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(
+        json.dumps({"argv": argv, "display_name": "gaam-jax test", "language": "python"})
+    )
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
         nb,
         timeout=600,
-        kernel_name="python3",
+        kernel_name="gaam-jax-test",
         resources={"metadata": {"path": str(NOTEBOOK.parent)}},
     )
     client.execute()  # raises CellExecutionError, naming the cell, if any cell fails

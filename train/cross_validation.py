@@ -69,6 +69,9 @@ def run(
 ) -> dict:
     """Trains every dataset x seed x fold of ``config`` (skipping finished runs) and reports.
 
+    Folds come from ``config.cv`` (:func:`splits_for`): stratified k-fold, leave one group out
+    (IEMOCAP sessions), or ``holdout`` (one train/validation pair; the runs differ by seed).
+
     With a ``mesh`` entry in the config (e.g. ``{'data': -1, 'model': 2}``) every run is
     sharded over that device mesh (see :class:`~train.trainer.Trainer`).
 
