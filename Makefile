@@ -28,7 +28,7 @@ features: $(STAMP)
 	done
 
 # The paper's comparison re-run offline (configs/reproduce.py): every decoder, 3 seeds x 5
-# folds, the IF layer ablation; writes docs/results.md and docs/figures/. ~45 min on 2 cores;
+# folds, the IF layer ablation; writes docs/results.md and docs/figures/. ~1 h on 2 cores;
 # resumable (rerun the same command after an interruption).
 reproduce: features
 	$(PY) -m train.reproduce --config configs/reproduce.py --workdir out/reproduce \

@@ -94,7 +94,7 @@ def make_optimizer(opt_cfg: ml_collections.ConfigDict) -> optax.GradientTransfor
 
     Parameters whose path matches a regular expression in ``opt_cfg.frozen`` (e.g.
     ``'^attention/'``: the frozen-GAAM baseline) get no update at all, weight decay included.
-    Their gradients still count in the clipping norm.
+    The clipping norm is taken over the trained parameters only.
     """
     tx = optax.chain(
         optax.clip_by_global_norm(opt_cfg.grad_clip),
