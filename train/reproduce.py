@@ -39,6 +39,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from train import config as config_lib
+from train.trainer import write_atomic
 
 
 def job_dir(workdir: pathlib.Path, variant: str, dataset: str) -> pathlib.Path:
@@ -153,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for (v, d), job in done.items():
         if job["fresh"] or f"{v}/{d}" not in timings:
             timings[f"{v}/{d}"] = job["seconds"]
-    timings_path.write_text(json.dumps(timings, indent=1))
+    write_atomic(timings_path, json.dumps(timings, indent=1))
     summary = {
         "config": args.config,
         "overrides": overrides,
@@ -167,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "job_seconds": timings,
         "results": {f"{v}/{d}": job["results"] for (v, d), job in done.items()},
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(workdir / "summary.json", json.dumps(summary, indent=1))
     from train import results_doc
 
     results_doc.write(workdir, pathlib.Path(args.docs), summary)
