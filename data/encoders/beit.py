@@ -1,0 +1,480 @@
+"""A Flax BEiT image encoder equal to transformers' ``BeitModel`` (eval mode) hidden states.
+
+``BeitModel`` (transformers 5.24, ``models/beit/modeling_beit.py``) embeds an image with a
+stride-``patch_size`` convolution, prepends a CLS token, optionally adds absolute position
+embeddings, then runs ``num_hidden_layers`` pre-LayerNorm blocks::
+
+    x = x + lambda_1 * attention(layernorm_before(x), bias=relative_position_bias)
+    x = x + lambda_2 * fc2(gelu(fc1(layernorm_after(x))))
+
+The key projection has no bias. The attention logits get a learned T5-style bias indexed by the
+relative position of query and key patches, with three extra entries for CLS-to-token,
+token-to-CLS and CLS-to-CLS; the table lives in each layer (``use_relative_position_bias``) or
+once in the encoder (``use_shared_relative_position_bias``), or both. ``lambda_1``/``lambda_2``
+(layer scale) exist only when ``layer_scale_init_value > 0``; otherwise they are 1.
+
+``hidden_states`` are the embedding output followed by each layer's output: the final
+``layernorm`` (only when ``use_mean_pooling`` is False) and the pooler act on
+``last_hidden_state``/``pooler_output`` only, so they are not part of this encoder. The mask
+token (``bool_masked_pos``), dropout and drop path do nothing at inference without masking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MODEL_TYPE = "beit"
+
+Dtype = Any
+
+# Defaults of transformers' BeitConfig, used when an older config.json omits a field.
+_DEFAULTS = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-12,
+    "image_size": 224,
+    "patch_size": 16,
+    "num_channels": 3,
+    "use_absolute_position_embeddings": False,
+    "use_relative_position_bias": False,
+    "use_shared_relative_position_bias": False,
+    "layer_scale_init_value": 0.1,
+}
+
+
+def _square(raw: dict, name: str) -> int:
+    """An ``int`` or ``[n, n]`` config field as ``n``; non-square values are rejected."""
+    value = raw.get(name, _DEFAULTS[name])
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(
+                f"config.json: {name}={list(value)} is not supported (only square, e.g. {name}=224)"
+            )
+        value = value[0]
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class BeitConfig:
+    """The fields of a BEiT ``config.json`` that change the hidden states.
+
+    Attributes:
+      hidden_size: model width D.
+      num_hidden_layers: number of transformer blocks L.
+      num_attention_heads: attention heads H.
+      intermediate_size: feed-forward width.
+      head_dim: width of one head (``hidden_size // num_attention_heads`` unless given).
+      layer_norm_eps: LayerNorm epsilon.
+      image_size: side of the (square) input image in pixels.
+      patch_size: side of a (square) patch in pixels.
+      num_channels: input channels.
+      use_absolute_position_embeddings: add learned position embeddings after the CLS token.
+      use_relative_position_bias: a relative position bias table in every layer.
+      use_shared_relative_position_bias: one table in the encoder, added in every layer.
+      layer_scale_init_value: > 0 means the blocks have per-channel ``lambda_1``/``lambda_2``.
+    """
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    head_dim: int = 64
+    layer_norm_eps: float = 1e-12
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    use_absolute_position_embeddings: bool = False
+    use_relative_position_bias: bool = False
+    use_shared_relative_position_bias: bool = False
+    layer_scale_init_value: float = 0.1
+
+    @property
+    def window(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Sequence length T: the CLS token plus one token per patch."""
+        return self.window**2 + 1
+
+    @property
+    def num_relative_distance(self) -> int:
+        """Rows of a relative position bias table: (2W-1)^2 offsets plus 3 CLS entries."""
+        return (2 * self.window - 1) ** 2 + 3
+
+    @property
+    def layer_scale(self) -> bool:
+        """Whether the blocks carry ``lambda_1``/``lambda_2``."""
+        return self.layer_scale_init_value > 0
+
+    @classmethod
+    def from_hf(cls, raw: dict) -> BeitConfig:
+        """Builds the config from a parsed BEiT ``config.json`` (transformers 4 or 5).
+
+        Raises:
+          ValueError: for a model type other than ``beit``, an activation other than exact
+            ``gelu``, or a non-square image or patch size.
+        """
+        if raw.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+            raise ValueError(
+                f"config.json: model_type={raw['model_type']!r} is not supported here (only 'beit')"
+            )
+        get = lambda name: raw.get(name, _DEFAULTS[name])  # noqa: E731
+        if get("hidden_act") != "gelu":
+            raise ValueError(
+                f"config.json: hidden_act={get('hidden_act')!r} is not supported (only 'gelu')"
+            )
+        hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+        return cls(
+            hidden_size=hidden,
+            num_hidden_layers=int(get("num_hidden_layers")),
+            num_attention_heads=heads,
+            intermediate_size=int(get("intermediate_size")),
+            # BeitAttention reads getattr(config, "head_dim", hidden_size // heads).
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            layer_norm_eps=float(get("layer_norm_eps")),
+            image_size=_square(raw, "image_size"),
+            patch_size=_square(raw, "patch_size"),
+            num_channels=int(get("num_channels")),
+            use_absolute_position_embeddings=bool(get("use_absolute_position_embeddings")),
+            use_relative_position_bias=bool(get("use_relative_position_bias")),
+            use_shared_relative_position_bias=bool(get("use_shared_relative_position_bias")),
+            layer_scale_init_value=float(get("layer_scale_init_value")),
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def relative_position_index(window: int) -> np.ndarray:
+    """Index into a relative position bias table for every (query, key) token pair.
+
+    Mirrors ``BeitRelativePositionBias.generate_relative_position_index`` for a square window.
+
+    Args:
+      window: patches per side W.
+
+    Returns:
+      int32 ``[W*W + 1, W*W + 1]``; row/column 0 is the CLS token. Patch pairs index
+      ``(dy + W - 1) * (2W - 1) + (dx + W - 1)``; CLS-to-token (row 0) is ``R - 3``,
+      token-to-CLS (column 0) ``R - 2`` and CLS-to-CLS ``R - 1``, with ``R = (2W-1)^2 + 3``.
+    """
+    num_relative_distance = (2 * window - 1) ** 2 + 3
+    coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing="ij"))
+    coords = coords.reshape(2, -1)  # 2, W*W in row-major patch order
+    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)
+    rel[:, :, 0] += window - 1
+    rel[:, :, 1] += window - 1
+    rel[:, :, 0] *= 2 * window - 1
+    index = np.zeros((window * window + 1,) * 2, dtype=np.int32)
+    index[1:, 1:] = rel.sum(-1)
+    # The same order of writes as transformers: the last one wins at [0, 0].
+    index[0, 0:] = num_relative_distance - 3
+    index[0:, 0] = num_relative_distance - 2
+    index[0, 0] = num_relative_distance - 1
+    return index
+
+
+def _init(init: Any, names: tuple[str | None, ...]) -> Any:
+    return nn.with_logical_partitioning(init, names)
+
+
+_ZEROS = nn.initializers.zeros_init()
+
+
+class _RelativePositionBias(nn.Module):
+    """A learned ``[R, H]`` table gathered into an additive attention bias ``[H, T, T]``."""
+
+    config: BeitConfig
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        cfg = self.config
+        table = self.param(
+            "relative_position_bias_table",
+            _init(_ZEROS, (None, None)),
+            (cfg.num_relative_distance, cfg.num_attention_heads),
+        )
+        bias = jnp.asarray(table, jnp.float32)[relative_position_index(cfg.window)]  # T, T, H
+        return bias.transpose(2, 0, 1)
+
+
+class _Layer(nn.Module):
+    """One pre-LayerNorm BEiT block (``BeitLayer``)."""
+
+    config: BeitConfig
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, shared_bias: jax.Array | None) -> jax.Array:
+        """Args: x float32 ``[B, T, D]``; shared_bias float32 ``[H, T, T]`` or None.
+
+        Returns float32 ``[B, T, D]``.
+        """
+        cfg = self.config
+        b, t, d = x.shape
+        heads, head_dim = cfg.num_attention_heads, cfg.head_dim
+        inner = heads * head_dim
+
+        def dense(n: int, names: tuple, name: str, use_bias: bool = True) -> nn.Dense:
+            return nn.Dense(
+                n,
+                use_bias=use_bias,
+                dtype=self.dtype,
+                kernel_init=_init(nn.initializers.lecun_normal(), names),
+                # A bias is split with its output dim when that is sharded; "embed" stays whole.
+                bias_init=_init(_ZEROS, (names[1] if names[1] != "embed" else None,)),
+                name=name,
+            )
+
+        def norm(y: jax.Array, name: str) -> jax.Array:
+            layer = nn.LayerNorm(
+                epsilon=cfg.layer_norm_eps,
+                dtype=jnp.float32,
+                scale_init=_init(nn.initializers.ones_init(), (None,)),
+                bias_init=_init(_ZEROS, (None,)),
+                name=name,
+            )
+            return layer(y.astype(jnp.float32)).astype(self.dtype)
+
+        def scale(name: str) -> jax.Array | float:
+            if not cfg.layer_scale:
+                return 1.0
+            init = nn.initializers.constant(cfg.layer_scale_init_value)
+            lam = self.param(name, _init(init, (None,)), (d,))
+            return jnp.asarray(lam, jnp.float32).reshape(1, 1, d)  # explicit rank for broadcasting
+
+        # Attention logits get the shared and/or this layer's relative position bias.
+        bias = shared_bias
+        if cfg.use_relative_position_bias:
+            own = _RelativePositionBias(cfg, name="relative_position_bias")()
+            bias = own if bias is None else bias + own
+
+        h = norm(x, "layernorm_before")
+        split = lambda y: y.reshape(b, t, heads, head_dim)  # noqa: E731
+        q = split(dense(inner, ("embed", "heads"), "query")(h))
+        k = split(dense(inner, ("embed", "kv_heads"), "key", use_bias=False)(h))
+        v = split(dense(inner, ("embed", "kv_heads"), "value")(h))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = logits * head_dim**-0.5
+        if bias is not None:
+            logits = logits + bias[None]
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, inner)
+        attn = dense(d, ("heads", "embed"), "attention_output")(ctx)
+        # The residual stream stays float32 whatever the compute dtype.
+        x = x + scale("lambda_1") * attn.astype(jnp.float32)
+
+        h = norm(x, "layernorm_after")
+        h = jax.nn.gelu(dense(cfg.intermediate_size, ("embed", "mlp"), "fc1")(h), approximate=False)
+        h = dense(d, ("mlp", "embed"), "fc2")(h)
+        return x + scale("lambda_2") * h.astype(jnp.float32)
+
+
+class BeitEncoder(nn.Module):
+    """BEiT image encoder returning the embedding output and every layer's output.
+
+    Attributes:
+      config: the model configuration.
+      dtype: computation dtype of the convolution and matmuls; LayerNorm, softmax and the
+        residual stream are float32.
+    """
+
+    config: BeitConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        """Encodes a batch of images.
+
+        Args:
+          pixel_values: float ``[B, num_channels, image_size, image_size]`` (NCHW, as
+            transformers takes it).
+
+        Returns:
+          float32 ``[B, num_hidden_layers + 1, T, hidden_size]`` with
+          ``T = (image_size // patch_size)**2 + 1``: the embedding output, then each layer's
+          output, as ``torch.stack(BeitModel(...).hidden_states, 1)``.
+
+        Raises:
+          ValueError: if pixel_values is not ``[B, num_channels, image_size, image_size]``.
+        """
+        cfg = self.config
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != cfg.num_channels:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}, expected "
+                f"[batch, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}]"
+            )
+        if pixel_values.shape[2:] != (cfg.image_size, cfg.image_size):
+            raise ValueError(
+                f"pixel_values are {pixel_values.shape[2]}x{pixel_values.shape[3]} but image_size "
+                f"is {cfg.image_size}: resize the images (position interpolation is not supported)"
+            )
+        d = cfg.hidden_size
+        p = cfg.patch_size
+        patches = nn.Conv(
+            d,
+            kernel_size=(p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=self.dtype,
+            kernel_init=_init(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+            bias_init=_init(_ZEROS, (None,)),
+            name="patch_embeddings",
+        )(jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(self.dtype))
+        b = patches.shape[0]
+        # Row-major over (patch row, patch column), as torch's flatten(2) of NCHW.
+        patches = patches.reshape(b, -1, d).astype(jnp.float32)
+        cls = self.param("cls_token", _init(_ZEROS, (None, None, None)), (1, 1, d))
+        cls = jnp.broadcast_to(jnp.asarray(cls, jnp.float32), (b, 1, d))
+        x = jnp.concatenate([cls, patches], axis=1)
+        if cfg.use_absolute_position_embeddings:
+            pos = self.param(
+                "position_embeddings", _init(_ZEROS, (None, None, None)), (1, cfg.num_tokens, d)
+            )
+            x = x + jnp.asarray(pos, jnp.float32)
+
+        shared = None
+        if cfg.use_shared_relative_position_bias:
+            shared = _RelativePositionBias(cfg, name="shared_relative_position_bias")()
+        states = [x]
+        for i in range(cfg.num_hidden_layers):
+            x = _Layer(cfg, self.dtype, name=f"layer_{i}")(x, shared)
+            states.append(x)
+        return jnp.stack(states, axis=1)
+
+
+# Names as checkpoints store them (transformers 4 and 5 save_pretrained), each followed by the
+# name of the same tensor inside a transformers 5 module (state_dict of BeitModel).
+def _layer_names(i: int) -> dict[str, tuple[str, ...]]:
+    old, new = f"encoder.layer.{i}.", f"layers.{i}."
+    return {
+        "query": (old + "attention.attention.query", new + "attention.q_proj"),
+        "key": (old + "attention.attention.key", new + "attention.k_proj"),
+        "value": (old + "attention.attention.value", new + "attention.v_proj"),
+        "attention_output": (old + "attention.output.dense", new + "attention.o_proj"),
+        "fc1": (old + "intermediate.dense", new + "mlp.fc1"),
+        "fc2": (old + "output.dense", new + "mlp.fc2"),
+        "layernorm_before": (old + "layernorm_before", new + "layernorm_before"),
+        "layernorm_after": (old + "layernorm_after", new + "layernorm_after"),
+        "lambda_1": (old + "lambda_1", new + "lambda_1"),
+        "lambda_2": (old + "lambda_2", new + "lambda_2"),
+        "relative_position_bias": (
+            old + "attention.attention.relative_position_bias",
+            new + "relative_position_bias",
+        ),
+    }
+
+
+def params_from_hf(config: BeitConfig, tensors: Mapping[str, np.ndarray]) -> dict:
+    """Maps checkpoint tensors onto the :class:`BeitEncoder` params tree (views, no copies).
+
+    Args:
+      config: the model configuration.
+      tensors: name -> array as stored, from ``BeitModel`` (``embeddings.cls_token``,
+        ``encoder.layer.0.attention.attention.query.weight``, ...) or a head model with the
+        ``beit.`` prefix (``BeitForMaskedImageModeling``, ``BeitForImageClassification``); head
+        tensors (``lm_head.*``, ``layernorm.*``, ``classifier.*``, ``pooler.*``), the mask token
+        and stored ``relative_position_index`` buffers are ignored.
+
+    Returns:
+      The params tree without the ``{'params': ...}`` wrapper; arrays keep their stored dtype.
+
+    Raises:
+      ValueError: if a tensor is missing or has an unexpected shape.
+    """
+    if any(name.startswith("beit.") for name in tensors):
+        prefix = "beit."
+    else:
+        prefix = ""
+
+    def get(names: Sequence[str], shape: tuple[int, ...]) -> np.ndarray:
+        for name in names:
+            if prefix + name in tensors:
+                value = tensors[prefix + name]
+                if tuple(value.shape) != shape:
+                    raise ValueError(
+                        f"checkpoint tensor {prefix + name} has shape {tuple(value.shape)}, "
+                        f"expected {shape}"
+                    )
+                return value
+        raise ValueError(f"checkpoint is missing tensor {prefix + names[0]}")
+
+    def suffixed(names: Sequence[str], suffix: str) -> list[str]:
+        return [f"{n}.{suffix}" for n in names]
+
+    def dense(names: Sequence[str], n_in: int, n_out: int, use_bias: bool = True) -> dict:
+        # torch Linear stores [out, in]; Flax Dense wants [in, out].
+        out = {"kernel": get(suffixed(names, "weight"), (n_out, n_in)).T}
+        if use_bias:
+            out["bias"] = get(suffixed(names, "bias"), (n_out,))
+        return out
+
+    def norm(names: Sequence[str]) -> dict:
+        d = config.hidden_size
+        return {
+            "scale": get(suffixed(names, "weight"), (d,)),
+            "bias": get(suffixed(names, "bias"), (d,)),
+        }
+
+    def table(names: Sequence[str]) -> dict:
+        shape = (config.num_relative_distance, config.num_attention_heads)
+        return {
+            "relative_position_bias_table": get(
+                suffixed(names, "relative_position_bias_table"), shape
+            )
+        }
+
+    d, ff, c, p = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_channels,
+        config.patch_size,
+    )
+    inner = config.num_attention_heads * config.head_dim
+    proj = ["embeddings.patch_embeddings.projection"]
+    params: dict[str, Any] = {
+        "patch_embeddings": {
+            # torch Conv2d stores [out, in, kh, kw]; Flax Conv wants [kh, kw, in, out].
+            "kernel": get(suffixed(proj, "weight"), (d, c, p, p)).transpose(2, 3, 1, 0),
+            "bias": get(suffixed(proj, "bias"), (d,)),
+        },
+        "cls_token": get(["embeddings.cls_token"], (1, 1, d)),
+    }
+    if config.use_absolute_position_embeddings:
+        params["position_embeddings"] = get(
+            ["embeddings.position_embeddings"], (1, config.num_tokens, d)
+        )
+    if config.use_shared_relative_position_bias:
+        params["shared_relative_position_bias"] = table(
+            ["encoder.relative_position_bias", "shared_position_bias"]
+        )
+    for i in range(config.num_hidden_layers):
+        names = _layer_names(i)
+        layer = {
+            "layernorm_before": norm(names["layernorm_before"]),
+            "query": dense(names["query"], d, inner),
+            "key": dense(names["key"], d, inner, use_bias=False),
+            "value": dense(names["value"], d, inner),
+            "attention_output": dense(names["attention_output"], inner, d),
+            "layernorm_after": norm(names["layernorm_after"]),
+            "fc1": dense(names["fc1"], d, ff),
+            "fc2": dense(names["fc2"], ff, d),
+        }
+        if config.layer_scale:
+            layer["lambda_1"] = get(names["lambda_1"], (d,))
+            layer["lambda_2"] = get(names["lambda_2"], (d,))
+        if config.use_relative_position_bias:
+            layer["relative_position_bias"] = table(names["relative_position_bias"])
+        params[f"layer_{i}"] = layer
+    return params
