@@ -1,6 +1,6 @@
 r"""Gaussian Adaptive Attention as pure JAX functions (no Flax).
 
-Two forms are provided; see ``shared/paper_spec.md`` sections 2-5 and 15 for where they come from.
+Two forms are provided; ``docs/design.md`` sections 2-4 say where they come from.
 
 **Paper form** (Algorithm 1 + 3 of the paper and the authors' experiment code; every reported
 DAAMv1/DAAMv2/GQDAAM number was produced by it). Along ``axis`` the input is split into ``H``

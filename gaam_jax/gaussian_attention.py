@@ -11,12 +11,13 @@ import jax.numpy as jnp
 from gaam_jax import _validation as check
 from gaam_jax import functional
 from gaam_jax.functional import Variance
+from gaam_jax.sharding import AnnotatedInit, with_logical_axes
 
 Dtype = Any
 Initializer = nn.initializers.Initializer
 
 
-class GaussianAdaptiveAttention(nn.Module):
+class GaussianAdaptiveAttention(AnnotatedInit, nn.Module):
     """Multi-head GAAM (paper form): ``y = x * exp(-z^2 / (2 xi))``, vectorised over heads.
 
     The heads are ``num_heads`` contiguous equal groups along ``axis``; each head standardises its
@@ -79,8 +80,11 @@ class GaussianAdaptiveAttention(nn.Module):
         else:
             features = x.shape[check.canonical_axis(self.feature_axis, x.ndim, "feature_axis")]
         shape = (self.num_heads, features)
-        delta = self.param("delta", self.delta_init, shape, self.param_dtype)
-        xi = self.param("xi", self.xi_init, shape, self.param_dtype)
+        axes = ("heads", "embed")
+        delta = self.param(
+            "delta", with_logical_axes(self.delta_init, axes), shape, self.param_dtype
+        )
+        xi = self.param("xi", with_logical_axes(self.xi_init, axes), shape, self.param_dtype)
         y, gate = functional.gaussian_adaptive_attention(
             x,
             delta,

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from gaam_jax import _validation as check
+from gaam_jax.sharding import AnnotatedInit, with_logical_axes
 
 Dtype = Any
 
@@ -89,7 +90,7 @@ def grouped_query_attention(
     return out.reshape(b, q_len, hq, d).astype(query.dtype), weights
 
 
-class GroupedQueryAttention(nn.Module):
+class GroupedQueryAttention(AnnotatedInit, nn.Module):
     """Textbook Grouped-Query Attention (Ainslie et al., 2023).
 
     Projects the inputs to ``num_query_heads`` query heads and ``num_kv_heads`` key/value heads
@@ -163,7 +164,8 @@ class GroupedQueryAttention(nn.Module):
             use_bias=self.use_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=self.kernel_init,
+            kernel_init=with_logical_axes(self.kernel_init, ("embed", "heads", None)),
+            bias_init=with_logical_axes(nn.initializers.zeros_init(), ("heads", None)),
             name=name,
         )
         q = dense(self.num_query_heads, "query")(inputs_q)
@@ -176,13 +178,14 @@ class GroupedQueryAttention(nn.Module):
             use_bias=self.use_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=self.kernel_init,
+            kernel_init=with_logical_axes(self.kernel_init, ("heads", None, "embed")),
+            bias_init=with_logical_axes(nn.initializers.zeros_init(), ("mlp",)),
             name="out",
         )(out)
         return (out, weights) if return_weights else out
 
 
-class PaperCodeGroupedQueryAttention(nn.Module):
+class PaperCodeGroupedQueryAttention(AnnotatedInit, nn.Module):
     """The GQA block of the authors' experiment code (``MultiheadGQA``), reproduced exactly.
 
     With ``embed_dim`` E, ``query_heads`` Hq and ``kv_heads`` Hkv: ``head_dim = E / Hq``; the
@@ -246,8 +249,8 @@ class PaperCodeGroupedQueryAttention(nn.Module):
             n,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=nn.initializers.xavier_normal(),
-            bias_init=nn.initializers.zeros_init(),
+            kernel_init=with_logical_axes(nn.initializers.xavier_normal(), ("embed", "mlp")),
+            bias_init=with_logical_axes(nn.initializers.zeros_init(), ("mlp",)),
             name=name,
         )
         b, n, _ = x.shape
@@ -262,6 +265,12 @@ class PaperCodeGroupedQueryAttention(nn.Module):
         logits = jnp.einsum("bnhgd,bshd->bhns", q, k) / scale  # the second scaling
         weights = jax.nn.softmax(logits, axis=-1)
         out = jnp.einsum("bhns,bshd->bnhd", weights, v).reshape(b, n, kv_dim)
-        out = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=self.param_dtype)(out)
+        out = nn.LayerNorm(
+            epsilon=1e-5,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            scale_init=with_logical_axes(nn.initializers.ones_init(), (None,)),
+            bias_init=with_logical_axes(nn.initializers.zeros_init(), ("mlp",)),
+        )(out)
         out = dense(self.embed_dim, "out_proj")(out.astype(self.dtype or x.dtype))
         return (out, weights) if return_weights else out

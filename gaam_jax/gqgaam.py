@@ -8,14 +8,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gaam_jax.functional import Variance
 from gaam_jax.gaussian_attention import GaussianAdaptiveAttention
 from gaam_jax.gqa import GroupedQueryAttention, PaperCodeGroupedQueryAttention
 from gaam_jax.initializers import torch_default_init
+from gaam_jax.sharding import AnnotatedInit, with_logical_axes
 
 Dtype = Any
 
 
-class GQGAAM(nn.Module):
+class GQGAAM(AnnotatedInit, nn.Module):
     """Grouped-Query Gaussian Adaptive Attention over the N encoder-layer tokens.
 
     ``x [batch, N, d]`` -> multi-head GAAM over the layer axis (``gaam_heads`` contiguous groups
@@ -36,6 +38,8 @@ class GQGAAM(nn.Module):
       query_heads: query heads (8).
       kv_heads: key/value heads (2).
       attention: ``'paper_code'`` or ``'textbook'``.
+      variance: GAAM variance estimator, ``'shifted'`` (default) or ``'one_pass'`` (the
+        experiment code's), see :func:`gaam_jax.functional.gaussian_gate`.
       dtype: computation dtype outside GAAM's float32 statistics.
       param_dtype: parameter dtype.
     """
@@ -45,6 +49,7 @@ class GQGAAM(nn.Module):
     query_heads: int = 8
     kv_heads: int = 2
     attention: Literal["paper_code", "textbook"] = "paper_code"
+    variance: Variance = "shifted"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -68,14 +73,17 @@ class GQGAAM(nn.Module):
         if x.ndim != 3:
             raise ValueError(f"x must be [batch, layers, features], got shape {x.shape}.")
         x = GaussianAdaptiveAttention(
-            num_heads=self.gaam_heads, dtype=self.dtype, param_dtype=self.param_dtype
+            num_heads=self.gaam_heads,
+            variance=self.variance,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
         )(x)
         x = nn.Dense(
             self.embed_dim,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=torch_default_init(x.shape[-1]),
-            bias_init=torch_default_init(x.shape[-1]),
+            kernel_init=with_logical_axes(torch_default_init(x.shape[-1]), ("embed", "mlp")),
+            bias_init=with_logical_axes(torch_default_init(x.shape[-1]), ("mlp",)),
             name="embed_transform",
         )(x)
         if self.attention == "paper_code":

@@ -116,7 +116,7 @@ def layer_contribution(density_attention: jax.Array) -> jax.Array:
     """Per-layer share of the map, in percent (row sums / total * 100); sums to 100.
 
     The paper's Figure 3 ("percentage contribution of each layer to attention weights") is not
-    defined further; this row-share reading is documented in paper_spec.md section 12. Pass the
+    defined further; this row-share reading is documented in docs/design.md section 8. Pass the
     mean gate map (the attention weights) for the paper's figure.
     """
     da = jnp.asarray(density_attention, jnp.float32)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from gaam_jax import _validation as check
 from gaam_jax import functional
+from gaam_jax.sharding import AnnotatedInit, with_logical_axes
 
 Dtype = Any
 Initializer = nn.initializers.Initializer
@@ -25,7 +26,7 @@ def lognormal_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.fl
     return jnp.exp(jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-class MixtureGaussianAdaptiveAttention(nn.Module):
+class MixtureGaussianAdaptiveAttention(AnnotatedInit, nn.Module):
     """Multi-head mixture GAAM (package ``MultiHeadGaussianAdaptiveAttention``), no residual.
 
     Each head owns ``num_gaussians`` scalar pairs ``(mean_offsets, c)`` stored stacked as
@@ -79,8 +80,11 @@ class MixtureGaussianAdaptiveAttention(nn.Module):
         if self.dtype is not None:
             x = x.astype(self.dtype)
         shape = (self.num_heads, self.num_gaussians)
-        mean_offsets = self.param("mean_offsets", self.mean_offsets_init, shape, self.param_dtype)
-        c = self.param("c", self.c_init, shape, self.param_dtype)
+        axes = ("heads", None)
+        mean_offsets = self.param(
+            "mean_offsets", with_logical_axes(self.mean_offsets_init, axes), shape, self.param_dtype
+        )
+        c = self.param("c", with_logical_axes(self.c_init, axes), shape, self.param_dtype)
         y, gate = functional.mixture_gaussian_adaptive_attention(
             x, mean_offsets, c, axis=self.axis, mask=mask, eps=self.eps, return_gate=True
         )
@@ -88,7 +92,7 @@ class MixtureGaussianAdaptiveAttention(nn.Module):
         return (y, gate) if return_gate else y
 
 
-class GaussianBlock(nn.Module):
+class GaussianBlock(AnnotatedInit, nn.Module):
     """Residual stack of mixture layers: ``x <- layer_i(x) + x`` (the package's ``GaussianBlock``).
 
     Constructor arguments mean what they mean in the package (one entry per layer); the number

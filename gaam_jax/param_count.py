@@ -36,7 +36,7 @@ def decoder_param_counts(
 
     Returns:
       ``{'total', 'without_classifier', 'attention'}``. The paper mostly reports the count
-      without the classifier; the authors' code comments mix both (paper_spec.md section 7).
+      without the classifier; the authors' code comments mix both (docs/design.md section 6).
     """
     x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)

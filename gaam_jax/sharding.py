@@ -1,9 +1,18 @@
 """Logical axis names, default sharding rules and meshes, for JAX's own SPMD (jit + NamedSharding).
 
-Every parameter gets a tuple of *logical* axis names from its path and rank
-(:func:`param_logical_axes`); rules map logical names to *mesh* axes (``data``, ``model``);
+Every parameter is annotated with a tuple of *logical* axis names where it is created
+(:func:`with_logical_axes`, Flax's ``nn.with_logical_partitioning``: ``delta``/``xi`` are
+``('heads', 'embed')``, conv kernels ``(None, None, 'layers', 'conv')``, ...).
+:func:`param_logical_axes` reads those annotations (``nn.get_partition_spec`` of the boxed,
+abstract init); rules map logical names to *mesh* axes (``data``, ``model``);
 :func:`param_shardings` turns the two into ``NamedSharding`` s. Activations use the names
 ``batch``, ``layers``, ``embed``.
+
+The annotations only become ``nn.LogicallyPartitioned`` boxes inside
+:func:`logical_annotations` (or :func:`abstract_params`): ``init`` of every gaam_jax module, and
+of any model that contains one, returns plain arrays. A gaam_jax module's own ``init`` also
+remembers the logical axes of the tree it built, so :func:`param_shardings` accepts that tree
+(or its ``jax.eval_shape``) as it is.
 
 Multi-head GAAM splits the layer axis into contiguous groups, so sharding ``layers`` (and the
 parameters' ``heads``) over ``model`` gives every device whole heads: the statistics never cross
@@ -15,16 +24,20 @@ A logical axis whose size the mesh axis does not divide is replicated instead.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping, Sequence
+import contextlib
+import contextvars
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Rules = tuple[tuple[str, str | None], ...]
+LogicalAxes = tuple[str | None, ...]
 
 DEFAULT_RULES: Rules = (
     ("batch", "data"),
@@ -36,22 +49,99 @@ DEFAULT_RULES: Rules = (
     ("classes", None),
 )
 
-# (path regex, rank) -> logical axes. The first match wins; unmatched parameters are replicated.
-_PARAM_PATTERNS: tuple[tuple[str, int, tuple[str | None, ...]], ...] = (
-    (r"(^|/)(delta|xi)$", 2, ("heads", "embed")),
-    (r"(^|/)(mean_offsets|c)$", 2, ("heads", None)),
-    (r"(^|/)conv1/kernel$", 4, (None, None, "layers", "conv")),
-    (r"(^|/)conv1/bias$", 1, ("conv",)),
-    (r"(^|/)conv2/kernel$", 4, (None, None, "conv", "layers")),
-    (r"(^|/)conv2/bias$", 1, ("layers",)),
-    (r"(^|/)classifier/kernel$", 2, ("mlp", "classes")),
-    (r"(^|/)classifier/bias$", 1, ("classes",)),
-    (r"/(query|key|value)/kernel$", 3, ("embed", "heads", None)),
-    (r"/(query|key|value)/bias$", 2, ("heads", None)),
-    (r"/out/kernel$", 3, ("heads", None, "embed")),
-    (r"/kernel$", 2, ("embed", "mlp")),
-    (r"/bias$", 1, ("mlp",)),
+_ANNOTATE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "gaam_jax_logical_annotations", default=False
 )
+
+
+@contextlib.contextmanager
+def logical_annotations() -> Iterator[None]:
+    """Within this context, gaam_jax parameters are created boxed with their logical axes.
+
+    ``init`` then returns ``nn.LogicallyPartitioned`` leaves, as Flax's own
+    ``nn.with_logical_partitioning`` does: read them with ``nn.get_partition_spec`` and strip
+    them with ``nn.unbox``. Outside it (the default) ``init`` returns plain arrays.
+    """
+    token = _ANNOTATE.set(True)
+    try:
+        yield
+    finally:
+        _ANNOTATE.reset(token)
+
+
+def with_logical_axes(init: Callable[..., Any], names: LogicalAxes) -> Callable[..., Any]:
+    """``init`` annotated with logical axis names (one per dimension of the parameter).
+
+    Inside :func:`logical_annotations` it is ``nn.with_logical_partitioning(init, names)``;
+    outside, ``init`` itself.
+
+    Args:
+      init: a parameter initialiser ``(key, shape, dtype) -> array``.
+      names: logical axis name (or None) of each dimension, e.g. ``('heads', 'embed')``.
+
+    Returns:
+      The annotated initialiser.
+    """
+    boxed = nn.with_logical_partitioning(init, tuple(names))
+
+    @functools.wraps(init)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return boxed(*args, **kwargs) if _ANNOTATE.get() else init(*args, **kwargs)
+
+    return wrapper
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata)
+
+
+def _flat_axes(params: Any) -> dict[tuple[str, ...], LogicalAxes]:
+    """Path -> logical axes of a (partly) boxed params tree; unboxed leaves are replicated."""
+    specs = flatten_dict(dict(nn.get_partition_spec(params)))
+    shapes = flatten_dict(dict(nn.meta.unbox(params)))
+    out = {}
+    for path, leaf in shapes.items():
+        spec = tuple(specs[path])
+        out[path] = spec if len(spec) == len(leaf.shape) else (None,) * len(leaf.shape)
+    return out
+
+
+class AnnotatedInit:
+    """Mixin for gaam_jax's Linen modules: ``init`` returns plain arrays.
+
+    ``init``/``init_with_output`` (and so ``lazy_init`` and the NNX bridge) run the module with
+    :func:`logical_annotations` on and return the variables unboxed; the annotations are read
+    from :func:`abstract_params`. Called inside
+    :func:`logical_annotations`, they return the boxes (Flax's usual logical-partitioning flow).
+    """
+
+    def init_with_output(self, rngs: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        """``nn.Module.init_with_output``, returning plain arrays (see the class docstring)."""
+        if _ANNOTATE.get():
+            return super().init_with_output(rngs, *args, **kwargs)  # type: ignore[misc]
+        with logical_annotations():
+            out, variables = super().init_with_output(rngs, *args, **kwargs)  # type: ignore[misc]
+        return out, nn.meta.unbox(variables)
+
+
+def abstract_params(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The boxed, abstract ``params`` of ``model`` (``jax.eval_shape`` of an annotated init).
+
+    Args:
+      model: a Linen module (a gaam_jax module, or any model containing gaam_jax modules).
+      *args: example inputs of ``model.init`` (arrays or ``jax.ShapeDtypeStruct`` s).
+      **kwargs: keyword arguments of ``model.init``.
+
+    Returns:
+      The ``params`` collection with ``nn.LogicallyPartitioned`` leaves around
+      ``ShapeDtypeStruct`` s (annotated parameters) and bare ``ShapeDtypeStruct`` s (others,
+      replicated). Nothing is allocated.
+    """
+    with logical_annotations():
+        variables = jax.eval_shape(
+            functools.partial(model.init, **kwargs), jax.random.key(0), *args
+        )
+    return variables["params"]
 
 
 def validate_rules(rules: Rules) -> None:
@@ -98,18 +188,28 @@ def make_mesh(
 
 
 def param_logical_axes(params: Any) -> Any:
-    """A pytree like ``params`` of logical-axis tuples, from each parameter's path and rank."""
-    flat = flatten_dict(dict(params))
-    out = {}
-    for path, leaf in flat.items():
-        name = "/".join(path)
-        axes: tuple[str | None, ...] = (None,) * len(leaf.shape)
-        for pattern, rank, logical in _PARAM_PATTERNS:
-            if len(leaf.shape) == rank and re.search(pattern, name):
-                axes = logical
-                break
-        out[path] = axes
-    return unflatten_dict(out)
+    """A pytree like ``params`` of logical-axis tuples, from the annotations of the parameters.
+
+    Args:
+      params: a boxed tree (from :func:`abstract_params`, or an ``init`` run inside
+        :func:`logical_annotations`): the names are ``nn.get_partition_spec`` of its boxes and
+        unannotated leaves are replicated.
+
+    Returns:
+      The unboxed tree structure, with a tuple of logical names (or None) per dimension at each
+      leaf.
+
+    Raises:
+      ValueError: for a plain tree (no annotations to read).
+    """
+    if not params:
+        return {}
+    if not any(_is_box(leaf) for leaf in jax.tree.leaves(params, is_leaf=_is_box)):
+        raise ValueError(
+            "these parameters carry no logical-axis annotations; pass the boxed tree: "
+            "sharding.abstract_params(model, *example_inputs)."
+        )
+    return unflatten_dict(_flat_axes(params))
 
 
 def logical_to_spec(
@@ -134,12 +234,22 @@ def logical_to_spec(
 
 
 def param_shardings(params: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
-    """``NamedSharding`` for every leaf of ``params`` (arrays or ShapeDtypeStructs)."""
+    """``NamedSharding`` for every parameter, from its logical axes and the rules.
+
+    Args:
+      params: as for :func:`param_logical_axes` (boxed, or a plain tree of arrays or
+        ``ShapeDtypeStruct`` s built by a gaam_jax module's ``init``).
+      mesh: the device mesh.
+      rules: logical-to-mesh axis rules.
+
+    Returns:
+      A tree like the unboxed ``params`` with a ``NamedSharding`` at each leaf.
+    """
     validate_rules(rules)
     logical = param_logical_axes(params)
     return jax.tree.map(
         lambda leaf, axes: NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules)),
-        params,
+        nn.meta.unbox(params),
         logical,  # the tuples sit where params has leaves: passed whole
     )
 

@@ -16,6 +16,7 @@ from gaam_jax.gaussian_attention import GaussianAdaptiveAttention
 from gaam_jax.gqgaam import GQGAAM
 from gaam_jax.initializers import torch_default_init
 from gaam_jax.mixture import GaussianBlock
+from gaam_jax.sharding import AnnotatedInit, with_logical_axes
 
 Dtype = Any
 Front = Literal["gaam", "gqgaam", "mixture", "mha", "mha_bn", "none"]
@@ -33,8 +34,8 @@ def square_map_shape(width: int) -> tuple[int, int]:
     return h, width // h
 
 
-class GaussianAdaptiveTransformer(nn.Module):
-    """The decoder the paper trains on frozen encoder features (section 7 of paper_spec.md).
+class GaussianAdaptiveTransformer(AnnotatedInit, nn.Module):
+    """The decoder the paper trains on frozen encoder features (docs/design.md section 6).
 
     ``x [batch, N, d]`` (N encoder layers, each mean-pooled to d features) -> attention front
     -> each layer's features reshaped to a 2-D map ``[batch, N, H, W]`` -> Conv(N -> 512, 3x3)
@@ -127,14 +128,19 @@ class GaussianAdaptiveTransformer(nn.Module):
                 query_heads=self.query_heads,
                 kv_heads=self.kv_heads,
                 attention=self.gqa,
+                variance=self.variance,
                 **common,
             )(x)
         if self.front == "mixture":
             return GaussianBlock((-2,), (self.num_heads,), (self.num_gaussians,), **common)(x)
         if self.front in ("mha", "mha_bn"):
+            xavier = nn.initializers.xavier_uniform()
             x = nn.MultiHeadDotProductAttention(
                 num_heads=self.num_heads,
-                kernel_init=nn.initializers.xavier_uniform(),
+                kernel_init=with_logical_axes(xavier, ("embed", "heads", None)),
+                bias_init=with_logical_axes(nn.initializers.zeros_init(), ("heads", None)),
+                out_kernel_init=with_logical_axes(xavier, ("heads", None, "embed")),
+                out_bias_init=with_logical_axes(nn.initializers.zeros_init(), ("mlp",)),
                 **common,
             )(x, x)
             if self.front == "mha_bn":
@@ -145,6 +151,8 @@ class GaussianAdaptiveTransformer(nn.Module):
                     epsilon=1e-5,
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
+                    scale_init=with_logical_axes(nn.initializers.ones_init(), (None,)),
+                    bias_init=with_logical_axes(nn.initializers.zeros_init(), ("mlp",)),
                     name="batch_norm",
                 )(x)
             return x
@@ -183,26 +191,29 @@ class GaussianAdaptiveTransformer(nn.Module):
         if impl not in ("gemm", "xla"):
             raise ValueError(f"conv_impl must be 'auto', 'gemm' or 'xla', got {self.conv_impl!r}.")
 
-        def conv(features: int, fan_in: int, name: str) -> nn.Module:
+        def conv(features: int, fan_in: int, axes: tuple[str, str], name: str) -> nn.Module:
+            # axes: logical names of the (input, output) channels.
             kwargs = dict(
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
-                kernel_init=nn.initializers.xavier_uniform(),
-                bias_init=torch_default_init(fan_in),
+                kernel_init=with_logical_axes(
+                    nn.initializers.xavier_uniform(), (None, None, *axes)
+                ),
+                bias_init=with_logical_axes(torch_default_init(fan_in), (axes[1],)),
                 name=name,
             )
             if impl == "gemm":
                 return SameConv(features, self.kernel_size, **kwargs)
             return nn.Conv(features, self.kernel_size, padding="SAME", **kwargs)
 
-        x = nn.relu(conv(self.conv_features, n * area, "conv1")(x))
-        x = nn.relu(conv(n, self.conv_features * area, "conv2")(x))
+        x = nn.relu(conv(self.conv_features, n * area, ("layers", "conv"), "conv1")(x))
+        x = nn.relu(conv(n, self.conv_features * area, ("conv", "layers"), "conv2")(x))
         x = x.transpose(0, 3, 1, 2).reshape(b, n * h * w)  # PyTorch's channel-major flatten
         return nn.Dense(
             self.num_classes,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=nn.initializers.xavier_uniform(),
-            bias_init=torch_default_init(n * h * w),
+            kernel_init=with_logical_axes(nn.initializers.xavier_uniform(), ("mlp", "classes")),
+            bias_init=with_logical_axes(torch_default_init(n * h * w), ("classes",)),
             name="classifier",
         )(x)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gaam_jax import GaussianAdaptiveTransformer, decoder_param_counts, importance
+from gaam_jax import GQGAAM, GaussianAdaptiveTransformer, decoder_param_counts, importance
 from gaam_jax.transformer import FRONTS, square_map_shape
 
 X = jax.random.normal(jax.random.key(0), (4, 8, 64))  # [batch, 8 layers, 64 features]
@@ -28,7 +28,7 @@ def test_every_front_gives_logits(front):
     chex.assert_tree_all_finite(logits)
 
 
-# Counts from the authors' code (paper_spec.md section 7): (name, model, input, total, no fc).
+# Counts from the authors' code (docs/design.md section 6): (name, model, input, total, no fc).
 PAPER_COUNTS = [
     ("IEMOCAP DAAMv1", dict(num_classes=4, num_heads=8), (24, 1024), 336_412, 238_104),
     ("IEMOCAP DAAMv2", dict(num_classes=4, num_heads=1), (24, 1024), 322_076, 223_768),
@@ -114,6 +114,30 @@ def test_gate_is_sown_for_the_importance_factor(front):
     gate = importance.find_gate(inter)
     chex.assert_shape(gate, X.shape)
     assert gate.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("front", ["gaam", "gqgaam"])
+def test_variance_reaches_the_gaam_of_every_front(front):
+    # Features of magnitude ~3000 (Llama-like hidden states): the one-pass estimator
+    # E[x^2] - E[x]^2 cancels catastrophically in float32, the shifted one does not, so the
+    # two must give different logits whenever the front really uses the configured estimator.
+    x = 3000.0 + jax.random.normal(jax.random.key(7), (4, 8, 64))
+    logits, attention = {}, {}
+    for variance in ("shifted", "one_pass"):
+        model = _small(front, variance=variance)
+        variables = model.init(jax.random.key(8), x)  # same key: same parameters
+        logits[variance], inter = model.apply(
+            variables, x, capture_intermediates=True, mutable=["intermediates"]
+        )
+        attention[variance] = (variables["params"]["attention"], inter["intermediates"])
+    assert float(jnp.max(jnp.abs(logits["shifted"] - logits["one_pass"]))) > 1e-2
+    if front == "gqgaam":
+        # The decoder's front is exactly a GQGAAM built with the same variance.
+        for variance, (params, inter) in attention.items():
+            gq = GQGAAM(gaam_heads=4, embed_dim=32, variance=variance)
+            np.testing.assert_array_equal(
+                gq.apply({"params": params}, x), inter["attention"]["__call__"][0]
+            )
 
 
 def test_decoder_init_is_xavier_uniform_with_torch_default_biases():
