@@ -1,7 +1,7 @@
 """PyTorch peers for the benchmarks: the paper-form DAAM and the paper's decoder, written here.
 
 The authors' package only has the mixture form; the paper-form layer and the decoder below follow
-the experiment code as paper_spec.md sections 3 and 7 describe it (same layers, sizes and
+the experiment code as docs/design.md sections 2 and 6 describe it (same layers, sizes and
 initialisation), so a JAX train step can be timed against a PyTorch one doing the same work.
 """
 

@@ -2,7 +2,7 @@
 
 Data: the 50,000 training images for training and the official 10,000 test images as the
 validation set; per image the 24 BEiT-Large hidden states mean-pooled over tokens:
-``[24, 1024]``. The authors did not release their extraction script (paper_spec section 9).
+``[24, 1024]``. The authors did not release their extraction script (docs/design.md section 9).
 The CIFAR-100 builder is tfds' own (``tfds.builder('cifar100')``); write the features as
 ``encoder_features`` shards of the ``train`` and ``test`` splits into
 ``out/data/encoder_features/cifar100_beit_large_mean{,_test}``.
@@ -26,7 +26,7 @@ MODEL = {"gqdaam": {"num_heads": 1, "map_shape": (8, 64)}}
 
 def get_config(variant: str = "daamv2") -> ml_collections.ConfigDict:
     """Returns the config of ``variant`` (see the module docstring)."""
-    first = 42 if variant == "daamv1" else 333
+    first = 42 if variant.partition(",")[0] == "daamv1" else 333
     return base.config(
         variant,
         dataset="cifar100",
@@ -37,5 +37,5 @@ def get_config(variant: str = "daamv2") -> ml_collections.ConfigDict:
         loss="cross_entropy",
         seeds=tuple(range(first, first + 5)),
         cv={"kind": "holdout"},
-        model=MODEL.get(variant),
+        model=MODEL.get(variant.partition(",")[0]),
     )

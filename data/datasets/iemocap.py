@@ -1,4 +1,4 @@
-"""IEMOCAP from a user's manual download, as the paper uses it (paper_spec.md section 9).
+"""IEMOCAP from a user's manual download, as the paper uses it (docs/design.md section 9).
 
 Place the release (``IEMOCAP_full_release`` with ``Session1`` ... ``Session5``) in tfds' manual
 folder (``<data_dir>/downloads/manual/`` or ``download_config.manual_dir``). Four classes: the
