@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from data.encoders import bert
+from data.encoders import bert, from_pretrained
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "minilm_hidden_states.npz"
 
@@ -26,18 +26,27 @@ def test_tokenizer_matches_hugging_face():
 
 
 def test_hidden_states_match_hugging_face(minilm):
-    module, params, config = minilm
     ref = np.load(FIXTURE)
-    states = jax.jit(module.apply)(
-        {"params": params}, ref["input_ids"], ref["attention_mask"], ref["token_type_ids"]
-    )
-    assert states.shape == (7, 4, ref["input_ids"].shape[1], 384)
     valid = ref["attention_mask"].astype(bool)
+    inputs = {k: ref[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    # The entry point: [batch, layers, length, hidden].
+    states = from_pretrained(bert.minilm_dir()).hidden_states(**inputs)
+    assert states.shape == (4, 7, ref["input_ids"].shape[1], 384)
     # Padded positions are not compared: no pooling here or in HF reads them. The MiniLM
     # hidden states reach ~10; float32 kernels in different orders agree to ~4e-6 here; the
     # issue's bound is 1e-4.
     chex.assert_trees_all_close(
-        np.asarray(states)[:, valid], ref["hidden_states"][:, valid], atol=1e-4, rtol=0
+        np.swapaxes(np.asarray(states), 0, 1)[:, valid],
+        ref["hidden_states"][:, valid],
+        atol=1e-4,
+        rtol=0,
+    )
+    # load_bert (data/extract.py's interface) keeps [layers, batch, length, hidden].
+    module, params, config = minilm
+    legacy = jax.jit(module.apply)({"params": params}, *inputs.values())
+    assert legacy.shape == (7, 4, ref["input_ids"].shape[1], 384)
+    chex.assert_trees_all_close(
+        np.asarray(legacy)[:, valid], ref["hidden_states"][:, valid], atol=1e-4, rtol=0
     )
 
 

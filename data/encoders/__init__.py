@@ -1,1 +1,309 @@
-"""Frozen pretrained encoders whose per-layer hidden states become GAAM decoder inputs."""
+"""Frozen pretrained encoders whose per-layer hidden states become GAAM decoder inputs.
+
+One entry point loads a local Hugging Face model folder (``config.json`` plus ``model.safetensors``
+or sharded ``model-0000x-of-0000y.safetensors`` with ``model.safetensors.index.json``)::
+
+    from data.encoders import from_pretrained
+    enc = from_pretrained(path, dtype=jnp.float32)          # or jnp.bfloat16 compute
+    hs = enc.hidden_states(input_ids=ids, attention_mask=mask)  # float32 [B, L+1, T, hidden]
+
+The architecture comes from ``config.json``'s ``model_type``: ``bert``, ``llama``, ``beit`` or
+``wavlm`` (modules imported on first use). With ``mesh`` (a ``jax.sharding.Mesh`` with axes
+``data`` and ``model``) parameters are placed by logical-axis rules (:data:`DEFAULT_RULES`):
+every parameter is created with logical axis names (``vocab``, ``embed``, ``heads``, ...), the
+rules map them to mesh axes, and each tensor is streamed from the memory-mapped checkpoint
+straight to its shards, each device reading only its slice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import pathlib
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from data.encoders.checkpoint import SUPPORTED, open_tensors, read_config
+
+__all__ = ["DEFAULT_RULES", "Encoder", "Rules", "from_pretrained", "shardings_for"]
+
+Rules = tuple[tuple[str, str | None], ...]
+
+# Logical axis -> mesh axis. Tensor parallelism splits the attention heads, the feed-forward
+# width, the vocabulary and conv output channels over "model"; the model width stays whole so
+# that norms never cross devices. A dimension the mesh axis does not divide stays replicated.
+DEFAULT_RULES: Rules = (
+    ("batch", "data"),
+    ("vocab", "model"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("mlp", "model"),
+    ("conv_out", "model"),
+    ("conv_in", None),
+    ("embed", None),
+)
+
+# model_type -> (config class, encoder class) in data.encoders.<model_type>.
+_CLASSES = {
+    "bert": ("BertConfig", "BertEncoder"),
+    "llama": ("LlamaConfig", "LlamaEncoder"),
+    "beit": ("BeitConfig", "BeitEncoder"),
+    "wavlm": ("WavLMConfig", "WavLMEncoder"),
+}
+assert set(_CLASSES) == set(SUPPORTED)
+
+
+def _arch_module(model_type: str) -> ModuleType:
+    try:
+        module = importlib.import_module(f"data.encoders.{model_type}")
+    except ModuleNotFoundError as err:
+        if err.name != f"data.encoders.{model_type}":
+            raise
+        raise ValueError(
+            f"model_type={model_type!r}: data/encoders/{model_type}.py is missing."
+        ) from None
+    if getattr(module, "MODEL_TYPE", None) != model_type:
+        raise ValueError(f"data.encoders.{model_type}.MODEL_TYPE is not {model_type!r}.")
+    return module
+
+
+def _example_inputs(model_type: str, raw: dict) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract inputs for ``jax.eval_shape(module.init, ...)`` (shapes only, nothing runs)."""
+    if model_type in ("bert", "llama"):
+        return {"input_ids": jax.ShapeDtypeStruct((1, 8), jnp.int32)}
+    if model_type == "beit":
+        size = raw.get("image_size", 224)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return {
+            "pixel_values": jax.ShapeDtypeStruct((1, raw.get("num_channels", 3), h, w), jnp.float32)
+        }  # noqa: E501
+    return {"input_values": jax.ShapeDtypeStruct((1, 16000), jnp.float32)}
+
+
+def shardings_for(abstract: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """``NamedSharding`` of every parameter from its logical axis names.
+
+    Args:
+      abstract: ``jax.eval_shape(module.init, ...)['params']`` (boxed with logical names).
+      mesh: a mesh whose axes include those the rules name.
+      rules: ``(logical, mesh_axis_or_None)`` pairs.
+
+    Returns:
+      A tree like the unboxed params of ``NamedSharding`` s; a dimension whose size the mesh
+      axis does not divide is replicated.
+    """
+    specs = nn.get_partition_spec(abstract)
+    named = nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+    shapes = nn.unbox(abstract)
+
+    def fit(sharding: NamedSharding, leaf: Any) -> NamedSharding:
+        spec = list(sharding.spec) + [None] * (len(leaf.shape) - len(sharding.spec))
+        for i, axis in enumerate(spec):
+            axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
+            size = int(np.prod([mesh.shape[a] for a in axes]))
+            if axes and leaf.shape[i] % size:
+                spec[i] = None
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return jax.tree.map(fit, named, shapes)
+
+
+def _check_tree(host: dict, abstract: Any, model_type: str) -> None:
+    got = {k: tuple(v.shape) for k, v in flatten_dict(host).items()}
+    want = {k: tuple(v.shape) for k, v in flatten_dict(nn.unbox(abstract)).items()}
+    for key in sorted(set(got) | set(want)):
+        if got.get(key) != want.get(key):
+            raise ValueError(
+                f"{model_type}.params_from_hf: {'/'.join(key)} is {got.get(key)}, the module "
+                f"expects {want.get(key)}."
+            )
+
+
+@dataclasses.dataclass(eq=False)
+class Encoder:
+    """A loaded encoder: config, Flax module and its parameters on device(s).
+
+    Attributes:
+      model_type: ``config.json``'s ``model_type``.
+      config: the architecture's config dataclass.
+      module: the Flax module (``module.apply({'params': params}, **inputs)``).
+      params: the params tree on device, floating leaves in the compute dtype.
+      dtype: the compute dtype.
+      mesh: the mesh the params are placed on, or None (one device).
+      rules: the logical-axis rules used with ``mesh``.
+    """
+
+    model_type: str
+    config: Any
+    module: nn.Module
+    params: Any
+    dtype: Any
+    mesh: Mesh | None = None
+    rules: Rules = DEFAULT_RULES
+
+    def __post_init__(self):
+        signature = inspect.signature(type(self.module).__call__)
+        names = [n for n in signature.parameters if n != "self"]
+        self.input_names = tuple(names)
+        self.required_inputs = tuple(
+            n for n in names if signature.parameters[n].default is inspect.Parameter.empty
+        )
+        out = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec("data"))
+
+        def apply(params: Any, inputs: dict[str, jax.Array]) -> jax.Array:
+            with nn.logical_axis_rules(list(self.rules)):
+                return self.module.apply({"params": params}, **inputs).astype(jnp.float32)
+
+        # jit caches one compilation per input shape and set of input names.
+        self._apply = jax.jit(apply, out_shardings=out)
+
+    def hidden_states(self, **inputs: Any) -> jax.Array:
+        """Every layer's hidden states, as ``output_hidden_states=True`` gives them.
+
+        Args:
+          **inputs: the transformers model's keyword inputs as numpy or jax arrays, batch first
+            (bert/llama: ``input_ids``, ``attention_mask`` ``[B, T]``; beit: ``pixel_values``
+            ``[B, 3, H, W]``; wavlm: ``input_values`` ``[B, T]``, ``attention_mask``).
+
+        Returns:
+          float32 ``[B, num_hidden_layers + 1, T, hidden]`` (T: tokens, patches + 1 or frames).
+          With a mesh, any B: the batch is padded to a multiple of the ``data`` axis size
+          (repeating the last example) and cut back.
+
+        Raises:
+          ValueError: on an unknown or missing input name, or inputs of different batch sizes.
+        """
+        unknown = [n for n in inputs if n not in self.input_names]
+        missing = [n for n in self.required_inputs if n not in inputs]
+        if unknown or missing:
+            problem = (
+                f"unknown input {unknown[0]!r}" if unknown else f"missing input {missing[0]!r}"
+            )
+            raise ValueError(
+                f"{self.model_type} encoder: {problem} (it takes {', '.join(self.input_names)})."
+            )
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        batch = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in inputs.items()}
+        if None in batch.values() or len(set(batch.values())) != 1:
+            raise ValueError(f"{self.model_type} encoder: inputs need one batch size, got {batch}.")
+        if self.mesh is None:
+            return self._apply(self.params, inputs)
+        n = next(iter(batch.values()))
+        pad = -n % self.mesh.shape["data"]
+        placed = {}
+        for k, v in inputs.items():
+            v = jnp.asarray(v)
+            if pad:  # repeat a real example: padding rows must be valid inputs (no all-masked NaN)
+                v = jnp.concatenate([v, jnp.repeat(v[-1:], pad, axis=0)])
+            spec = PartitionSpec("data", *([None] * (v.ndim - 1)))
+            placed[k] = jax.device_put(v, NamedSharding(self.mesh, spec))
+        out = self._apply(self.params, placed)
+        return out[:n] if pad else out
+
+    def hidden_states_of(self, inputs: Mapping[str, Any]) -> jax.Array:
+        """:meth:`hidden_states` of a dict of inputs."""
+        return self.hidden_states(**inputs)
+
+    def bytes_per_device(self) -> dict[Any, int]:
+        """Bytes of parameters each device holds."""
+        held: dict[Any, int] = {}
+        for leaf in jax.tree.leaves(self.params):
+            for shard in leaf.addressable_shards:
+                held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+        return held
+
+
+def _place(host: np.ndarray, sharding: jax.sharding.Sharding, dtype: Any, release: Any):
+    """One tensor from (memory-mapped) host memory to its devices, cast to ``dtype`` there."""
+    if isinstance(sharding, NamedSharding):
+        # Each device reads only its slice of the memory map.
+        array = jax.make_array_from_callback(
+            host.shape, sharding, lambda index: np.ascontiguousarray(host[index])
+        )
+    else:
+        array = jax.device_put(np.ascontiguousarray(host), sharding)
+    if jnp.issubdtype(array.dtype, jnp.floating) and array.dtype != dtype:
+        array = array.astype(dtype)  # on device; keeps the sharding
+    jax.block_until_ready(array)
+    release(host)  # the file pages behind it may go: they are on the devices now
+    return array
+
+
+def from_pretrained(
+    path: str | pathlib.Path,
+    dtype: Any = jnp.float32,
+    mesh: Mesh | None = None,
+    rules: Rules | None = None,
+) -> Encoder:
+    """Loads a local Hugging Face model folder as a JAX encoder.
+
+    Args:
+      path: folder with ``config.json`` and safetensors weights (single file or sharded).
+      dtype: compute dtype; floating parameters are cast to it on device (the output is always
+        float32; norms and softmax run in float32).
+      mesh: optional ``Mesh`` with axes ``data`` and ``model``: parameters are sharded by
+        ``rules`` and the batch over ``data``. None: one device (the default device).
+      rules: ``(logical_axis, mesh_axis_or_None)`` pairs; default :data:`DEFAULT_RULES`.
+
+    Returns:
+      The :class:`Encoder`.
+
+    Raises:
+      FileNotFoundError: missing folder, ``config.json`` or weights (PyTorch-only folders get
+        the conversion command).
+      ValueError: unsupported ``model_type`` or config value, missing or misshapen tensors, or
+        a mesh without ``data`` and ``model`` axes.
+    """
+    from gaam_jax.sharding import validate_rules
+
+    raw = read_config(path)
+    model_type = raw["model_type"]
+    arch = _arch_module(model_type)
+    config_cls, encoder_cls = (getattr(arch, name) for name in _CLASSES[model_type])
+    config = config_cls.from_hf(raw)
+    dtype = jnp.dtype(dtype)
+    module = encoder_cls(config, dtype=dtype)
+    rules = DEFAULT_RULES if rules is None else tuple(tuple(r) for r in rules)
+    validate_rules(rules)
+    if mesh is not None and set(mesh.axis_names) != {"data", "model"}:
+        raise ValueError(f"mesh axes must be ('data', 'model'), got {tuple(mesh.axis_names)}.")
+
+    tensors = open_tensors(path)
+    host = arch.params_from_hf(config, tensors)
+    abstract = jax.eval_shape(module.init, jax.random.key(0), **_example_inputs(model_type, raw))[
+        "params"
+    ]
+    _check_tree(host, abstract, model_type)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, nn.unbox(abstract))
+    else:
+        shardings = shardings_for(abstract, mesh, rules)
+    flat_shardings = flatten_dict(shardings)
+    release = getattr(tensors, "release", lambda _: None)
+    params = unflatten_dict(
+        {k: _place(v, flat_shardings[k], dtype, release) for k, v in flatten_dict(host).items()}
+    )
+    return Encoder(model_type, config, module, params, dtype, mesh, rules)
+
+
+def open_host_params(path: str | pathlib.Path) -> tuple[Any, Any, Mapping[str, np.ndarray]]:
+    """``(config, host params, tensors)`` of a folder without placing anything on devices.
+
+    The params are the memory-mapped views :func:`from_pretrained` streams to devices
+    (benchmarks and tests use them to compare against other frameworks on the same weights).
+    """
+    raw = read_config(path)
+    arch = _arch_module(raw["model_type"])
+    config = getattr(arch, _CLASSES[raw["model_type"]][0]).from_hf(raw)
+    tensors = open_tensors(path)
+    return config, arch.params_from_hf(config, tensors), tensors

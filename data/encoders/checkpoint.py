@@ -1,0 +1,227 @@
+"""Hugging Face model folders: ``config.json`` and lazily memory-mapped safetensors weights.
+
+:func:`open_tensors` parses the safetensors header itself (8-byte little-endian header length,
+then a JSON header of ``dtype``/``shape``/``data_offsets``) and returns numpy views of a
+read-only memory map: nothing is read from disk until a tensor's values are used, so a loader
+can move a 26 GB checkpoint to its devices one tensor (or one shard of a tensor) at a time.
+bfloat16 tensors are viewed as ``ml_dtypes.bfloat16``. Only numpy, ml_dtypes and the standard
+library are needed here (no torch, no safetensors package).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import pathlib
+import struct
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+
+# config.json's model_type -> module of data.encoders implementing it.
+SUPPORTED = ("bert", "llama", "beit", "wavlm")
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONVERT_HINT = "python -m data.encoders.convert {folder}  (needs: pip install 'gaam-jax[convert]')"
+
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def _dtype(code: str, where: str) -> np.dtype:
+    if code in _DTYPES:
+        return np.dtype(_DTYPES[code])
+    import ml_dtypes  # a dependency of jax
+
+    extra = {
+        "BF16": ml_dtypes.bfloat16,
+        "F8_E4M3": ml_dtypes.float8_e4m3fn,
+        "F8_E5M2": ml_dtypes.float8_e5m2,
+    }
+    if code not in extra:
+        raise ValueError(f"{where}: safetensors dtype {code!r} is not supported.")
+    return np.dtype(extra[code])
+
+
+def _byte_bounds(array: np.ndarray) -> tuple[int, int]:
+    utils = getattr(np.lib, "array_utils", None)  # numpy >= 2; np.byte_bounds before
+    return (utils.byte_bounds if utils else np.byte_bounds)(array)
+
+
+def _folder(folder: str | pathlib.Path) -> pathlib.Path:
+    folder = pathlib.Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist (or is not a folder).")
+    return folder
+
+
+def read_config(folder: str | pathlib.Path) -> dict:
+    """Reads a model folder's ``config.json`` and checks its ``model_type``.
+
+    Args:
+      folder: a local Hugging Face model folder.
+
+    Returns:
+      The parsed ``config.json``.
+
+    Raises:
+      FileNotFoundError: if the folder or its ``config.json`` does not exist.
+      ValueError: if ``config.json`` is not JSON or its ``model_type`` is not supported.
+    """
+    path = _folder(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a Hugging Face model folder.")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}.") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in SUPPORTED:
+        raise ValueError(
+            f"{path}: model_type={model_type!r} is not supported (supported: "
+            f"{', '.join(SUPPORTED)})."
+        )
+    return raw
+
+
+class SafetensorsFile(Mapping[str, np.ndarray]):
+    """One ``.safetensors`` file as a mapping of names to read-only memory-mapped numpy views.
+
+    Args:
+      path: the file.
+    """
+
+    def __init__(self, path: str | pathlib.Path):
+        self.path = pathlib.Path(path)
+        with open(self.path, "rb") as f:
+            size = self.path.stat().st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{self.path} is not a safetensors file (shorter than 8 bytes).")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise ValueError(f"{self.path} is not a safetensors file (bad header length {n}).")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise ValueError(f"{self.path} is not a safetensors file (bad header).") from None
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        header.pop("__metadata__", None)
+        self._start = 8 + n
+        self._base = np.frombuffer(self._map, np.uint8) if self._map is not None else None
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            dtype = _dtype(info["dtype"], f"{self.path}: {name}")
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (self._start + int(o) for o in info["data_offsets"])
+            if end - begin != dtype.itemsize * int(np.prod(shape)) or end > size:
+                raise ValueError(f"{self.path}: tensor {name!r} has inconsistent data offsets.")
+            self._entries[name] = (dtype, shape, begin, end)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        dtype, shape, begin, end = self._entries[name]
+        # A view of the memory map: creating it reads nothing.
+        return self._base[begin:end].view(dtype).reshape(shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def release(self, array: np.ndarray) -> None:
+        """Lets the kernel drop the pages behind ``array`` (a view of this file) from memory.
+
+        The mapping is read-only and file-backed, so dropped pages are simply read again if
+        used again; a loader calls this after moving a tensor to its devices so that the
+        touched file pages do not add up to a second copy of the model in resident memory.
+        """
+        if self._map is None or not hasattr(self._map, "madvise"):
+            return
+        base = self._base.__array_interface__["data"][0]
+        low, high = _byte_bounds(array)
+        if not (base <= low <= high <= base + len(self._map)):
+            return  # not a view of this file
+        page = mmap.PAGESIZE
+        start = (low - base) // page * page
+        self._map.madvise(mmap.MADV_DONTNEED, start, high - base - start)
+
+
+class Tensors(Mapping[str, np.ndarray]):
+    """The tensors of a model folder, from one file or several shards, memory-mapped lazily."""
+
+    def __init__(self, files: dict[str, SafetensorsFile], where: dict[str, str]):
+        self._files = files
+        self._where = where
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._files[self._where[name]][name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def release(self, array: np.ndarray) -> None:
+        """Drops the file pages behind ``array`` (see :meth:`SafetensorsFile.release`)."""
+        for f in self._files.values():
+            f.release(array)
+
+
+def open_tensors(folder: str | pathlib.Path) -> Tensors:
+    """Opens a model folder's safetensors weights without reading them.
+
+    ``model.safetensors``, or shards listed by ``model.safetensors.index.json``
+    (``weight_map``: tensor name -> shard file).
+
+    Args:
+      folder: a local Hugging Face model folder.
+
+    Returns:
+      A read-only mapping of tensor names (as stored) to numpy views of memory-mapped files, in
+      the stored dtype (bfloat16 as ``ml_dtypes.bfloat16``).
+
+    Raises:
+      FileNotFoundError: if there are no safetensors weights (with the conversion command when
+        the folder holds PyTorch ``.bin`` files), or a shard the index names is missing.
+      ValueError: if a file is not valid safetensors or the index disagrees with a shard.
+    """
+    folder = _folder(folder)
+    if (folder / SINGLE_FILE).is_file():
+        f = SafetensorsFile(folder / SINGLE_FILE)
+        return Tensors({SINGLE_FILE: f}, dict.fromkeys(f, SINGLE_FILE))
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{index} has no valid 'weight_map'.") from None
+        files = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                raise FileNotFoundError(f"{folder / shard} (named by {INDEX_FILE}) does not exist.")
+            files[shard] = SafetensorsFile(folder / shard)
+        for name, shard in weight_map.items():
+            if name not in files[shard]:
+                raise ValueError(f"{index}: {name!r} is not in {shard}.")
+        return Tensors(files, dict(weight_map))
+    if list(folder.glob("pytorch_model*.bin")):
+        raise FileNotFoundError(
+            f"{folder} holds only PyTorch .bin weights: convert them once with "
+            + CONVERT_HINT.format(folder=folder)
+        )
+    raise FileNotFoundError(f"{folder} has neither {SINGLE_FILE} nor {INDEX_FILE}.")
