@@ -55,7 +55,10 @@ class EncoderFeatures(tfds.core.GeneratorBasedBuilder):
     Features: ``features`` ``[num_layers, dim]`` (float32 or float16), ``label`` (class label),
     ``group`` (int64, e.g. the IEMOCAP session; -1 when there are none) and ``id`` (int64, the
     example's id in the source dataset). ``info.metadata`` records the encoder, the pooling, the
-    layer count and the source dataset.
+    layer count and the source dataset (and, for imported features, a ``fingerprint`` of the
+    arrays). A manifest with ``"has_groups": false`` (features imported without groups, see
+    :mod:`data.import_features`) builds no ``group`` feature, so leave-one-group-out
+    cross-validation refuses the dataset instead of seeing one group.
     """
 
     VERSION = tfds.core.Version("1.0.0")
@@ -68,25 +71,32 @@ class EncoderFeatures(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         m = self._manifest
         dtype = {"float32": np.float32, "float16": np.float16}[m["dtype"]]
+        features = {
+            "features": tfds.features.Tensor(shape=(m["num_layers"], m["dim"]), dtype=dtype),
+            "label": tfds.features.ClassLabel(names=list(m["label_names"])),
+            "group": tfds.features.Scalar(dtype=np.int64),
+            "id": tfds.features.Scalar(dtype=np.int64),
+        }
+        if not m.get("has_groups", True):
+            del features["group"]
         return tfds.core.DatasetInfo(
             builder=self,
             description=(
                 f"{m['encoder']} features of {m.get('source', '?')}, {m['pooling']} pooling."
             ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "features": tfds.features.Tensor(
-                        shape=(m["num_layers"], m["dim"]), dtype=dtype
-                    ),
-                    "label": tfds.features.ClassLabel(names=list(m["label_names"])),
-                    "group": tfds.features.Scalar(dtype=np.int64),
-                    "id": tfds.features.Scalar(dtype=np.int64),
-                }
-            ),
+            features=tfds.features.FeaturesDict(features),
             metadata=tfds.core.MetadataDict(
                 {
                     k: m[k]
-                    for k in ("encoder", "pooling", "num_layers", "dim", "source", "layers")
+                    for k in (
+                        "encoder",
+                        "pooling",
+                        "num_layers",
+                        "dim",
+                        "source",
+                        "layers",
+                        "fingerprint",
+                    )
                     if k in m
                 }
             ),
@@ -99,6 +109,7 @@ class EncoderFeatures(tfds.core.GeneratorBasedBuilder):
         m = self._manifest
         shards_dir = pathlib.Path(self.builder_config.shards_dir)
         num_classes = len(m["label_names"])
+        has_groups = m.get("has_groups", True)
         expected = (m["num_layers"], m["dim"])
         total = 0
         for index in range(m["num_shards"]):
@@ -124,15 +135,10 @@ class EncoderFeatures(tfds.core.GeneratorBasedBuilder):
                         f"{num_classes} classes."
                     )
                 total += 1
-                yield (
-                    example_id,
-                    {
-                        "features": features[row],
-                        "label": int(labels[row]),
-                        "group": int(groups[row]),
-                        "id": example_id,
-                    },
-                )
+                example = {"features": features[row], "label": int(labels[row]), "id": example_id}
+                if has_groups:
+                    example["group"] = int(groups[row])
+                yield example_id, example
         if total == 0:
             raise ValueError(f"{shards_dir}: the shards hold no examples (empty split).")
 
