@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run features reproduce demo bench test lint format fixtures clean
+.PHONY: run features reproduce demo bench bench-loop device-wheels test test-fast lint format fixtures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,17 @@ reproduce: features
 bench:
 	$$(bash benchmarks/venv.sh .bench-venv) -m benchmarks.run --out benchmarks/results
 
+# How busy the training loop keeps the device on the main job (needs the features); ~3 min.
+bench-loop: features
+	$(PY) -m benchmarks.loop_efficiency --out benchmarks/results/loop.json
+
+# Wheels of the pure-Python packages the lent GPU machine lacks, for benchmarks/device.sh.
+device-wheels:
+	mkdir -p benchmarks/wheels
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --platform manylinux2014_x86_64 -d benchmarks/wheels \
+	  gaussian-adaptive-attention==0.1.5 ml-collections==1.1.0 grain==0.2.18 array-record tqdm
+
 demo: $(STAMP)
 	$(PY) -m gaam_jax.demo
 
@@ -45,6 +56,10 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -n 2 --durations=10 tests
+
+# The edit loop (not CI): everything but the tests marked slow, under 2 minutes.
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m "not slow" tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -54,11 +69,15 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-# Regenerates tests/fixtures/ from the authors' PyTorch package (separate venv, needs PyPI).
+# Regenerates tests/fixtures/ from the authors' package and transformers (separate venv, PyPI).
 fixtures:
-	$$(bash ../shared/tools/reference_venv.sh .reference-venv) tests/reference/make_fixtures.py tests/fixtures
-	HF_HUB_OFFLINE=1 $$(bash ../shared/tools/reference_venv.sh .reference-venv) \
+	$$(bash tests/reference/venv.sh .reference-venv) tests/reference/make_fixtures.py tests/fixtures
+	HF_HUB_OFFLINE=1 $$(bash tests/reference/venv.sh .reference-venv) \
 	  tests/reference/make_bert_fixtures.py tests/fixtures
+	for arch in llama beit wavlm; do \
+	  HF_HUB_OFFLINE=1 $$(bash tests/reference/venv.sh .reference-venv) \
+	    tests/reference/make_$${arch}_fixtures.py tests/fixtures/encoders || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .bench-venv .pytest_cache .ruff_cache

@@ -16,6 +16,7 @@ Guarantees (each tested in tests/data/test_pipeline.py):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -27,6 +28,7 @@ __all__ = [
     "ConcatSource",
     "EpochIterator",
     "FeatureSource",
+    "epoch_order",
     "eval_batches",
     "leave_one_group_out",
     "load_features",
@@ -140,6 +142,38 @@ class EpochIterator:
         self._iter.set_state(state["iterator"])
 
 
+def epoch_order(indices: Sequence[int], *, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+    """The global training batches of one epoch as example indices: int64 ``[steps, batch]``.
+
+    The same order as :func:`train_epoch` (grain's seeded shuffle of ``indices``, then
+    ``drop_remainder``), computed without reading any example, so a dataset held in device
+    memory can be batched there by indexing.
+    """
+    indices = np.asarray(indices)
+    steps = len(indices) // batch_size
+    if batch_size <= 0 or steps == 0:
+        raise ValueError(f"{len(indices)} training examples do not fill one batch of {batch_size}.")
+    perm = _permutation(len(indices), seed, epoch)
+    return indices[perm[: steps * batch_size]].reshape(steps, batch_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """Grain's seeded shuffle of ``range(n)``, as read-only int64 ``[n]``.
+
+    Grain's index shuffle costs about 0.15 ms an element, so it is cached: every fold of the
+    same size shares the permutations of its seed.
+    """
+    ds = grain.MapDataset.range(n).shuffle(seed=_epoch_seed(seed, epoch))
+    perm = np.array([ds[i] for i in range(n)], np.int64)
+    perm.flags.writeable = False
+    return perm
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
 def train_epoch(
     source: Any,
     indices: Sequence[int],
@@ -169,8 +203,8 @@ def train_epoch(
     steps = len(indices) // batch_size
     if steps == 0:
         raise ValueError(f"{len(indices)} training examples do not fill one batch of {batch_size}.")
-    epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-    ds = grain.MapDataset.source(FeatureSource(source, indices)).shuffle(seed=epoch_seed)
+    ds = grain.MapDataset.source(FeatureSource(source, indices))
+    ds = ds.shuffle(seed=_epoch_seed(seed, epoch))
     ds = ds[: steps * batch_size]  # drop the remainder before splitting between processes
     ds = ds[process_index::process_count].batch(batch_size // process_count, drop_remainder=True)
     return EpochIterator(ds, epoch, steps)

@@ -23,26 +23,26 @@ def main(process_id: int, port: int, config_path: str, dataset: str, out: str) -
     from data import pipeline
     from gaam_jax import sharding
     from train import config as config_lib
-    from train.trainer import Trainer
+    from train import feeds
+    from train.steps import Steps, Sums
 
     assert jax.device_count() == 4 and jax.local_device_count() == 2
-    config = config_lib.load(config_path)
-    config.model.num_heads = 4
+    config = config_lib.load(config_path, ["model.num_heads=4"])
     source, info = pipeline.load_features(dataset)
     mesh = sharding.make_mesh({"data": -1, "model": 1})
-    trainer = Trainer(config, 2, info.features["features"].shape, mesh=mesh)
-    state = trainer.init_state(0)
-    step = trainer.train_step(0)
-    it = pipeline.train_epoch(
-        source, np.arange(64), batch_size=config.batch_size, seed=0, epoch=0,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    )  # fmt: skip
-    for _, batch in zip(range(3), it, strict=False):
-        state, _ = step(state, trainer.put_batch({k: batch[k] for k in ("x", "label")}))
-    params = multihost_utils.process_allgather(state.params, tiled=True)
+    steps = Steps(config, 2, info.features["features"].shape, mesh=mesh)
+    arrays = {}
+    # Both feeds: grain (each process reads its rows) and device-resident (replicated data).
+    for name, feed in (("grain", feeds.GrainFeed(steps, source, 2)),
+                       ("device", feeds.DeviceFeed(steps, source, 2))):  # fmt: skip
+        order = feed.order(np.arange(64), seed=0, epoch=0)
+        state, _ = feed.train(steps.init_state(0), Sums.zeros(), order, 0, 3)
+        params = multihost_utils.process_allgather(state.params, tiled=True)
+        arrays.update(
+            {f"{name}/" + "/".join(k): np.asarray(v) for k, v in _flatten(params).items()}
+        )
     if jax.process_index() == 0:
-        flat = {"/".join(k): np.asarray(v) for k, v in _flatten(params).items()}
-        np.savez(out, **flat)
+        np.savez(out, **arrays)
     jax.distributed.shutdown()
 
 

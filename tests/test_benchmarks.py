@@ -1,8 +1,11 @@
 """Smoke test: every benchmark section runs once on tiny sizes (no timing assertions)."""
 
+import pytest
+
 from benchmarks import run
 
 
+@pytest.mark.slow
 def test_benchmarks_run_quick(tmp_path, capsys):
     assert run.main(["--quick", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "results.md").read_text()

@@ -14,7 +14,7 @@ from train_helpers import tiny_config, toy_features
 
 from data import pipeline
 from train import config as config_lib
-from train.trainer import Trainer
+from train.steps import Steps
 
 HERE = pathlib.Path(__file__).parent
 
@@ -59,16 +59,16 @@ def test_two_processes_match_one(tmp_path):
         assert code == 0, p.stdout.read().decode()[-3000:]
 
     # One process, no mesh, the same global batches.
-    config = config_lib.load(cfg)
-    config.model.num_heads = 4
+    config = config_lib.load(cfg, ["model.num_heads=4"])
     source, _ = pipeline.load_features(dataset)
-    trainer = Trainer(config, 2, (8, 16))
-    state = trainer.init_state(0)
-    step = trainer.train_step(0)
-    it = pipeline.train_epoch(source, np.arange(64), batch_size=8, seed=0, epoch=0)
-    for _, batch in zip(range(3), it, strict=False):
-        state, _ = step(state, {k: batch[k] for k in ("x", "label")})
-    expected = {"/".join(k): np.asarray(v) for k, v in flatten_dict(state.params).items()}
+    steps = Steps(config, 2, (8, 16))
+    state = steps.init_state(0)
+    for rows in pipeline.epoch_order(np.arange(64), batch_size=8, seed=0, epoch=0)[:3]:
+        batch = {"x": np.stack([source[int(i)]["features"] for i in rows]),
+                 "label": np.array([source[int(i)]["label"] for i in rows], np.int32)}  # fmt: skip
+        state, _ = steps.train_step(state, batch)
+    flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(state.params).items()}
+    expected = {f"{feed}/{k}": v for feed in ("grain", "device") for k, v in flat.items()}
     got = dict(np.load(out))
     assert set(got) == set(expected)
     # float32 gradients all-reduced across processes in another order: ~1e-6 relative.

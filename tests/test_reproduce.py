@@ -10,9 +10,10 @@ from train_helpers import tiny_config, toy_features
 from train import reproduce
 
 
-def _experiment(tmp_path):
+def _experiment(tmp_path, holdout=False, sources=("gaam",)):
     data = toy_features(tmp_path / "toy")
     base = tiny_config(tmp_path / "base.py", data, num_epochs=1, checkpoint_every_steps=0)
+    held_out = toy_features(tmp_path / "toy_test", seed=1) if holdout else None
     path = tmp_path / "experiment.py"
     path.write_text(
         textwrap.dedent(
@@ -20,7 +21,7 @@ def _experiment(tmp_path):
             import importlib.util
 
             VARIANTS = {{"gaam": {{"front": "gaam"}}, "frozen": {{"front": "gaam"}}}}
-            ABLATION = dict(sources=("gaam",), num_layers=2, overrides=("model.num_heads=1",))
+            ABLATION = dict(sources={sources!r}, num_layers=2, overrides=("model.num_heads=1",))
 
             def get_config(variant="gaam"):
                 spec = importlib.util.spec_from_file_location("tiny_base", "{base}")
@@ -31,6 +32,9 @@ def _experiment(tmp_path):
                 c.model.layers = ()
                 c.optimizer.frozen = ("^attention/",) if variant == "frozen" else ()
                 c.seeds = (0, 1)
+                if {holdout!r}:
+                    c.cv.kind = "holdout"
+                    c.validation_paths = {{"toy": "{held_out}"}}
                 return c
             """
         )
@@ -54,7 +58,7 @@ def test_reproduce_writes_the_report_and_resumes(tmp_path):
     summary = json.loads((workdir / "summary.json").read_text())
     high, low = summary["ablation"]["layers"]["gaam"]["toy"].values()
     assert len(high) == len(low) == 2 and not set(high) & set(low)
-    result = workdir / "gaam" / "toy" / "toy" / "seed1_fold2" / "result.json"
+    result = workdir / "gaam" / "toy" / "toy" / "seed1_fold2" / "record.json"
     before = result.stat().st_mtime_ns
 
     # The reading survives regeneration; finished runs are not redone.
@@ -62,6 +66,16 @@ def test_reproduce_writes_the_report_and_resumes(tmp_path):
     assert reproduce.main(argv) == 0
     assert "GAAM is fine here." in docs.read_text()
     assert result.stat().st_mtime_ns == before
+
+
+def test_reproduce_reports_held_out_split_configs(tmp_path):
+    """CIFAR-100 and AG News validate on their test split: a column per seeded run."""
+    config = _experiment(tmp_path, holdout=True, sources=())
+    workdir, docs = tmp_path / "work", tmp_path / "docs" / "results.md"
+    argv = ["--config", str(config), "--workdir", str(workdir), "--docs", str(docs), "--jobs", "1"]
+    assert reproduce.main(argv) == 0
+    text = docs.read_text()
+    assert "| variant | R1 | R2 |" in text and "| `frozen` |" in text
 
 
 def reproduce_placeholder():

@@ -1,4 +1,4 @@
-"""Training: the loop, resume after a kill, corrupt checkpoints, errors, reports, export."""
+"""Training: steps, the device-busy loop, resume after a kill, checkpoint integrity, export."""
 
 import json
 import os
@@ -16,172 +16,304 @@ import pytest
 from train_helpers import tiny_config, toy_features
 
 from data import pipeline
-from train import __main__ as cli
 from train import config as config_lib
-from train import losses, plateau, report
+from train import cross_validation, feeds, loop, losses, plateau, report
 from train.checkpointing import Checkpoints
-from train.cross_validation import folds_for
 from train.inference import Predictor, load_exported
-from train.trainer import NonFiniteLossError, Trainer, train_run
+from train.steps import Steps, Sums
 
 ROOT = pathlib.Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("toy")
-    return toy_features(folder)
+    return toy_features(tmp_path_factory.mktemp("toy"))
 
 
-def _setup(toy, tmp_path, **overrides):
+_STEPS = {}
+
+
+def _setup(toy, tmp_path, on_device=True, **overrides):
+    """The toy config, its first fold and compiled steps (shared by tests whose model, optimiser,
+    loss and batch sizes agree: the loop's schedule is passed to train_run as ``config``)."""
     config = config_lib.load(tiny_config(tmp_path / "cfg.py", toy, **overrides))
-    source, info = pipeline.load_features(toy)
-    train_idx, val_idx = folds_for(config, source)[0]
-    trainer = Trainer(config, 2, info.features["features"].shape)
-    return config, source, info, trainer, train_idx, val_idx
+    split = cross_validation.open_split(config, "toy")
+    key = repr((config.model, config.optimizer, config.loss, config.batch_size))
+    if key not in _STEPS:
+        _STEPS[key] = Steps(config, split.num_classes, split.input_shape)
+    steps = _STEPS[key]
+    feed = (feeds.DeviceFeed if on_device else feeds.GrainFeed)(steps, split.source, 2)
+    tr, va = split.folds[0]
+    return config, split, steps, feed, tr, va
 
 
 def _leaves(state):
     return [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
+def _assert_same(a, b):
+    for x, y in zip(_leaves(a), _leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(step):
+    def hook(done):
+        if done >= step:
+            raise _Stop(done)
+
+    return loop.Hooks(after_fetch=hook)
+
+
 def test_training_learns_the_toy_task(toy, tmp_path):
-    config, source, _, trainer, tr, va = _setup(toy, tmp_path, num_epochs=6)
-    out = train_run(trainer, source, tr, va, tmp_path / "run", seed=0, progress=False)
-    history = out["history"]
-    assert len(history) == 6
-    assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
-    assert out["best_accuracy"] >= 0.9
+    config, _, steps, feed, tr, va = _setup(toy, tmp_path, num_epochs=6)
+    out = loop.train_run(steps, feed, tr, va, tmp_path / "run", config=config, seed=0)
+    assert len(out.history) == 6
+    assert out.history[-1]["train_loss"] < 0.8 * out.history[0]["train_loss"]
+    assert out.best_accuracy >= 0.9
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == list(range(1, 7))
-    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents*"))
+    assert out.best_eval["gate_total"].shape == (4, 16)  # the IF comes from the evaluation
 
 
-def test_resume_mid_epoch_is_bit_exact(toy, tmp_path):
-    config, source, _, trainer, tr, va = _setup(toy, tmp_path)
-    full = train_run(trainer, source, tr, va, tmp_path / "full", seed=0, progress=False)
-    with pytest.raises(KeyboardInterrupt):  # stop in epoch 3, after the checkpoint at step 12
-        train_run(
-            trainer, source, tr, va, tmp_path / "cut", seed=0, progress=False, stop_after_steps=13
+def test_device_feed_batches_like_grain(toy, tmp_path):
+    """Both feeds see the same batches; the losses agree to float32 rounding."""
+    config, _, steps, device, tr, va = _setup(toy, tmp_path, num_epochs=2)
+    *_, g_steps, grain_feed, _, _ = _setup(toy, tmp_path, on_device=False, num_epochs=2)
+    a = loop.train_run(steps, device, tr, va, tmp_path / "device", config=config, seed=3)
+    b = loop.train_run(g_steps, grain_feed, tr, va, tmp_path / "grain", config=config, seed=3)
+    for ra, rb in zip(a.history, b.history, strict=True):
+        assert ra["val_accuracy"] == rb["val_accuracy"]
+        np.testing.assert_allclose(ra["train_loss"], rb["train_loss"], rtol=1e-5)
+    chex.assert_trees_all_close(a.final_state.params, b.final_state.params, atol=1e-5)
+
+
+def test_epoch_order_equals_the_grain_epoch(toy):
+    source, _ = pipeline.load_features(toy)
+    idx = np.arange(3, 77)
+    it = pipeline.train_epoch(source, idx, batch_size=8, seed=5, epoch=2)
+    ids = np.stack([b["id"] for b in it])
+    order = pipeline.epoch_order(idx, batch_size=8, seed=5, epoch=2)
+    np.testing.assert_array_equal(ids, [[int(source[int(i)]["id"]) for i in row] for row in order])
+
+
+def test_fetch_interval_does_not_change_the_result(toy, tmp_path):
+    """Mid-epoch fetch points split the jitted stretches; the arithmetic must not change."""
+    config, _, steps, feed, tr, va = _setup(toy, tmp_path, num_epochs=2, checkpoint_every_steps=0)
+    a = loop.train_run(steps, feed, tr, va, tmp_path / "a", config=config, seed=0)
+    config, _, steps, feed, tr, va = _setup(toy, tmp_path, num_epochs=2, checkpoint_every_steps=2)
+    b = loop.train_run(steps, feed, tr, va, tmp_path / "b", config=config, seed=0)
+    _assert_same(a.final_state, b.final_state)
+    assert a.history == b.history
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_resume_mid_epoch_is_bit_exact(toy, tmp_path, on_device):
+    config, _, steps, feed, tr, va = _setup(toy, tmp_path, on_device=on_device)
+    full = loop.train_run(steps, feed, tr, va, tmp_path / "full", config=config, seed=0)
+    with pytest.raises(_Stop):  # in epoch 3, right after the mid-epoch checkpoint at step 12
+        loop.train_run(
+            steps, feed, tr, va, tmp_path / "cut", config=config, seed=0, hooks=_stop_after(12)
         )
-    resumed = train_run(trainer, source, tr, va, tmp_path / "cut", seed=0, progress=False)
-    for a, b in zip(_leaves(full["final_state"]), _leaves(resumed["final_state"]), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert full["history"] == resumed["history"]
+    resumed = loop.train_run(steps, feed, tr, va, tmp_path / "cut", config=config, seed=0)
+    _assert_same(full.final_state, resumed.final_state)
+    _assert_same(full.best_state, resumed.best_state)
+    assert full.history == resumed.history
 
 
-def _train_cli(config_path, workdir):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "train", "--config", str(config_path), "--workdir", str(workdir)]
-    return subprocess.Popen(
-        cmd + ["--no-progress"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+def test_every_changed_file_of_the_latest_checkpoint_is_caught(toy, tmp_path, capsys):
+    """A same-size byte flip anywhere in the newest checkpoint: skipped, and the resumed run
+    equals the uninterrupted one."""
+    config, _, steps, feed, tr, va = _setup(toy, tmp_path, num_epochs=3, checkpoint_every_steps=0)
+    full = loop.train_run(steps, feed, tr, va, tmp_path / "full", config=config, seed=0)
+    with pytest.raises(_Stop):
+        loop.train_run(
+            steps, feed, tr, va, tmp_path / "cut", config=config, seed=0, hooks=_stop_after(10)
+        )
+    latest = tmp_path / "cut" / "checkpoints" / "latest" / "10"
+    files = sorted(p for p in latest.rglob("*") if p.is_file())
+    assert len(files) >= 4
+    pristine = {f: f.read_bytes() for f in files}
+    for f in files:
+        data = bytearray(pristine[f])
+        lo = len(data) // 2
+        for i in range(lo, min(len(data), lo + 2000)):
+            data[i] ^= 0xFF
+        f.write_bytes(bytes(data))
+        assert len(f.read_bytes()) == len(pristine[f])
+        ckpt = Checkpoints(tmp_path / "cut" / "checkpoints", asynchronous=False)
+        with pytest.raises(Exception, match="checksum mismatch"):
+            ckpt.verify("latest", 10)
+        ckpt.close()
+        f.write_bytes(pristine[f])
+    # Corrupt the largest file for real and resume: checkpoint 5 is used, the replay is exact.
+    largest = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(pristine[largest])
+    data[len(data) // 2] ^= 0x01
+    largest.write_bytes(bytes(data))
+    resumed = loop.train_run(steps, feed, tr, va, tmp_path / "cut", config=config, seed=0)
+    assert "skipping checkpoint" in capsys.readouterr().out
+    _assert_same(full.final_state, resumed.final_state)
+    assert full.history == resumed.history
 
 
-def _final_params(workdir, config, info):
-    predictor = Predictor.from_run(workdir / "toy" / "seed0_fold2", config, info)
-    ckpt = Checkpoints(workdir / "toy" / "seed0_fold2" / "checkpoints")
-    trainer = Trainer(config, 2, info.features["features"].shape)
-    state, meta = ckpt.restore_latest(trainer.init_state(0))
+def test_best_is_kept_until_its_successor_is_committed(toy, tmp_path):
+    config, _, steps, feed, tr, va = _setup(toy, tmp_path, num_epochs=4, checkpoint_every_steps=0)
+    loop.train_run(steps, feed, tr, va, tmp_path / "run", config=config, seed=0)
+    ckpt = Checkpoints(tmp_path / "run" / "checkpoints", asynchronous=False)
+    best = ckpt.verified_steps("best")
+    assert best and set(best) <= set(ckpt.steps("best"))
+    # Every kept periodic checkpoint's best is on disk and verifies.
+    for step in ckpt.verified_steps("latest"):
+        meta = json.loads((ckpt.directory / "latest" / str(step) / "meta" / "metadata").read_text())
+        ckpt.verify("best", meta["best"]["step"])
     ckpt.close()
-    return state, meta, predictor
 
 
-@pytest.mark.slow
-def test_sigkill_and_restart_gives_the_same_result(toy, tmp_path):
-    cfg = tiny_config(tmp_path / "cfg.py", toy, num_epochs=6)
-    config = config_lib.load(cfg)
-    _, info = pipeline.load_features(toy)
-    reference = _train_cli(cfg, tmp_path / "ref")
-    assert reference.wait(timeout=300) == 0, reference.stdout.read().decode()
-
-    victim = _train_cli(cfg, tmp_path / "cut")
-    # Kill it while it is training the second fold, at an arbitrary moment after a checkpoint.
-    deadline = time.time() + 240
-    fold2 = tmp_path / "cut" / "toy" / "seed0_fold2" / "checkpoints" / "latest"
-    while time.time() < deadline and not (fold2.exists() and any(fold2.iterdir())):
-        time.sleep(0.05)
-    time.sleep(0.3)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert not (tmp_path / "cut" / "results.json").exists(), "the run finished before the kill"
-
-    again = _train_cli(cfg, tmp_path / "cut")
-    assert again.wait(timeout=300) == 0, again.stdout.read().decode()
-    ref_state, ref_meta, _ = _final_params(tmp_path / "ref", config, info)
-    cut_state, cut_meta, _ = _final_params(tmp_path / "cut", config, info)
-    for a, b in zip(_leaves(ref_state), _leaves(cut_state), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert ref_meta["history"] == cut_meta["history"]
-    ref_results = json.loads((tmp_path / "ref" / "results.json").read_text())
-    assert ref_results == json.loads((tmp_path / "cut" / "results.json").read_text())
-
-
-def test_corrupt_latest_checkpoint_is_skipped(toy, tmp_path, capsys):
-    config, source, _, trainer, tr, va = _setup(
-        toy, tmp_path, num_epochs=2, checkpoint_every_steps=0
-    )
-    train_run(trainer, source, tr, va, tmp_path / "run", seed=0, progress=False)
-    latest = tmp_path / "run" / "checkpoints" / "latest"
-    steps = sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit())
-    assert len(steps) == 2
-    for f in (latest / str(steps[-1]) / "state").rglob("*"):
-        if f.is_file():
-            f.write_bytes(b"garbage")
-    ckpt = Checkpoints(tmp_path / "run" / "checkpoints")
-    state, meta = ckpt.restore_latest(trainer.init_state(0))
-    ckpt.close()
-    assert meta["epoch"] == 1 and int(state.step) == steps[0]
-    assert "skipping unreadable checkpoint" in capsys.readouterr().out
-
-
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(toy, tmp_path):
-    config, source, _, trainer, tr, va = _setup(
+def test_non_finite_loss_stops_and_rolls_back(toy, tmp_path, monkeypatch):
+    config, split, steps, feed, tr, va = _setup(
         toy, tmp_path, num_epochs=1, checkpoint_every_steps=0
     )
-    train_run(trainer, source, tr, va, tmp_path / "run", seed=0, progress=False)
+    loop.train_run(steps, feed, tr, va, tmp_path / "run", config=config, seed=0)
     config.num_epochs = 3
-    broken = Trainer(config, 2, trainer.input_shape)
-    broken.loss_fn = lambda logits, labels: jnp.full(logits.shape[:1], jnp.nan)
-    broken._train_steps.clear()
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 6 \(epoch 2\)"):
-        train_run(broken, source, tr, va, tmp_path / "run", seed=0, progress=False)
-    ckpt = Checkpoints(tmp_path / "run" / "checkpoints")
-    state, meta = ckpt.restore_latest(trainer.init_state(0))
+    # Resume with a loss that is NaN from the first new step (6) on.
+    monkeypatch.setattr(losses, "get", lambda name: lambda lg, lb: jnp.full(lg.shape[:1], jnp.nan))
+    broken = Steps(config, 2, split.input_shape)
+    feed.steps = broken
+    with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss at step 6 .*step 5"):
+        loop.train_run(broken, feed, tr, va, tmp_path / "run", seed=0)
+    ckpt = Checkpoints(tmp_path / "run" / "checkpoints", asynchronous=False)
+    assert ckpt.verified_steps("latest") == [5]
+    state, meta, _ = ckpt.restore(broken.init_state(0))
     ckpt.close()
     assert meta["epoch"] == 1 and int(state.step) == 5
     chex.assert_tree_all_finite(state.params)
 
 
-def test_cli_errors_name_the_cause(toy, tmp_path, capsys):
-    cfg = tiny_config(tmp_path / "cfg.py", toy)
-    assert (
-        cli.main(["--config", str(cfg), "--workdir", str(tmp_path), "--config.optimizer.lr=1"]) == 2
+def test_labels_are_checked_through_the_api(toy, tmp_path):
+    config, split, steps, *_ = _setup(toy, tmp_path)
+    with pytest.raises(ValueError, match=r"label 1, outside \[0, 1\)"):
+        feeds.DeviceFeed(steps, split.source, 1)
+    bad = [dict(split.source[i]) for i in range(len(split.source))]
+    bad[7]["label"] = -1
+    with pytest.raises(ValueError, match=r"example id \d+ has label -1"):
+        feeds.DeviceFeed(steps, bad, 2)
+    grain_feed = feeds.GrainFeed(steps, bad, 2)
+    with pytest.raises(ValueError, match="has label -1"):
+        grain_feed.train(steps.init_state(0), Sums.zeros(), np.full((1, 8), 7), 0, 1)
+
+
+def _train_cli(config_path, workdir, *extra):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "train", "--config", str(config_path), "--workdir", str(workdir)]
+    return subprocess.Popen(
+        [*cmd, "--no-progress", *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def _final(workdir, steps):
+    ckpt = Checkpoints(workdir / "toy" / "seed0_fold2" / "checkpoints", asynchronous=False)
+    state, meta, _ = ckpt.restore(steps.init_state(0))
+    ckpt.close()
+    return state, meta
+
+
+_KILL_DURING_SAVE = """
+import os, sys
+import orbax.checkpoint as ocp
+from train import checkpointing, __main__ as cli
+original = checkpointing.Checkpoints._write
+calls = []
+def write(self, kind, step, state, meta):
+    calls.append(kind)
+    # The n-th periodic save: orbax finalises it, then the process dies before the checksum.
+    if calls.count("latest") == {n} and kind == "latest":
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self.managers[kind].save(step, args=args, force=True)
+        self.managers[kind].wait_until_finished()
+        os._exit(9)
+    return original(self, kind, step, state, meta)
+checkpointing.Checkpoints._write = write
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_killed_runs_restart_to_the_same_result(toy, tmp_path):
+    """SIGKILL at an arbitrary moment, and a death on the save thread after orbax finalised a
+    checkpoint but before its checksum was committed: each rerun of the same command ends
+    bit-identical to an uninterrupted run."""
+    cfg = tiny_config(tmp_path / "cfg.py", toy, num_epochs=4)
+    steps = Steps(config_lib.load(cfg), 2, (4, 16))
+    reference = _train_cli(cfg, tmp_path / "ref")
+    assert reference.wait(timeout=300) == 0, reference.stdout.read().decode()
+    ref_state, ref_meta = _final(tmp_path / "ref", steps)
+    ref_results = json.loads((tmp_path / "ref" / "results.json").read_text())
+
+    victim = _train_cli(cfg, tmp_path / "cut")
+    # Kill it while it trains the second fold, at an arbitrary moment after a checkpoint.
+    deadline = time.time() + 240
+    fold2 = tmp_path / "cut" / "toy" / "seed0_fold2" / "checkpoints" / "latest"
+    while time.time() < deadline and not (fold2.exists() and any(fold2.iterdir())):
+        time.sleep(0.02)
+    time.sleep(0.1)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "cut" / "results.json").exists(), "the run finished before the kill"
+
+    script = tmp_path / "kill.py"
+    script.write_text(_KILL_DURING_SAVE.replace("{n}", "4"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    args = ["--config", str(cfg), "--no-progress", "--workdir", str(tmp_path / "save")]
+    died = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=env,
+                          capture_output=True)  # fmt: skip
+    assert died.returncode == 9, died.stderr.decode()[-2000:]
+
+    for name, message in (("cut", None), ("save", "no committed checksum")):
+        again = _train_cli(cfg, tmp_path / name)
+        out = again.communicate(timeout=300)[0].decode()
+        assert again.returncode == 0, out
+        assert message is None or message in out
+        state, meta = _final(tmp_path / name, steps)
+        _assert_same(ref_state, state)
+        assert ref_meta["history"] == meta["history"]
+        assert ref_results == json.loads((tmp_path / name / "results.json").read_text())
+
+
+def test_predictor_reads_the_recorded_config_and_exports(toy, tmp_path):
+    cfg = tiny_config(tmp_path / "cfg.py", toy, num_epochs=1)
+    config = config_lib.load(cfg)
+    from train import validate
+
+    splits = validate.prepare(config, tmp_path / "w")
+    cross_validation.run(config, tmp_path / "w", splits=splits, progress=False)
+    run_dir = tmp_path / "w" / "toy" / "seed0_fold1"
+    predictor = Predictor.from_run(run_dir)
+    source = splits[0].source
+    x = np.stack([source[i]["features"] for i in range(12)])
+    path = predictor.export(tmp_path / "model.jaxexport")
+    chex.assert_trees_all_close(load_exported(path)(x), predictor.logits(x), atol=1e-6)
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import sys, jax, numpy as np\n"
+        f"e = jax.export.deserialize(bytearray(open({str(path)!r}, 'rb').read()))\n"
+        f"out = np.asarray(e.call(np.load({str(tmp_path / 'x.npy')!r})))\n"
+        "assert not any(m.startswith(('gaam_jax', 'train', 'flax')) for m in sys.modules)\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, out)\n"
     )
-    err = capsys.readouterr().err
-    assert "unknown config key 'optimizer.lr'" in err and "optimizer.learning_rate" in err
-    assert (
-        cli.main(["--config", str(cfg), "--workdir", str(tmp_path), "--config.batch_size=x"]) == 2
-    )
-    assert "cannot parse 'x' as int" in capsys.readouterr().err
-    missing = tiny_config(tmp_path / "missing.py", tmp_path / "nowhere")
-    assert cli.main(["--config", str(missing), "--workdir", str(tmp_path / "w")]) == 2
-    assert "python -m data.extract" in capsys.readouterr().err
-    (tmp_path / "broken.py").write_text("def get_config():\n    return {}\n")
-    assert cli.main(["--config", str(tmp_path / "broken.py"), "--workdir", str(tmp_path)]) == 2
-    assert "lacks the keys" in capsys.readouterr().err
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), predictor.logits(x), atol=1e-6)
+    assert predictor.predict(x).shape == (12,)
+    with pytest.raises(FileNotFoundError, match="records no run"):
+        Predictor.from_run(tmp_path / "w")
 
 
-def test_overrides_are_typed(toy, tmp_path):
-    config = config_lib.load(tiny_config(tmp_path / "cfg.py", toy))
-    config_lib.apply_overrides(
-        config, ["optimizer.learning_rate=1e-3", "seeds=(1, 2)", "model.front=mha"]
-    )
-    assert config.optimizer.learning_rate == 1e-3 and config.seeds == (1, 2)
-    assert config.model.front == "mha"
-
-
-def test_report_table_uses_population_std():
+def test_report_table():
     # The paper's IEMOCAP DAAMv1 folds give 67.36 +- 1.49 (population std).
     mean, std = report.mean_std([67.2, 64.6, 68.1, 67.9, 69.0])
     assert (round(mean, 2), round(std, 2)) == (67.36, 1.49)
@@ -208,73 +340,26 @@ def test_focal_loss_and_plateau():
     assert state["best"] == 0.7 and state["bad_epochs"] == 0
 
 
-def test_export_round_trip_without_model_code(toy, tmp_path):
-    config, source, info, trainer, tr, va = _setup(toy, tmp_path, num_epochs=1)
-    train_run(trainer, source, tr, va, tmp_path / "run", seed=0, progress=False)
-    predictor = Predictor.from_run(tmp_path / "run", config, info)
-    x = np.stack([source[i]["features"] for i in range(12)])
-    path = predictor.export(tmp_path / "model.jaxexport")
-    chex.assert_trees_all_close(load_exported(path)(x), predictor.logits(x), atol=1e-6)
-    np.save(tmp_path / "x.npy", x)
-    code = (
-        "import sys, jax, numpy as np\n"
-        f"e = jax.export.deserialize(bytearray(open({str(path)!r}, 'rb').read()))\n"
-        f"out = np.asarray(e.call(np.load({str(tmp_path / 'x.npy')!r})))\n"
-        "assert not any(m.startswith(('gaam_jax', 'train', 'flax')) for m in sys.modules)\n"
-        f"np.save({str(tmp_path / 'y.npy')!r}, out)\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), predictor.logits(x), atol=1e-6)
-    assert predictor.predict(x).shape == (12,)
-
-
-def test_training_loss_falls_on_real_minilm_features(tfds_dir, tmp_path):
-    from data import extract
-
-    path = extract.extract(
-        "pang_lee_polarity", tfds_dir, encoder=extract.TextEncoder(max_length=64), progress=False,
-        shards_dir=tmp_path / "shards",
-    )  # fmt: skip
-    config = config_lib.load(tiny_config(tmp_path / "cfg.py", path, num_epochs=5, k=5))
-    config.model.num_heads = 2  # 6 MiniLM layers: 2 heads of 3
-    source, info = pipeline.load_features(path)
-    train_idx, val_idx = folds_for(config, source)[0]
-    trainer = Trainer(config, 2, info.features["features"].shape)
-    out = train_run(trainer, source, train_idx, val_idx, tmp_path / "run", seed=0, progress=False)
-    losses_by_epoch = [r["train_loss"] for r in out["history"]]
-    assert losses_by_epoch[-1] < 0.9 * losses_by_epoch[0], losses_by_epoch
-    assert out["best_accuracy"] > 0.6  # above chance (0.5) on held-out sentences
-
-
 def test_frozen_parameters_are_never_updated(toy, tmp_path):
-    config = config_lib.load(tiny_config(tmp_path / "cfg.py", toy, num_epochs=2))
-    config.optimizer.frozen = ("^attention/",)  # the frozen-GAAM baseline
-    source, info = pipeline.load_features(toy)
-    tr, va = folds_for(config, source)[0]
-    trainer = Trainer(config, 2, info.features["features"].shape)
-    first = trainer.init_state(0)
-    out = train_run(trainer, source, tr, va, tmp_path / "run", seed=0, progress=False)
-    params = out["final_state"].params
+    config = config_lib.load(tiny_config(tmp_path / "cfg.py", toy, num_epochs=2),
+                             ["optimizer.frozen=('^attention/',)"])  # fmt: skip
+    split = cross_validation.open_split(config, "toy")
+    steps = Steps(config, 2, split.input_shape)
+    first = steps.init_state(0)
+    first_conv = np.asarray(first.params["conv1"]["kernel"])
+    feed = feeds.DeviceFeed(steps, split.source, 2)
+    out = loop.train_run(steps, feed, *split.folds[0], tmp_path / "run", seed=0)
+    params = out.final_state.params
     np.testing.assert_array_equal(params["attention"]["delta"], 0.0)
     np.testing.assert_array_equal(params["attention"]["xi"], 2.0)
-    assert not np.array_equal(params["conv1"]["kernel"], first.params["conv1"]["kernel"])
-    config.optimizer.frozen = ("^nothing/",)
-    with pytest.raises(ValueError, match="matches no parameter.*attention/delta"):
-        Trainer(config, 2, info.features["features"].shape).init_state(0)
+    assert not np.array_equal(params["conv1"]["kernel"], first_conv)
 
 
-def test_config_argument_selects_a_variant():
-    assert config_lib.load("configs/reproduce.py:frozen").optimizer.frozen == ("^attention/",)
-    assert config_lib.load("configs/reproduce.py").model.front == "gaam"
-    with pytest.raises(ValueError, match="variant must be one of"):
-        config_lib.load("configs/reproduce.py:nope")
-    with pytest.raises(ValueError, match="does not take 'x'"):
-        config_lib.load("configs/default.py:x")
-
-
-def test_concat_source_indexes_its_parts():
-    both = pipeline.ConcatSource([[10, 11, 12], [20, 21]])
-    assert len(both) == 5 and [both[i] for i in range(5)] == [10, 11, 12, 20, 21]
-    np.testing.assert_array_equal(both.indices(1), [3, 4])
-    with pytest.raises(IndexError):
-        both[5]
+def test_one_compile_serves_every_seed(toy, tmp_path):
+    config, _, steps, feed, tr, va = _setup(toy, tmp_path, num_epochs=1)
+    loop.train_run(steps, feed, tr, va, tmp_path / "a", config=config, seed=0)
+    before = steps.train_steps._cache_size()
+    loop.train_run(steps, feed, tr, va, tmp_path / "b", config=config, seed=1)
+    assert steps.train_steps._cache_size() == before
+    a, b = steps.init_state(0), steps.init_state(1)
+    assert not np.array_equal(a.params["conv1"]["kernel"], b.params["conv1"]["kernel"])

@@ -64,7 +64,7 @@ def tiny_config(path: pathlib.Path, dataset: pathlib.Path, **overrides) -> pathl
     """Writes a config file for a tiny, fast run on ``dataset``."""
     values = dict(
         num_epochs=4, batch_size=8, checkpoint_every_epochs=1, checkpoint_every_steps=3,
-        learning_rate=3e-3, k=2, front="gaam", loss="cross_entropy",
+        learning_rate=3e-3, k=2, front="gaam", loss="cross_entropy", data_on_device="auto",
     )  # fmt: skip
     values.update(overrides)
     path.write_text(
@@ -81,7 +81,7 @@ def tiny_config(path: pathlib.Path, dataset: pathlib.Path, **overrides) -> pathl
                     variance="shifted", dtype="float32"))
                 c.optimizer = ml_collections.ConfigDict(dict(
                     learning_rate={values["learning_rate"]}, weight_decay=0.01, grad_clip=1000.0,
-                    plateau_factor=0.1, plateau_patience=1))
+                    plateau_factor=0.1, plateau_patience=1, frozen=()))
                 c.loss = "{values["loss"]}"
                 c.batch_size = {values["batch_size"]}
                 c.eval_batch_size = 16
@@ -91,7 +91,9 @@ def tiny_config(path: pathlib.Path, dataset: pathlib.Path, **overrides) -> pathl
                 c.seeds = (0,)
                 c.checkpoint_every_epochs = {values["checkpoint_every_epochs"]}
                 c.checkpoint_every_steps = {values["checkpoint_every_steps"]}
+                c.log_every_steps = 0
                 c.max_to_keep = 2
+                c.data_on_device = {values["data_on_device"]!r}
                 return c
             """
         )

@@ -1,12 +1,16 @@
 """``python -m train --config configs/<name>.py --workdir DIR [--config.<key>=<value> ...]``.
 
-Runs every fold and seed of the config, resuming whatever a previous invocation left unfinished,
-and prints the cross-validated results table.
+Runs every fold and seed of the config, resuming whatever a previous invocation of the same
+command left unfinished, and prints the cross-validated results table. The config is validated
+against the data, and the workdir against the config it records, before any work: a user error
+prints ``error: <cause and fix>`` in one line and exits with status 2 (``--debug`` shows the
+traceback instead).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from collections.abc import Sequence
@@ -14,35 +18,70 @@ from collections.abc import Sequence
 from train import config as config_lib
 
 
+def _disk_full(err: BaseException) -> bool:
+    """Whether ``err`` or anything in its chain says the disk is full."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err) or "RESOURCE_EXHAUSTED" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def user_error(err: BaseException, workdir: str) -> str | None:
+    """The one-line message for an error the user can fix, or None for a bug."""
+    from train.loop import NonFiniteLossError
+
+    if isinstance(err, config_lib.ConfigError | NonFiniteLossError):
+        return str(err)
+    if _disk_full(err):
+        return (
+            f"the disk holding {workdir} is full; free space and rerun the same command "
+            "(it resumes from the last checkpoint)."
+        )
+    if isinstance(err, PermissionError):
+        return f"permission denied: {err.filename or err}; choose a --workdir you can write."
+    if isinstance(err, FileNotFoundError | NotADirectoryError | IsADirectoryError):
+        return config_lib.one_line(err)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="configs/<name>.py")
+    parser.add_argument("--config", required=True, help="configs/<name>.py[:variant]")
     parser.add_argument("--workdir", required=True, help="folder for checkpoints and results")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="tracebacks instead of one line")
     parser.add_argument(
         "--distributed",
         action="store_true",
         help="call jax.distributed.initialize() first (multi-host: TPU pods, SLURM, ...)",
     )
-    args, overrides = config_lib.parse_args_with_overrides(parser, argv)
-    try:
-        config = config_lib.load(args.config)
-        config_lib.apply_overrides(config, overrides)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.distributed:
-        import jax
-
-        jax.distributed.initialize()
-    from train import cross_validation
-
+    args, rest = parser.parse_known_args(argv)
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(f"unrecognised argument {item!r} (overrides look like --config.key=value)")
+    overrides = [item.removeprefix("--config.") for item in rest]
     start = time.perf_counter()
     try:
-        cross_validation.run(config, args.workdir, progress=not args.no_progress)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
+        config = config_lib.load(args.config, overrides)
+        if args.distributed:
+            import jax
+
+            jax.distributed.initialize()
+        from train import cross_validation, validate
+
+        splits = validate.prepare(config, args.workdir)
+        cross_validation.run(config, args.workdir, splits=splits, progress=not args.no_progress)
+    except Exception as err:  # noqa: BLE001 - sorted into user errors and bugs below
+        message = None if args.debug else user_error(err, args.workdir)
+        if message is None:
+            raise
+        print(f"error: {config_lib.one_line(message)}", file=sys.stderr)
         return 2
     print(f"wall time: {time.perf_counter() - start:.0f} s")
     return 0

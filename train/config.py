@@ -1,62 +1,59 @@
-"""Experiment configs: `configs/*.py` files with a `get_config()`, and command-line overrides."""
+"""Experiment configs: ``configs/*.py`` files with a ``get_config()``, and ``--config.*`` overrides.
+
+Loading and overriding go through ``ml_collections.config_flags``, as in flax's examples and
+big_vision: ``path.py:arg`` passes ``arg`` to ``get_config``, and ``--config.a.b=value`` sets
+a key, typed like its current value. Every failure becomes a :class:`ConfigError` with a
+one-line message (an unknown key names its nearest valid key and lists the valid ones).
+"""
 
 from __future__ import annotations
 
-import argparse
-import ast
+import difflib
 import importlib.util
 import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 REQUIRED = ("dataset_paths", "model", "optimizer", "cv", "batch_size", "num_epochs", "seeds")
 
 
-def split_arg(path: str | pathlib.Path) -> tuple[pathlib.Path, str | None]:
+class ConfigError(ValueError):
+    """A config that cannot be loaded or used; the message is one line naming cause and fix."""
+
+
+def one_line(text: object) -> str:
+    """``text`` with its whitespace (newlines included) collapsed."""
+    return " ".join(str(text).split())
+
+
+def split_arg(spec: str | pathlib.Path) -> tuple[pathlib.Path, str | None]:
     """``'configs/x.py:arg'`` -> ``(Path('configs/x.py'), 'arg')``; no argument gives None."""
-    text = str(path)
+    text = str(spec)
     arg = None
     if not text.endswith(".py") and ":" in text:
         text, arg = text.rsplit(":", 1)
     return pathlib.Path(text), arg
 
 
-def load_module(path: str | pathlib.Path) -> Any:
-    """Imports a config file (any ``:arg`` suffix is ignored) and returns the module."""
-    path, _ = split_arg(path)
-    if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist.")
-    spec = importlib.util.spec_from_file_location(f"_gaam_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"{path} defines no get_config().")
-    return module
+def load_module(spec: str | pathlib.Path) -> Any:
+    """Imports a config file (any ``:arg`` suffix is ignored) for its module-level names.
 
-
-def load(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """Imports a config file and returns its ``get_config()``.
-
-    ``path`` may end in ``:<arg>`` (``configs/paper/iemocap.py:daamv1``) to pick a variant:
-    the file's ``get_config(arg)`` receives the string, as with ml_collections' config flags.
+    :mod:`train.reproduce` configs define ``VARIANTS`` and ``ABLATION`` there.
 
     Raises:
-      FileNotFoundError: the file does not exist.
-      ValueError: the file has no ``get_config``, rejects the argument, or the config lacks a
-        required key.
+      ConfigError: the file does not exist.
     """
-    module = load_module(path)
-    file, arg = split_arg(path)
-    try:
-        config = module.get_config() if arg is None else module.get_config(arg)
-    except TypeError as err:
-        raise ValueError(f"{file}: get_config() does not take {arg!r} ({err}).") from err
-    missing = [k for k in REQUIRED if k not in config]
-    if missing:
-        raise ValueError(f"{file}: the config lacks the keys {missing}.")
-    return config
+    path, _ = split_arg(spec)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist.")
+    module_spec = importlib.util.spec_from_file_location(f"_gaam_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -71,60 +68,60 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     return sorted(keys)
 
 
-def _parse_value(text: str, old: object) -> object:
-    if isinstance(old, str) or old is None:
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            return text
-        return text if isinstance(old, str) and not isinstance(value, str) else value
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError) as err:
-        raise ValueError(f"cannot parse {text!r} as {type(old).__name__}.") from err
-    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(old, tuple) and isinstance(value, list):
-        value = tuple(value)
-    if type(value) is not type(old):
-        raise ValueError(f"expected {type(old).__name__}, got {text!r}.")
-    return value
+def _parse(spec: str, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    argv = ["train", f"--config={spec}", *(f"--config.{o}" for o in overrides)]
+    values = flags.FlagValues()
+    # sys_argv: the nested --config.* flags are declared from this list, not from sys.argv.
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
+                                    lock_config=True, sys_argv=argv)  # fmt: skip
+    values(argv)
+    return values.config
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
-    """Applies ``key=value`` overrides (keys dotted, values Python literals) in place.
+def load(spec: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Imports a config file, calls its ``get_config([arg])`` and applies overrides.
+
+    Args:
+      spec: ``path.py`` or ``path.py:arg`` (``configs/paper/iemocap.py:daamv1``).
+      overrides: ``key=value`` items (dotted keys, values as on the command line).
 
     Raises:
-      ValueError: for an unknown key (the message lists the valid ones) or a value of the
-        wrong type.
+      ConfigError: the file is missing or broken, ``get_config`` rejects the argument or does
+        not return a ``ConfigDict``, a required key is missing, or an override names an unknown
+        key or a value of the wrong type.
     """
-    valid = flat_keys(config)
+    file, arg = split_arg(spec)
+    if not file.exists():
+        raise ConfigError(f"config file {file} does not exist.")
     for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} must look like key=value.")
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like --config.key=value.")
+    try:
+        base = _parse(str(spec), ())
+    except Exception as err:  # noqa: BLE001 - the user's file: any failure is a config error
+        # config_flags wraps get_config's exception in a traceback text: keep its last line.
+        cause = str(err).strip().splitlines()[-1].strip()
+        if arg is not None and ("get_config()" in cause or "variant" in cause):
+            raise ConfigError(f"{file}: get_config({arg!r}) failed: {cause}") from err
+        raise ConfigError(f"{file}: {cause}") from err
+    if not isinstance(base, ml_collections.ConfigDict):
+        raise ConfigError(
+            f"{file}: get_config() returned a {type(base).__name__}; return an "
+            "ml_collections.ConfigDict."
+        )
+    missing = [k for k in REQUIRED if k not in base]
+    if missing:
+        raise ConfigError(f"{file}: the config lacks the keys {missing}.")
+    valid = flat_keys(base)
+    for item in overrides:
+        key = item.split("=", 1)[0]
         if key not in valid:
-            raise ValueError(f"unknown config key {key!r}. Valid keys: {', '.join(valid)}.")
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        try:
-            node[leaf] = _parse_value(text, node[leaf])
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"config key {key!r}: {err}") from err
-
-
-def parse_args_with_overrides(
-    parser: argparse.ArgumentParser, argv: Sequence[str] | None
-) -> tuple[argparse.Namespace, list[str]]:
-    """Parses ``argv``; every argument the parser does not know must be ``--config.key=value``.
-
-    Returns:
-      The parsed arguments and the overrides without their ``--config.`` prefix.
-    """
-    args, rest = parser.parse_known_args(argv)
-    for item in rest:
-        if not item.startswith("--config."):
-            parser.error(f"unrecognised argument {item!r} (overrides look like --config.key=value)")
-    return args, [item.removeprefix("--config.") for item in rest]
+            near = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}. Valid keys: {', '.join(valid)}.")
+    if not overrides:
+        return base
+    try:
+        return _parse(str(spec), overrides)
+    except Exception as err:  # noqa: BLE001 - a value absl or ml_collections refused
+        raise ConfigError(f"config override: {one_line(err)}") from err

@@ -1,9 +1,12 @@
-"""Runs every fold and seed of a config and reports them in the paper's format."""
+"""Every dataset x seed x fold of a config: folds, runs, records and the paper-style tables."""
 
 from __future__ import annotations
 
-import json
+import concurrent.futures
+import dataclasses
+import functools
 import pathlib
+import sys
 from typing import Any
 
 import jax
@@ -12,49 +15,86 @@ import numpy as np
 
 from data import pipeline
 from gaam_jax import importance, sharding
-from train import report
-from train.trainer import Trainer, train_run, write_atomic
+from train import loop, report
+from train.feeds import make_feed
+from train.runs import CONFIG, RunRecord, plain, run_folder, write_atomic, write_json_atomic
+from train.steps import Steps
 
 CV_KINDS = ("stratified_kfold", "leave_one_group_out", "holdout")
 
 
-def folds_for(
-    config: ml_collections.ConfigDict, source: Any
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The cross-validation folds of one ``source`` that ``config.cv`` asks for."""
-    labels = np.array([int(source[i]["label"]) for i in range(len(source))])
-    if config.cv.kind == "stratified_kfold":
-        return pipeline.stratified_kfold(labels, config.cv.k, config.cv.seed)
-    if config.cv.kind == "leave_one_group_out":
-        groups = np.array([int(source[i]["group"]) for i in range(len(source))])
-        return pipeline.leave_one_group_out(groups)
-    raise ValueError(f"cv.kind must be one of {CV_KINDS}, got {config.cv.kind!r}.")
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One dataset of a config, opened: its source, shape and ``(train, validation)`` pairs.
+
+    Attributes:
+      name: the dataset's name in the config.
+      source: random-access records (the training and held-out splits concatenated for
+        ``holdout``).
+      info: the tfds ``DatasetInfo`` of the training features.
+      folds: ``(train_indices, validation_indices)`` pairs.
+      num_classes: classes of the label feature.
+      input_shape: ``(N, d)`` of one example.
+      labels: every example's label, when they were read (k-fold) or None.
+    """
+
+    name: str
+    source: Any
+    info: Any
+    folds: list[tuple[np.ndarray, np.ndarray]]
+    num_classes: int
+    input_shape: tuple
+    labels: np.ndarray | None
 
 
-def splits_for(
-    config: ml_collections.ConfigDict, name: str
-) -> tuple[Any, Any, list[tuple[np.ndarray, np.ndarray]]]:
-    """The data source, its tfds info and the ``(train, validation)`` index pairs of ``name``.
+def read_column(source: Any, key: str) -> np.ndarray:
+    """One scalar feature of every record (``label``, ``group``) as int64."""
+    return np.array([int(source[i][key]) for i in range(len(source))], np.int64)
 
-    With ``cv.kind == 'holdout'`` (CIFAR-100, AG News: the official test split is the
-    validation set) ``dataset_paths[name]`` holds the training features and
-    ``validation_paths[name]`` the held-out ones; there is one pair and the runs differ only by
-    seed. Otherwise the folds are cut from ``dataset_paths[name]`` alone.
+
+def open_split(config: ml_collections.ConfigDict, name: str) -> Split:
+    """Opens ``dataset_paths[name]`` and cuts the folds ``config.cv`` asks for.
+
+    With ``cv.kind == 'holdout'`` (CIFAR-100, AG News: the official test split validates)
+    ``validation_paths[name]`` holds the held-out features; there is one pair and the runs
+    differ only by seed.
+
+    Raises:
+      FileNotFoundError: a dataset folder does not exist (the message has the build command).
+      ValueError: the folds cannot be cut (k, groups, held-out features that disagree).
     """
     source, info = pipeline.load_features(config.dataset_paths[name])
-    if config.cv.kind != "holdout":
-        return source, info, folds_for(config, source)
-    if name not in config.get("validation_paths", {}):
-        raise ValueError(f"cv.kind 'holdout' needs validation_paths.{name} (the held-out split).")
-    held_out, held_info = pipeline.load_features(config.validation_paths[name])
-    for key in ("features", "label"):
-        if repr(info.features[key]) != repr(held_info.features[key]):
+    num_classes = info.features["label"].num_classes
+    input_shape = tuple(info.features["features"].shape)
+    kind = config.cv.kind
+    if kind == "holdout":
+        if name not in config.get("validation_paths", {}):
             raise ValueError(
-                f"{name}: the training and validation features disagree on {key!r}: "
-                f"{info.features[key]!r} vs {held_info.features[key]!r}."
+                f"cv.kind 'holdout' needs validation_paths.{name} (the held-out split)."
             )
-    both = pipeline.ConcatSource([source, held_out])
-    return both, info, [(both.indices(0), both.indices(1))]
+        held_out, held_info = pipeline.load_features(config.validation_paths[name])
+        for key in ("features", "label"):
+            if repr(info.features[key]) != repr(held_info.features[key]):
+                raise ValueError(
+                    f"{name}: the training and validation features disagree on {key!r}: "
+                    f"{info.features[key]!r} vs {held_info.features[key]!r}."
+                )
+        both = pipeline.ConcatSource([source, held_out])
+        folds = [(both.indices(0), both.indices(1))]
+        return Split(name, both, info, folds, num_classes, input_shape, None)
+    labels = read_column(source, "label")
+    if kind == "stratified_kfold":
+        folds = pipeline.stratified_kfold(labels, config.cv.k, config.cv.seed)
+    elif kind == "leave_one_group_out":
+        if "group" not in info.features:
+            raise ValueError(
+                f"{name} has no 'group' feature, so cv.kind 'leave_one_group_out' cannot split "
+                "it; use cv.kind=stratified_kfold, or import the features with groups."
+            )
+        folds = pipeline.leave_one_group_out(read_column(source, "group"))
+    else:
+        raise ValueError(f"cv.kind must be one of {CV_KINDS}, got {kind!r}.")
+    return Split(name, source, info, folds, num_classes, input_shape, labels)
 
 
 def column_name(config: ml_collections.ConfigDict, seed: int, fold: int) -> str:
@@ -64,93 +104,213 @@ def column_name(config: ml_collections.ConfigDict, seed: int, fold: int) -> str:
     return f"F{fold}" if len(config.seeds) == 1 else f"s{seed}F{fold}"
 
 
+@jax.jit
+def _gate_summary(total: jax.Array, count: jax.Array) -> tuple[jax.Array, ...]:
+    """The mean gate map ``DA``, its Importance Factor and the layer shares, in one call."""
+    gate = importance.mean_gate(importance.ImportanceState(total, count))
+    return gate, importance.importance_factor(gate), importance.layer_contribution(gate)
+
+
+def run_config(config: ml_collections.ConfigDict, split: Split) -> dict:
+    """What one run folder records: the config and its data (enough to rebuild the model)."""
+    return {
+        "config": plain(config),
+        "data": {
+            "name": split.name,
+            "path": str(config.dataset_paths[split.name]),
+            "num_classes": split.num_classes,
+            "input_shape": list(split.input_shape),
+            "pooling": split.info.metadata.get("pooling", "mean")
+            if split.info.metadata
+            else "mean",
+        },
+    }
+
+
+class _Progress:
+    """A tqdm bar per run, refreshed at most four times a second."""
+
+    def __init__(self, desc: str, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=1, desc=desc, leave=False, mininterval=0.25, disable=not enabled)
+
+    def __call__(self, done: int, total: int, record: dict | None) -> None:
+        self.bar.total = total
+        self.bar.n = done
+        if record is not None:
+            self.bar.set_postfix(
+                loss=f"{record['train_loss']:.4f}",
+                val=f"{record['val_accuracy']:.3f}",
+                refresh=False,
+            )
+        self.bar.refresh() if done == total else self.bar.update(0)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _tensorboard(run_dir: pathlib.Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # TensorBoard logging is optional
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def train_one(
+    config: ml_collections.ConfigDict,
+    split: Split,
+    steps: Steps,
+    feed: Any,
+    run_dir: pathlib.Path,
+    *,
+    seed: int,
+    fold: int,
+    progress: bool = True,
+    hooks: loop.Hooks | None = None,
+    background: concurrent.futures.Executor | None = None,
+) -> RunRecord:
+    """Trains one run (resuming it), then writes its gate map, heatmap and record.
+
+    The heatmap (a derived picture of the saved gate map) is drawn on ``background`` when
+    given, so the next run trains meanwhile.
+    """
+    train_idx, val_idx = split.folds[fold - 1]
+    primary = jax.process_index() == 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if primary:
+        write_json_atomic(run_dir / CONFIG, run_config(config, split))
+    bar = _Progress(f"{split.name} seed {seed} fold {fold}", progress and primary)
+    writer = _tensorboard(run_dir) if primary else None
+
+    def epoch_end(record: dict) -> None:
+        if writer is not None:
+            for key, value in record.items():
+                if key not in ("epoch", "step"):
+                    writer.add_scalar(key, value, record["epoch"])
+
+    hooks = hooks or loop.Hooks()
+    hooks = dataclasses.replace(hooks, progress=hooks.progress or bar, epoch_end=epoch_end)
+    try:
+        out = loop.train_run(steps, feed, train_idx, val_idx, run_dir, seed=seed, hooks=hooks)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    holdout = config.cv.kind == "holdout"
+    gate_file, shares = None, None
+    if "gate_total" in out.best_eval:
+        summary = _gate_summary(out.best_eval["gate_total"], out.best_eval["gate_count"])
+        gate, if_map, shares = map(np.asarray, summary)
+        shares = np.round(shares, 2).tolist()
+        gate_file = "gate_mean.npy"
+        if primary:
+            np.save(run_dir / gate_file, gate)
+            plot = functools.partial(
+                importance.plot_heatmap, if_map, run_dir / "importance.png",
+                title=f"Importance Factor: {split.name}, seed {seed}, fold {fold}",
+            )  # fmt: skip
+            background.submit(plot) if background is not None else plot()
+    record = RunRecord(
+        dataset=split.name,
+        seed=seed,
+        fold=None if holdout else fold,
+        run=list(config.seeds).index(seed) + 1 if holdout else fold,
+        column=column_name(config, seed, fold),
+        best_accuracy=out.best_accuracy,
+        best_epoch=out.best_epoch,
+        final_accuracy=out.final_accuracy,
+        steps=out.history[-1]["step"],
+        gaussian_parameters=importance.gaussian_parameter_summary(
+            jax.device_get(loop.fetch(out.best_state.params))
+        ),
+        layer_contribution_percent=shares,
+        gate_mean=gate_file,
+    )
+    if primary:
+        record.save(run_dir)
+    return record
+
+
 def run(
-    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, progress: bool = True
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    splits: list[Split] | None = None,
+    progress: bool = True,
+    hooks: loop.Hooks | None = None,
 ) -> dict:
     """Trains every dataset x seed x fold of ``config`` (skipping finished runs) and reports.
 
-    Folds come from ``config.cv`` (:func:`splits_for`): stratified k-fold, leave one group out
-    (IEMOCAP sessions), or ``holdout`` (one train/validation pair; the runs differ by seed).
-
     With a ``mesh`` entry in the config (e.g. ``{'data': -1, 'model': 2}``) every run is
-    sharded over that device mesh (see :class:`~train.trainer.Trainer`).
+    sharded over that device mesh. Each run lives in ``<workdir>/<dataset>/seed<s>_fold<k>/``
+    with its ``config.json``, checkpoints, ``metrics.jsonl``, ``record.json`` and, for gated
+    fronts, ``gate_mean.npy`` and ``importance.png``. The tables are printed and saved as
+    ``<workdir>/results.md`` and ``results.json``.
 
-    Each run lives in ``<workdir>/<dataset>/seed<s>_fold<k>/`` with its checkpoints, metrics,
-    ``result.json``, and (for GAAM fronts) ``importance.png`` and ``gate_mean.npy``. The tables
-    are printed and saved as ``<workdir>/results.md`` and ``results.json``.
+    Args:
+      config: a validated config.
+      workdir: the output folder.
+      splits: the opened datasets, if the caller already has them.
+      progress: progress bars and a line per finished run.
+      hooks: loop callbacks (tests).
 
     Returns:
-      ``{'best': {dataset: [acc...]}, 'final': {...}, 'columns': [...], 'gaussian_parameters':
-      {...}}``.
+      ``results.json``'s content: ``columns``, ``best``/``final`` accuracy per dataset and the
+      ``records``.
     """
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    best, final, params_summary, columns = {}, {}, {}, None
-    if config.cv.kind not in CV_KINDS:
-        raise ValueError(f"cv.kind must be one of {CV_KINDS}, got {config.cv.kind!r}.")
-    for name in config.dataset_paths:
-        source, info, folds = splits_for(config, name)
-        num_classes = info.features["label"].num_classes
-        input_shape = info.features["features"].shape
-        mesh = sharding.make_mesh(dict(config.mesh)) if "mesh" in config else None
-        trainer = Trainer(config, num_classes, input_shape, mesh=mesh)
-        runs, cols = [], []
-        for seed in config.seeds:
-            for k, (train_idx, val_idx) in enumerate(folds):
-                run_dir = workdir / name / f"seed{seed}_fold{k + 1}"
-                result_path = run_dir / "result.json"
-                if result_path.exists():
-                    result = json.loads(result_path.read_text())
-                else:
-                    out = train_run(
-                        trainer, source, train_idx, val_idx, run_dir, seed=seed, progress=progress
-                    )
-                    result = {k: out[k] for k in ("best_accuracy", "best_epoch", "final_accuracy")}
-                    result["gaussian_parameters"] = importance.gaussian_parameter_summary(
-                        jax.device_get(out["state"].params)
-                    )
-                    gate = trainer.importance_map(out["state"], source, val_idx)
-                    if gate is not None and jax.process_index() == 0:
-                        np.save(run_dir / "gate_mean.npy", gate)
-                        importance.plot_heatmap(
-                            importance.importance_factor(gate),
-                            run_dir / "importance.png",
-                            title=f"Importance Factor: {name}, seed {seed}, fold {k + 1}",
-                        )
-                        result["layer_contribution_percent"] = np.round(
-                            np.asarray(importance.layer_contribution(gate)), 2
-                        ).tolist()
-                    if jax.process_index() == 0:
-                        write_atomic(result_path, json.dumps(result, indent=1))
-                runs.append(result)
-                cols.append(column_name(config, seed, k + 1))
-                if progress:
-                    print(
-                        f"{name} seed {seed} fold {k + 1}: best-epoch accuracy "
-                        f"{100 * result['best_accuracy']:.1f} (epoch {result['best_epoch']}), "
-                        f"final {100 * result['final_accuracy']:.1f}"
-                    )
-        columns = columns or cols
-        if cols != columns:
-            raise ValueError("every dataset of a config must have the same number of folds.")
-        best[name] = [r["best_accuracy"] for r in runs]
-        final[name] = [r["final_accuracy"] for r in runs]
-        params_summary[name] = [r.get("gaussian_parameters", {}) for r in runs]
-    text = (
-        "Validation accuracy (%) at the best epoch (what the paper reports; the epoch is chosen "
-        "on the validation fold itself, so it is optimistic):\n\n"
-        + report.table(best, columns)
-        + "\n\nValidation accuracy (%) after the final epoch:\n\n"
-        + report.table(final, columns)
-        + "\n"
-    )
-    (workdir / "results.md").write_text(text)
-    results = {
-        "columns": columns,
-        "best": best,
-        "final": final,
-        "gaussian_parameters": params_summary,
-    }
-    write_atomic(workdir / "results.json", json.dumps(results, indent=1))
+    splits = splits or [open_split(config, name) for name in config.dataset_paths]
+    mesh = sharding.make_mesh(dict(config.mesh)) if "mesh" in config else None
+    records: list[RunRecord] = []
+    compiled: dict[tuple, Steps] = {}  # datasets of one shape and class count share the steps
+    with concurrent.futures.ThreadPoolExecutor(1) as plots:
+        for split in splits:
+            records += _run_split(config, workdir, split, compiled, mesh, progress, hooks, plots)
+    results = report.results(records)
+    text = report.results_text(results)
+    if jax.process_index() == 0:
+        write_atomic(workdir / "results.md", text)
+        write_json_atomic(workdir / "results.json", results)
     print(text)
     return results
+
+
+def _run_split(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    split: Split,
+    compiled: dict[tuple, Steps],
+    mesh: jax.sharding.Mesh | None,
+    progress: bool,
+    hooks: loop.Hooks | None,
+    plots: concurrent.futures.Executor,
+) -> list[RunRecord]:
+    """Every seed and fold of one dataset (finished runs are read back, not retrained)."""
+    records: list[RunRecord] = []
+    feed = None
+    for seed in config.seeds:
+        for fold in range(1, len(split.folds) + 1):
+            run_dir = workdir / run_folder(split.name, seed, fold)
+            if (run_dir / "record.json").exists():
+                record = RunRecord.load(run_dir)
+            else:
+                if feed is None:  # compile once per shape, place the data once per dataset
+                    key = (split.num_classes, split.input_shape)
+                    if key not in compiled:
+                        compiled[key] = Steps(config, *key, mesh=mesh)
+                    steps = compiled[key]
+                    feed = make_feed(steps, split.source, split.num_classes,
+                                     config.get("data_on_device", "auto"))  # fmt: skip
+                record = train_one(config, split, steps, feed, run_dir, seed=seed, fold=fold,
+                                   progress=progress, hooks=hooks, background=plots)  # fmt: skip
+            records.append(record)
+            if progress and jax.process_index() == 0:
+                print(
+                    f"{split.name} seed {seed} fold {fold}: best-epoch accuracy "
+                    f"{100 * record.best_accuracy:.1f} (epoch {record.best_epoch}), "
+                    f"final {100 * record.final_accuracy:.1f}",
+                    file=sys.stderr,
+                )
+    return records

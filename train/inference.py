@@ -2,7 +2,7 @@
 
 ::
 
-    predictor = Predictor.from_run("out/default/pang_lee_polarity/seed0_fold1", config, info)
+    predictor = Predictor.from_run("out/default/pang_lee_polarity/seed0_fold1")
     predictor.predict(features)                 # [batch, N, d] -> class ids
     predictor.predict_text(["a fine film ."])   # through the MiniLM encoder
     predictor.export("model.jaxexport")         # reloads with load_exported(), no model code
@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,46 +21,53 @@ import ml_collections
 import numpy as np
 
 from train.checkpointing import Checkpoints
-from train.trainer import Trainer
+from train.runs import CONFIG
+from train.steps import Steps
 
 
 class Predictor:
     """A jit-compiled classifier with fixed parameters.
 
     Args:
-      trainer: supplies the model definition.
+      steps: supplies the model definition and the example shape.
       state: a ``TrainState`` (its params and batch statistics are used).
       pooling: the pooling of the training features, for :meth:`predict_text`.
     """
 
-    def __init__(self, trainer: Trainer, state: Any, pooling: str = "mean"):
-        self.model = trainer.model
-        self.input_shape = trainer.input_shape
+    def __init__(self, steps: Steps, state: Any, pooling: str = "mean"):
+        self.model = steps.model
+        self.input_shape = steps.input_shape
         self.variables = {"params": state.params, "batch_stats": state.batch_stats}
         self.pooling = pooling
         self._logits = jax.jit(lambda v, x: self.model.apply(v, x))
         self._encoder = None
 
     @classmethod
-    def from_run(
-        cls, run_dir: str | pathlib.Path, config: ml_collections.ConfigDict, info: Any
-    ) -> Predictor:
-        """Loads the best checkpoint of a run trained with ``config`` on data described by ``info``.
+    def from_run(cls, run_dir: str | pathlib.Path) -> Predictor:
+        """Loads the best checkpoint of a run folder, with the config and data shape it records.
 
         Raises:
-          FileNotFoundError: if the run has no readable checkpoint.
+          FileNotFoundError: the folder records no run, or has no good checkpoint.
         """
-        trainer = Trainer(
-            config, info.features["label"].num_classes, info.features["features"].shape
-        )
-        ckpt = Checkpoints(pathlib.Path(run_dir) / "checkpoints")
+        run_dir = pathlib.Path(run_dir)
+        path = run_dir / CONFIG
+        recorded = json.loads(path.read_text()) if path.exists() else {}
+        if "num_classes" not in recorded.get("data", {}):
+            raise FileNotFoundError(
+                f"{run_dir} records no run; pass a run folder such as "
+                "<workdir>/<dataset>/seed0_fold1."
+            )
+        config = ml_collections.ConfigDict(recorded["config"])
+        data = recorded["data"]
+        steps = Steps(config, data["num_classes"], tuple(data["input_shape"]))
+        ckpt = Checkpoints(run_dir / "checkpoints", asynchronous=False)
         try:
-            restored = ckpt.restore_best(trainer.init_state(0))
+            restored = ckpt.restore_best(steps.init_state(0))
         finally:
             ckpt.close()
         if restored is None:
-            raise FileNotFoundError(f"{run_dir} has no readable checkpoint.")
-        return cls(trainer, restored[0], pooling=info.metadata.get("pooling", "mean"))
+            raise FileNotFoundError(f"{run_dir} has no good best checkpoint.")
+        return cls(steps, restored[0], pooling=data.get("pooling", "mean"))
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         """Float32 logits of ``[batch, N, d]`` features."""

@@ -24,9 +24,11 @@ def focal_loss(
     return alpha * (1.0 - p_t + 1e-6) ** gamma * ce
 
 
+LOSSES = {"cross_entropy": cross_entropy, "focal": focal_loss}
+
+
 def get(name: str):
-    """The per-example loss called ``name`` (``'cross_entropy'`` or ``'focal'``)."""
-    losses = {"cross_entropy": cross_entropy, "focal": focal_loss}
-    if name not in losses:
-        raise ValueError(f"unknown loss {name!r}; known: {sorted(losses)}.")
-    return losses[name]
+    """The per-example loss called ``name`` (a key of :data:`LOSSES`)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; known: {sorted(LOSSES)}.")
+    return LOSSES[name]

@@ -1,10 +1,13 @@
-"""The paper-style results table: one column per fold or run, then mean +- population std."""
+"""The paper-style results tables, from run records: a column per fold or run, then mean +- std."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from train.runs import RunRecord
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -32,3 +35,44 @@ def table(
         cells = [f"{v * scale:.1f}" for v in values] + [f"{mean:.2f} ± {std:.2f}"]
         lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)
+
+
+def results(records: Sequence[RunRecord]) -> dict:
+    """The tables' data from run records: ``columns``, ``best`` and ``final`` per dataset.
+
+    Columns follow the records' order within a dataset (seeds, then folds); every dataset must
+    have the same columns.
+
+    Raises:
+      ValueError: if the datasets' columns differ.
+    """
+    by_dataset: dict[str, list[RunRecord]] = {}
+    for r in records:
+        by_dataset.setdefault(r.dataset, []).append(r)
+    columns = None
+    best, final = {}, {}
+    for name, runs in by_dataset.items():
+        cols = [r.column for r in runs]
+        if columns is not None and cols != columns:
+            raise ValueError("every dataset of a config must have the same folds and seeds.")
+        columns = cols
+        best[name] = [r.best_accuracy for r in runs]
+        final[name] = [r.final_accuracy for r in runs]
+    return {
+        "columns": columns or [],
+        "best": best,
+        "final": final,
+        "records": [dataclasses.asdict(r) for r in records],
+    }
+
+
+def results_text(res: Mapping) -> str:
+    """The printed report: the best-epoch table (what the paper reports) and the final one."""
+    return (
+        "Validation accuracy (%) at the best epoch (what the paper reports; the epoch is chosen "
+        "on the validation fold itself, so it is optimistic):\n\n"
+        + table(res["best"], res["columns"])
+        + "\n\nValidation accuracy (%) after the final epoch:\n\n"
+        + table(res["final"], res["columns"])
+        + "\n"
+    )

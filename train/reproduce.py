@@ -39,12 +39,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from train import config as config_lib
-from train.trainer import write_atomic
-
-
-def job_dir(workdir: pathlib.Path, variant: str, dataset: str) -> pathlib.Path:
-    """Where one variant's runs on one dataset live."""
-    return workdir / variant / dataset
+from train.results_doc import job_root as job_dir
+from train.runs import mean_gate, write_atomic
 
 
 def run_job(
@@ -60,33 +56,22 @@ def run_job(
       ``{'results': cross_validation.run's results, 'seconds': this call's time, 'fresh':
       whether the job had no finished results before}``.
     """
-    from train import cross_validation
+    from train import cross_validation, validate
 
-    config = config_lib.load(f"{config_path}:{variant}")
-    config_lib.apply_overrides(config, overrides)
+    config = config_lib.load(f"{config_path}:{variant}", overrides)
     if dataset not in config.dataset_paths:
         raise ValueError(f"{config_path}:{variant} has no dataset {dataset!r}.")
-    for name in list(config.dataset_paths):
-        if name != dataset:
-            del config.dataset_paths[name]
+    with config.unlocked():
+        for name in list(config.dataset_paths):
+            if name != dataset:
+                del config.dataset_paths[name]
     fresh = not (pathlib.Path(workdir) / "results.json").exists()
     start = time.perf_counter()
-    results = cross_validation.run(config, workdir, progress=False)
+    splits = validate.prepare(config, workdir)
+    results = cross_validation.run(config, workdir, splits=splits, progress=False)
     seconds = time.perf_counter() - start
     print(f"[reproduce] {variant} on {dataset}: {seconds:.0f} s", flush=True)
     return {"results": results, "seconds": seconds, "fresh": fresh}
-
-
-def mean_gate(run_root: pathlib.Path) -> np.ndarray:
-    """The Density-Attention map averaged over every run under ``run_root``.
-
-    Raises:
-      FileNotFoundError: if no run saved a ``gate_mean.npy`` (a front without a gate).
-    """
-    gates = [np.load(p) for p in sorted(run_root.glob("*/gate_mean.npy"))]
-    if not gates:
-        raise FileNotFoundError(f"no gate_mean.npy under {run_root}: the front has no gate.")
-    return np.mean(gates, axis=0)
 
 
 def pick_layers(gate: np.ndarray, num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -108,20 +93,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", default="out/reproduce", help="runs and results")
     parser.add_argument("--docs", default="docs/results.md", help="the report to write")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
-    args, overrides = config_lib.parse_args_with_overrides(parser, argv)
-    module = config_lib.load_module(args.config)
-    variants = list(module.VARIANTS)
-    try:  # fail before any work on a bad override or a missing dataset
-        base = config_lib.load(f"{args.config}:{variants[0]}")
-        config_lib.apply_overrides(base, overrides)
-        for path in base.dataset_paths.values():
-            if not (pathlib.Path(path) / "dataset_info.json").exists():
-                raise FileNotFoundError(
-                    f"no feature dataset at {path}; build it with python -m data.extract "
-                    "(make reproduce does)."
-                )
+    args, rest = parser.parse_known_args(argv)
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(f"unrecognised argument {item!r} (overrides look like --config.key=value)")
+    overrides = [item.removeprefix("--config.") for item in rest]
+    try:  # fail before any work on a bad config, override or dataset
+        module = config_lib.load_module(args.config)
+        variants = list(module.VARIANTS)
+        from train import validate
+
+        for variant in variants:
+            base = config_lib.load(f"{args.config}:{variant}", overrides)
+            validate.check(base, args.workdir)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {config_lib.one_line(err)}", file=sys.stderr)
         return 2
     datasets = list(base.dataset_paths)
     workdir = pathlib.Path(args.workdir)
@@ -139,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         chosen, jobs = {}, {}
         for source in ablation["sources"]:
             for d in datasets:
-                gate = mean_gate(job_dir(workdir, source, d) / d)
+                gate = mean_gate(job_dir(workdir, source, d))
                 high, low = pick_layers(gate, ablation["num_layers"])
                 chosen.setdefault(source, {})[d] = {"high": high, "low": low}
                 for which, layers in chosen[source][d].items():

@@ -1,28 +1,29 @@
 """Renders ``docs/results.md`` from a finished :mod:`train.reproduce` work folder.
 
-Everything numeric in the document is computed here from the runs' ``results.json`` files, so
-rerunning the command rewrites it. The hand-written reading between the markers
-``<!-- reading:start -->`` and ``<!-- reading:end -->`` of an existing document is kept.
+Everything numeric in the document is computed here from the runs' records
+(:class:`train.runs.RunRecord`), so rerunning the command rewrites it. K-fold jobs get a
+column per fold (averaged over seeds), held-out-split jobs a column per run (seed). The
+hand-written reading between the markers ``<!-- reading:start -->`` and
+``<!-- reading:end -->`` of an existing document is kept.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import pathlib
 import platform
-import re
 
 import numpy as np
 
 from train import report
-from train.trainer import write_atomic
+from train import runs as run_records
+from train.runs import write_atomic
 
 READING_START, READING_END = "<!-- reading:start -->", "<!-- reading:end -->"
 PLACEHOLDER = "(Write the reading of these numbers here; regenerating keeps this section.)"
 
-# The paper's mean +- std (paper_spec.md section 11), for orientation only: other data,
+# The paper's mean +- std (docs/design.md, "Results"), for orientation only: other data,
 # encoders and scale.
 PAPER = {
     "IEMOCAP (WavLM)": {
@@ -40,31 +41,42 @@ PAPER = {
 }  # fmt: skip
 
 
+def job_root(workdir: pathlib.Path, variant: str, dataset: str) -> pathlib.Path:
+    """Where :mod:`train.reproduce` trains ``variant`` on ``dataset`` (its runs' parent)."""
+    return workdir / variant / dataset
+
+
 def load_runs(workdir: pathlib.Path, variant: str, dataset: str) -> dict:
-    """One job's ``results.json`` with its columns parsed into ``seeds`` and ``folds``."""
-    path = workdir / variant / dataset / "results.json"
-    data = json.loads(path.read_text())
-    seeds, folds = [], []
-    for col in data["columns"]:
-        match = re.fullmatch(r"(?:s(\d+))?F(\d+)", col)
-        if match is None:
-            raise ValueError(f"{path}: unexpected column {col!r}.")
-        seeds.append(int(match.group(1) or 0))
-        folds.append(int(match.group(2)))
+    """One job's records as arrays.
+
+    Returns:
+      ``best``, ``final``, ``seeds``, ``folds`` (the column groups: the fold for k-fold, the run
+      for a held-out split), the column ``prefix`` and ``gaussian_parameters``.
+    """
+    records = [
+        r
+        for r in run_records.load_records(job_root(workdir, variant, dataset))
+        if r.dataset == dataset
+    ]
+    if not records:
+        raise FileNotFoundError(f"no run records of {variant} on {dataset} under {workdir}.")
+    records.sort(key=lambda r: (r.seed, r.fold or 0, r.run))
+    holdout = records[0].fold is None
     return {
-        "best": np.asarray(data["best"][dataset]),
-        "final": np.asarray(data["final"][dataset]),
-        "seeds": np.asarray(seeds),
-        "folds": np.asarray(folds),
-        "gaussian_parameters": data["gaussian_parameters"][dataset],
+        "best": np.asarray([r.best_accuracy for r in records]),
+        "final": np.asarray([r.final_accuracy for r in records]),
+        "seeds": np.asarray([r.seed for r in records]),
+        "folds": np.asarray([r.run for r in records]),
+        "prefix": "R" if holdout else "F",
+        "gaussian_parameters": [r.gaussian_parameters for r in records],
     }
 
 
 def fold_means(runs: dict, metric: str) -> tuple[list[str], np.ndarray]:
-    """Per-fold accuracy averaged over seeds: columns ``F1..Fk`` and their values."""
+    """Per-column accuracy (a fold averaged over seeds, or one held-out run): names, values."""
     folds = sorted(set(runs["folds"].tolist()))
     values = np.array([runs[metric][runs["folds"] == f].mean() for f in folds])
-    return [f"F{f}" for f in folds], values
+    return [f"{runs['prefix']}{f}" for f in folds], values
 
 
 def paired(runs: dict, reference: dict, metric: str) -> str:
@@ -133,9 +145,8 @@ def gaussian_ranges(all_runs: dict[str, dict]) -> str:
 def heatmaps(workdir: pathlib.Path, figures: pathlib.Path, variant: str, dataset: str) -> str:
     """Saves the run-averaged IF heatmap of ``variant`` and returns its Markdown block."""
     from gaam_jax import importance
-    from train.reproduce import mean_gate
 
-    gate = mean_gate(workdir / variant / dataset / dataset)
+    gate = run_records.mean_gate(job_root(workdir, variant, dataset))
     if_map = importance.importance_factor(gate)
     name = f"if_{dataset}_{variant}.png"
     importance.plot_heatmap(
@@ -261,7 +272,7 @@ def write(workdir: pathlib.Path, docs: pathlib.Path, summary: dict) -> None:
     out += [
         "## The paper's numbers, for orientation",
         "",
-        "Mean ± std from the paper (paper_spec.md section 11): other datasets, far larger "
+        "Mean ± std from the paper (docs/design.md): other datasets, far larger "
         "encoders (24-40 layers of 1024-5120 features) and 4,000-120,000 training examples, "
         "so only the *ordering* can be compared with the tables above.",
         "",

@@ -34,5 +34,5 @@ def get_config(variant: str = "gqdaam") -> ml_collections.ConfigDict:
         loss="cross_entropy",
         seeds=(111, 112, 113),
         cv={"kind": "holdout"},
-        model=MODEL.get(variant),
+        model=MODEL.get(variant.partition(",")[0]),
     )

@@ -39,5 +39,5 @@ def get_config(variant: str = "daamv1") -> ml_collections.ConfigDict:
         loss="focal",
         seeds=(1,),
         cv={"kind": "leave_one_group_out"},
-        model=MODEL.get(variant),
+        model=MODEL.get(variant.partition(",")[0]),
     )

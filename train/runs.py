@@ -1,0 +1,203 @@
+"""Run records and run identity: what a workdir holds, as data.
+
+* :func:`write_json_atomic` is the one writer of every JSON file under a workdir: a temporary
+  file, fsynced, renamed over the target, and the folder fsynced, so a kill or a power cut
+  leaves the old file or the new one, never half of one.
+* :class:`RunRecord` is one training run's outcome (dataset, seed, fold or held-out run, best
+  and final accuracy, the gate map's file). Reports and ``docs/results.md`` read records;
+  nothing is parsed back from table columns.
+* :func:`identity` is what a workdir was made by: the fully resolved config and a fingerprint
+  of each dataset it trained on. A command whose identity differs from the recorded one is
+  refused (:func:`differing_keys`), so no command reuses or deletes another config's work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+RECORD = "record.json"  # one run's outcome
+CONFIG = "config.json"  # a workdir's (or a run's) identity
+
+# Keys that cannot change a run's results: how often state is saved or logged (a resumed run
+# replays bit-identically whatever the interval), and how many old checkpoints are kept.
+IGNORED_KEYS = frozenset(
+    {"checkpoint_every_epochs", "checkpoint_every_steps", "max_to_keep", "log_every_steps"}
+)
+
+
+def write_atomic(path: str | pathlib.Path, text: str) -> None:
+    """Writes ``text`` to ``path`` so that a crash leaves either the old or the new file."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | pathlib.Path, obj: Any) -> None:
+    """:func:`write_atomic` of ``obj`` as indented JSON."""
+    write_atomic(path, json.dumps(obj, indent=1) + "\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """The outcome of one training run (one dataset, seed and fold or held-out split).
+
+    Attributes:
+      dataset: the dataset's name in the config.
+      seed: initialisation and data-order seed.
+      fold: 1-based cross-validation fold, or None for a held-out-split run.
+      run: 1-based index of the run in its table row (folds for k-fold; seeds for holdout).
+      column: the table column (``F3``, ``R2``, ``s1F3``).
+      best_accuracy: validation accuracy of the best epoch.
+      best_epoch: that epoch (1-based; the first among ties).
+      final_accuracy: validation accuracy after the last epoch.
+      steps: optimisation steps taken.
+      gaussian_parameters: ranges of the learned GAAM parameters of the best state.
+      layer_contribution_percent: per-layer share of the best state's mean gate, or None.
+      gate_mean: file name (in the run folder) of the mean gate map ``[N, d]``, or None.
+    """
+
+    dataset: str
+    seed: int
+    fold: int | None
+    run: int
+    column: str
+    best_accuracy: float
+    best_epoch: int
+    final_accuracy: float
+    steps: int
+    gaussian_parameters: dict
+    layer_contribution_percent: list | None = None
+    gate_mean: str | None = None
+
+    def save(self, run_dir: str | pathlib.Path) -> None:
+        """Writes ``record.json`` into the run folder."""
+        write_json_atomic(pathlib.Path(run_dir) / RECORD, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, run_dir: str | pathlib.Path) -> RunRecord:
+        """Reads a run folder's ``record.json``."""
+        return cls(**json.loads((pathlib.Path(run_dir) / RECORD).read_text()))
+
+
+def run_folder(dataset: str, seed: int, fold: int) -> pathlib.Path:
+    """A run's folder relative to its workdir: ``<dataset>/seed<s>_fold<k>``.
+
+    A held-out split has one fold, ``k = 1``.
+    """
+    return pathlib.Path(dataset) / f"seed{seed}_fold{fold}"
+
+
+def load_records(root: str | pathlib.Path) -> list[RunRecord]:
+    """Every record under ``root`` (``<root>/<dataset>/<run>/record.json``), in path order."""
+    return [RunRecord.load(p.parent) for p in sorted(pathlib.Path(root).glob(f"*/*/{RECORD}"))]
+
+
+def plain(value: Any) -> Any:
+    """A config value as JSON data (tuples become lists, ConfigDicts dicts)."""
+    if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def dataset_fingerprint(path: str | pathlib.Path) -> str:
+    """SHA-256 of a built dataset's metadata (``dataset_info.json`` and ``features.json``)."""
+    path = pathlib.Path(path)
+    h = hashlib.sha256()
+    for name in ("dataset_info.json", "features.json"):
+        file = path / name
+        h.update(name.encode() + b"\0" + (file.read_bytes() if file.exists() else b""))
+    return h.hexdigest()
+
+
+def identity(config: ml_collections.ConfigDict) -> dict:
+    """The resolved config and a fingerprint of every dataset it reads."""
+    paths = dict(config.dataset_paths)
+    for name, path in dict(config.get("validation_paths", {})).items():
+        paths[f"{name} (validation)"] = path
+    data = {
+        name: {"path": str(p), "fingerprint": dataset_fingerprint(p)} for name, p in paths.items()
+    }
+    return {"config": plain(config), "data": data}
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def differing_keys(recorded: dict, current: dict) -> list[str]:
+    """Dotted keys (``config.model.front``, ``data.toy.fingerprint``) whose values differ.
+
+    Keys in :data:`IGNORED_KEYS` are left out.
+    """
+    a, b = _flatten(recorded), _flatten(current)
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    return [k for k in keys if k.split(".")[-1] not in IGNORED_KEYS]
+
+
+def check_identity(workdir: str | pathlib.Path, current: dict) -> bool:
+    """Compares ``current`` with the identity recorded in ``workdir``.
+
+    Returns:
+      True when the workdir already records this identity, False when it records none.
+
+    Raises:
+      ValueError: in one line naming the differing keys, when it records another.
+    """
+    path = pathlib.Path(workdir) / CONFIG
+    if not path.exists():
+        return False
+    try:
+        recorded = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); it is not this project's.") from err
+    keys = differing_keys(recorded, current)
+    if keys:
+        shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+        raise ValueError(
+            f"{workdir} holds runs of another config (differing: {shown}); use a new --workdir, "
+            "or the command that made it."
+        )
+    return True
+
+
+def mean_gate(root: str | pathlib.Path) -> np.ndarray:
+    """The mean gate map ``[N, d]`` averaged over every run recorded under ``root``.
+
+    Raises:
+      FileNotFoundError: no record under ``root`` has a gate map (a front without a gate).
+    """
+    root = pathlib.Path(root)
+    gates = [
+        np.load(root / run_folder(r.dataset, r.seed, r.fold or 1) / r.gate_mean)
+        for r in load_records(root)
+        if r.gate_mean is not None
+    ]
+    if not gates:
+        raise FileNotFoundError(f"no run under {root} recorded a gate map: the front has none.")
+    return np.mean(gates, axis=0)

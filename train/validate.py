@@ -1,0 +1,178 @@
+"""Checks a whole config against its data before any training or any file is written.
+
+:func:`check` raises :class:`~train.config.ConfigError` with one line naming the cause and the
+fix: unknown fronts, dtypes, losses or CV kinds; counts that must be positive; GAAM heads that do
+not divide the layer axis (or any other shape the model rejects, found by tracing its
+initialisation abstractly); frozen-parameter patterns that match nothing; a batch larger than a
+training split; more folds than the smallest class has examples; labels outside
+``[0, num_classes)``; a mesh the devices cannot form; a workdir that is a file or not writable.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from train import feeds, losses, runs
+from train.config import ConfigError, one_line
+from train.cross_validation import CV_KINDS, Split, open_split
+from train.steps import DTYPES, Steps
+
+FRONTS = ("gaam", "gqgaam", "mixture", "mha", "mha_bn", "none")
+CHOICES = {
+    "model.front": FRONTS,
+    "model.dtype": tuple(DTYPES),
+    "model.gqa": ("paper_code", "textbook"),
+    "model.variance": ("shifted", "one_pass"),
+    "loss": tuple(losses.LOSSES),
+    "cv.kind": CV_KINDS,
+    "data_on_device": ("auto", True, False),
+}
+# key -> smallest allowed value
+MINIMUM = {
+    "num_epochs": 1, "batch_size": 1, "eval_batch_size": 1, "checkpoint_every_epochs": 1,
+    "checkpoint_every_steps": 0, "log_every_steps": 0, "max_to_keep": 1,
+    "model.num_heads": 1, "model.num_gaussians": 1, "model.conv_features": 1,
+    "model.attention_dim": 1, "model.query_heads": 1, "model.kv_heads": 1,
+    "optimizer.plateau_patience": 0, "optimizer.weight_decay": 0.0,
+}  # fmt: skip
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        if part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Checks choices and ranges that need no data."""
+    for key, allowed in CHOICES.items():
+        value = _get(config, key)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}.")
+    for key, low in MINIMUM.items():
+        value = _get(config, key)
+        if value is not None and not value >= low:
+            raise ConfigError(f"{key} must be at least {low}, got {value!r}.")
+    opt = config.optimizer
+    for key in ("learning_rate", "grad_clip"):
+        if not opt[key] > 0:
+            raise ConfigError(f"optimizer.{key} must be positive, got {opt[key]!r}.")
+    if not 0 < opt.plateau_factor < 1:
+        raise ConfigError(f"optimizer.plateau_factor must be in (0, 1), got {opt.plateau_factor}.")
+    if not config.seeds:
+        raise ConfigError("seeds is empty: give at least one, e.g. --config.seeds=(0,).")
+    if config.cv.kind == "stratified_kfold" and config.cv.k < 2:
+        raise ConfigError(f"cv.k must be at least 2 folds, got {config.cv.k}.")
+    if not config.dataset_paths:
+        raise ConfigError("dataset_paths is empty: name at least one dataset.")
+
+
+def check_workdir(workdir: str | pathlib.Path) -> None:
+    """The workdir is a folder (or can become one) that this process may write."""
+    path = pathlib.Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"workdir {path} is a file; give a folder.")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"workdir {path}: {existing} is not writable; choose another folder.")
+
+
+def check_data(config: ml_collections.ConfigDict, split: Split) -> None:
+    """Checks the config against one opened dataset."""
+    name = split.name
+    train_sizes = [len(tr) for tr, _ in split.folds]
+    if config.batch_size > min(train_sizes):
+        raise ConfigError(
+            f"batch_size {config.batch_size} exceeds the {min(train_sizes)} training examples of "
+            f"{name}'s smallest split; use --config.batch_size={min(train_sizes)} or less."
+        )
+    if split.labels is not None:
+        ids = np.arange(len(split.labels))
+        try:
+            feeds.check_labels(split.labels, ids, split.num_classes)
+        except ValueError as err:
+            raise ConfigError(f"{name}: {err}") from err
+        if config.cv.kind == "stratified_kfold":
+            counts = np.bincount(split.labels, minlength=split.num_classes)
+            smallest = int(counts[counts > 0].min())
+            if config.cv.k > smallest:
+                raise ConfigError(
+                    f"cv.k {config.cv.k} exceeds {smallest}, the size of {name}'s smallest "
+                    f"class, so some folds would miss it; use --config.cv.k={smallest} or less."
+                )
+    try:
+        steps = Steps(config, split.num_classes, split.input_shape)
+        jax.eval_shape(steps._create, 0)
+    except (ValueError, TypeError) as err:
+        if one_line(err).startswith("optimizer.frozen"):  # the parameter paths are listed
+            raise ConfigError(one_line(err)) from err
+        shape = ", ".join(map(str, split.input_shape))
+        raise ConfigError(
+            f"the model does not fit {name}'s [{shape}] examples: {one_line(err)}"
+        ) from err
+
+
+def check_mesh(config: ml_collections.ConfigDict) -> None:
+    """The requested mesh can be formed from the devices."""
+    if "mesh" not in config:
+        return
+    from gaam_jax import sharding
+
+    try:
+        sharding.make_mesh(dict(config.mesh))
+    except ValueError as err:
+        raise ConfigError(f"mesh {dict(config.mesh)}: {one_line(err)}") from err
+
+
+def check(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[Split]:
+    """Validates everything; returns the opened datasets (so they are opened once).
+
+    Raises:
+      ConfigError: the first problem found, in one line.
+    """
+    check_values(config)
+    check_workdir(workdir)
+    check_mesh(config)
+    splits = []
+    for name in config.dataset_paths:
+        try:
+            split = open_split(config, name)
+        except FileNotFoundError as err:
+            raise ConfigError(one_line(err)) from err
+        except ValueError as err:
+            raise ConfigError(f"{name}: {one_line(err)}") from err
+        check_data(config, split)
+        splits.append(split)
+    return splits
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[Split]:
+    """:func:`check`, then claims ``workdir`` for this config (or confirms it already is).
+
+    The workdir's ``config.json`` records the resolved config and the data fingerprints; a
+    workdir recording another identity is refused before anything in it is touched.
+
+    Raises:
+      ConfigError: from :func:`check`, or naming the keys that differ from the recorded run.
+    """
+    splits = check(config, workdir)
+    current = runs.identity(config)
+    try:
+        known = runs.check_identity(workdir, current)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if not known and jax.process_index() == 0:
+        pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+        runs.write_json_atomic(pathlib.Path(workdir) / runs.CONFIG, current)
+    return splits
