@@ -57,7 +57,7 @@ test: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -n 2 --durations=10 tests
 
-# The edit loop (not CI): everything but the tests marked slow, under 2 minutes.
+# The edit loop (not CI): everything but the integration tests marked slow.
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m "not slow" tests
 

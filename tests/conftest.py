@@ -20,3 +20,8 @@ import pytest  # noqa: E402
 def tfds_dir(tmp_path_factory):
     """One tfds data folder per test session, so offline datasets are built once per worker."""
     return tmp_path_factory.mktemp("tfds")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Runs the tests marked slow first, so pytest-xdist packs the short ones around them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -18,3 +18,11 @@ def test_benchmarks_run_quick(tmp_path, capsys):
     ):
         assert section in text
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_device_benchmark_runs_quick(capsys):
+    from benchmarks import device_gaam
+
+    assert device_gaam.main(["--quick"]) == 0
+    assert "copy GB/s (this card)" in capsys.readouterr().out

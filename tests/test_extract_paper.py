@@ -61,6 +61,7 @@ def _features(path):
     return np.stack([source[i]["features"] for i in range(len(source))]), source, info
 
 
+@pytest.mark.slow
 def test_ag_news_on_llama(tmp_path, mocked_sources):
     llama = llama_folder(tmp_path / "llama")
     _extract(tmp_path, llama, "ag_news", "--dtype", "bfloat16", "--max-length", "32")
@@ -79,6 +80,7 @@ def test_ag_news_on_llama(tmp_path, mocked_sources):
     assert results["columns"] == ["R1"] and 0 <= results["best"]["ag_news"][0] <= 1
 
 
+@pytest.mark.slow
 def test_cifar100_on_beit(tmp_path, mocked_sources):
     beit = beit_folder(tmp_path / "beit")
     for split in ("train", "test"):
@@ -118,6 +120,7 @@ def fake_iemocap(manual):
         (sdir / "dialog" / "EmoEvaluation" / f"{dialog}.txt").write_text(lines)
 
 
+@pytest.mark.slow
 def test_iemocap_on_wavlm(tmp_path):
     wavlm = wavlm_folder(tmp_path / "wavlm")
     fake_iemocap(tmp_path / "manual")

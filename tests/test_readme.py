@@ -4,6 +4,7 @@ import pathlib
 import re
 
 import numpy as np
+import pytest
 from train_helpers import tiny_config, toy_features
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -33,6 +34,7 @@ def test_readme_examples_run(monkeypatch, tmp_path):
     assert namespace["hs"].shape == (1, 3, 5, 64)  # the tiny Llama: embeddings + 2 layers
 
 
+@pytest.mark.slow
 def test_inference_example(tmp_path, monkeypatch):
     """The Inference block, on a run of [6, 384] features like the main job's (``make run``)."""
     from train import config as config_lib

@@ -161,6 +161,7 @@ def _run(steps, source, idx, n, on_device=True):
     return state, feed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mesh_shape,on_device",
     [({"data": 8, "model": 1}, True), ({"data": 4, "model": 2}, False),
@@ -188,6 +189,7 @@ def test_sharded_train_steps_equal_unsharded(toy, tmp_path, mesh_shape, on_devic
     chex.assert_trees_all_close(val["gate_total"], val_plain["gate_total"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_a_different_mesh(toy, tmp_path):
     config = config_lib.load(tiny_config(tmp_path / "cfg.py", toy, batch_size=8),
                              ["model.num_heads=4"])  # fmt: skip

@@ -79,6 +79,7 @@ def test_training_learns_the_toy_task(toy, tmp_path):
     assert out.best_eval["gate_total"].shape == (4, 16)  # the IF comes from the evaluation
 
 
+@pytest.mark.slow
 def test_device_feed_batches_like_grain(toy, tmp_path):
     """Both feeds see the same batches; the losses agree to float32 rounding."""
     config, _, steps, device, tr, va = _setup(toy, tmp_path, num_epochs=2)
@@ -100,6 +101,7 @@ def test_epoch_order_equals_the_grain_epoch(toy):
     np.testing.assert_array_equal(ids, [[int(source[int(i)]["id"]) for i in row] for row in order])
 
 
+@pytest.mark.slow
 def test_fetch_interval_does_not_change_the_result(toy, tmp_path):
     """Mid-epoch fetch points split the jitted stretches; the arithmetic must not change."""
     config, _, steps, feed, tr, va = _setup(toy, tmp_path, num_epochs=2, checkpoint_every_steps=0)
@@ -110,9 +112,12 @@ def test_fetch_interval_does_not_change_the_result(toy, tmp_path):
     assert a.history == b.history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("on_device", [True, False])
 def test_resume_mid_epoch_is_bit_exact(toy, tmp_path, on_device):
-    config, _, steps, feed, tr, va = _setup(toy, tmp_path, on_device=on_device)
+    config, _, steps, feed, tr, va = _setup(
+        toy, tmp_path, on_device=on_device, checkpoint_every_steps=3
+    )
     full = loop.train_run(steps, feed, tr, va, tmp_path / "full", config=config, seed=0)
     with pytest.raises(_Stop):  # in epoch 3, right after the mid-epoch checkpoint at step 12
         loop.train_run(
@@ -124,6 +129,7 @@ def test_resume_mid_epoch_is_bit_exact(toy, tmp_path, on_device):
     assert full.history == resumed.history
 
 
+@pytest.mark.slow
 def test_every_changed_file_of_the_latest_checkpoint_is_caught(toy, tmp_path, capsys):
     """A same-size byte flip anywhere in the newest checkpoint: skipped, and the resumed run
     equals the uninterrupted one."""
@@ -160,6 +166,7 @@ def test_every_changed_file_of_the_latest_checkpoint_is_caught(toy, tmp_path, ca
     assert full.history == resumed.history
 
 
+@pytest.mark.slow
 def test_best_is_kept_until_its_successor_is_committed(toy, tmp_path):
     config, _, steps, feed, tr, va = _setup(toy, tmp_path, num_epochs=4, checkpoint_every_steps=0)
     loop.train_run(steps, feed, tr, va, tmp_path / "run", config=config, seed=0)
@@ -248,7 +255,7 @@ def test_killed_runs_restart_to_the_same_result(toy, tmp_path):
     """SIGKILL at an arbitrary moment, and a death on the save thread after orbax finalised a
     checkpoint but before its checksum was committed: each rerun of the same command ends
     bit-identical to an uninterrupted run."""
-    cfg = tiny_config(tmp_path / "cfg.py", toy, num_epochs=4)
+    cfg = tiny_config(tmp_path / "cfg.py", toy, num_epochs=3, checkpoint_every_steps=3)
     steps = Steps(config_lib.load(cfg), 2, (4, 16))
     reference = _train_cli(cfg, tmp_path / "ref")
     assert reference.wait(timeout=300) == 0, reference.stdout.read().decode()
@@ -266,23 +273,24 @@ def test_killed_runs_restart_to_the_same_result(toy, tmp_path):
     victim.wait()
     assert not (tmp_path / "cut" / "results.json").exists(), "the run finished before the kill"
 
+    # Resume the killed run, and die this time on the save thread after orbax finalised a
+    # checkpoint but before its checksum was committed.
     script = tmp_path / "kill.py"
-    script.write_text(_KILL_DURING_SAVE.replace("{n}", "4"))
+    script.write_text(_KILL_DURING_SAVE.replace("{n}", "2"))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    args = ["--config", str(cfg), "--no-progress", "--workdir", str(tmp_path / "save")]
+    args = ["--config", str(cfg), "--no-progress", "--workdir", str(tmp_path / "cut")]
     died = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=env,
                           capture_output=True)  # fmt: skip
     assert died.returncode == 9, died.stderr.decode()[-2000:]
 
-    for name, message in (("cut", None), ("save", "no committed checksum")):
-        again = _train_cli(cfg, tmp_path / name)
-        out = again.communicate(timeout=300)[0].decode()
-        assert again.returncode == 0, out
-        assert message is None or message in out
-        state, meta = _final(tmp_path / name, steps)
-        _assert_same(ref_state, state)
-        assert ref_meta["history"] == meta["history"]
-        assert ref_results == json.loads((tmp_path / name / "results.json").read_text())
+    again = _train_cli(cfg, tmp_path / "cut")
+    out = again.communicate(timeout=300)[0].decode()
+    assert again.returncode == 0, out
+    assert "no committed checksum" in out
+    state, meta = _final(tmp_path / "cut", steps)
+    _assert_same(ref_state, state)
+    assert ref_meta["history"] == meta["history"]
+    assert ref_results == json.loads((tmp_path / "cut" / "results.json").read_text())
 
 
 def test_predictor_reads_the_recorded_config_and_exports(toy, tmp_path):
@@ -335,9 +343,13 @@ def test_focal_loss_and_plateau():
     scales = []
     for acc in [0.5, 0.6, 0.6, 0.6, 0.59, 0.7]:  # patience 2: the 3rd non-improvement cuts
         state = plateau.update(state, acc, patience=2)
-        scales.append(state["scale"])
-    assert scales == [1.0, 1.0, 1.0, 1.0, 0.1, 0.1]
-    assert state["best"] == 0.7 and state["bad_epochs"] == 0
+        scales.append(float(state["scale"]))
+    np.testing.assert_allclose(scales, [1.0, 1.0, 1.0, 1.0, 0.1, 0.1], rtol=1e-7)
+    host = plateau.to_host(state)
+    assert host["best"] == pytest.approx(0.7) and host["bad_epochs"] == 0
+    # a relative improvement under the 1e-4 threshold is not an improvement (PyTorch 'rel')
+    assert int(plateau.update(state, 0.70001, patience=2)["bad_epochs"]) == 1
+    assert plateau.to_host(plateau.to_device(plateau.init(), None)) == plateau.init()
 
 
 def test_frozen_parameters_are_never_updated(toy, tmp_path):

@@ -63,7 +63,7 @@ def mock_features(
 def tiny_config(path: pathlib.Path, dataset: pathlib.Path, **overrides) -> pathlib.Path:
     """Writes a config file for a tiny, fast run on ``dataset``."""
     values = dict(
-        num_epochs=4, batch_size=8, checkpoint_every_epochs=1, checkpoint_every_steps=3,
+        num_epochs=4, batch_size=8, checkpoint_every_epochs=1, checkpoint_every_steps=0,
         learning_rate=3e-3, k=2, front="gaam", loss="cross_entropy", data_on_device="auto",
     )  # fmt: skip
     values.update(overrides)

@@ -104,6 +104,40 @@ def column_name(config: ml_collections.ConfigDict, seed: int, fold: int) -> str:
     return f"F{fold}" if len(config.seeds) == 1 else f"s{seed}F{fold}"
 
 
+class Background(concurrent.futures.Executor):
+    """One thread for the work after a run (commit, heatmap, record), in submission order.
+
+    Unlike a bare executor it never drops an error: :meth:`check` (called between runs) and
+    :meth:`drain` re-raise the first failure in the caller's thread.
+    """
+
+    def __init__(self):
+        self._pool = concurrent.futures.ThreadPoolExecutor(1)
+        self._futures: list[concurrent.futures.Future] = []
+
+    def submit(self, fn, /, *args, **kwargs) -> concurrent.futures.Future:  # noqa: D102
+        future = self._pool.submit(fn, *args, **kwargs)
+        self._futures.append(future)
+        return future
+
+    def check(self) -> None:
+        """Re-raises the error of any finished task."""
+        done = [f for f in self._futures if f.done()]
+        self._futures = [f for f in self._futures if not f.done()]
+        for future in done:
+            future.result()
+
+    def drain(self) -> None:
+        """Waits for every task; re-raises the first error."""
+        futures, self._futures = self._futures, []
+        for future in futures:
+            future.result()
+
+    def close(self) -> None:
+        """Waits for the thread to finish its queue."""
+        self._pool.shutdown(wait=True)
+
+
 @jax.jit
 def _gate_summary(total: jax.Array, count: jax.Array) -> tuple[jax.Array, ...]:
     """The mean gate map ``DA``, its Importance Factor and the layer shares, in one call."""
@@ -173,8 +207,9 @@ def train_one(
 ) -> RunRecord:
     """Trains one run (resuming it), then writes its gate map, heatmap and record.
 
-    The heatmap (a derived picture of the saved gate map) is drawn on ``background`` when
-    given, so the next run trains meanwhile.
+    With a (single-threaded) ``background`` executor, the last checkpoint's commit, the
+    heatmap (a derived picture of the saved gate map) and then the record are written there,
+    in that order, while the next run trains; the caller waits for it before reporting.
     """
     train_idx, val_idx = split.folds[fold - 1]
     primary = jax.process_index() == 0
@@ -193,7 +228,9 @@ def train_one(
     hooks = hooks or loop.Hooks()
     hooks = dataclasses.replace(hooks, progress=hooks.progress or bar, epoch_end=epoch_end)
     try:
-        out = loop.train_run(steps, feed, train_idx, val_idx, run_dir, seed=seed, hooks=hooks)
+        out = loop.train_run(
+            steps, feed, train_idx, val_idx, run_dir, seed=seed, hooks=hooks, background=background
+        )
     finally:
         bar.close()
         if writer is not None:
@@ -228,8 +265,8 @@ def train_one(
         layer_contribution_percent=shares,
         gate_mean=gate_file,
     )
-    if primary:
-        record.save(run_dir)
+    if primary:  # after the last checkpoint's commit (the background executor runs in order)
+        background.submit(record.save, run_dir) if background is not None else record.save(run_dir)
     return record
 
 
@@ -265,9 +302,14 @@ def run(
     mesh = sharding.make_mesh(dict(config.mesh)) if "mesh" in config else None
     records: list[RunRecord] = []
     compiled: dict[tuple, Steps] = {}  # datasets of one shape and class count share the steps
-    with concurrent.futures.ThreadPoolExecutor(1) as plots:
+    background = Background()
+    try:
         for split in splits:
-            records += _run_split(config, workdir, split, compiled, mesh, progress, hooks, plots)
+            records += _run_split(config, workdir, split, compiled, mesh, progress, hooks,
+                                  background)  # fmt: skip
+        background.drain()  # every checkpoint, heatmap and record is written
+    finally:
+        background.close()
     results = report.results(records)
     text = report.results_text(results)
     if jax.process_index() == 0:
@@ -285,7 +327,7 @@ def _run_split(
     mesh: jax.sharding.Mesh | None,
     progress: bool,
     hooks: loop.Hooks | None,
-    plots: concurrent.futures.Executor,
+    background: Background,
 ) -> list[RunRecord]:
     """Every seed and fold of one dataset (finished runs are read back, not retrained)."""
     records: list[RunRecord] = []
@@ -303,9 +345,12 @@ def _run_split(
                     steps = compiled[key]
                     feed = make_feed(steps, split.source, split.num_classes,
                                      config.get("data_on_device", "auto"))  # fmt: skip
-                record = train_one(config, split, steps, feed, run_dir, seed=seed, fold=fold,
-                                   progress=progress, hooks=hooks, background=plots)  # fmt: skip
+                record = train_one(
+                    config, split, steps, feed, run_dir, seed=seed, fold=fold,
+                    progress=progress, hooks=hooks, background=background,
+                )  # fmt: skip
             records.append(record)
+            background.check()
             if progress and jax.process_index() == 0:
                 print(
                     f"{split.name} seed {seed} fold {fold}: best-epoch accuracy "

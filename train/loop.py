@@ -17,9 +17,12 @@ the next periodic checkpoint, which records the best's step: a resume restores b
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import pathlib
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data import pipeline
 from train import plateau
-from train.checkpointing import Checkpoints, snapshot
+from train.checkpointing import Checkpoints
 from train.runs import write_atomic
 from train.steps import Steps, Sums, TrainState
 
@@ -65,6 +69,8 @@ class RunResult:
       final_accuracy: the last epoch's validation accuracy.
       best_eval: the evaluation sums of the best state (``gate_total``/``gate_count`` for gated
         fronts: the Importance Factor's input), as numpy.
+      committed: when ``train_run`` was given a background executor, the future of the last
+        checkpoint's commit; else None (already committed).
     """
 
     history: list[dict]
@@ -74,6 +80,7 @@ class RunResult:
     best_accuracy: float
     final_accuracy: float
     best_eval: dict
+    committed: concurrent.futures.Future | None = None
 
 
 def fetch(tree: Any) -> Any:
@@ -113,6 +120,7 @@ def train_run(
     seed: int,
     config: Any = None,
     hooks: Hooks | None = None,
+    background: concurrent.futures.Executor | None = None,
 ) -> RunResult:
     """Trains one model (one fold and seed), resuming from ``workdir``'s checkpoints.
 
@@ -130,6 +138,9 @@ def train_run(
         ``steps.config``. Its model, optimiser, loss and batch sizes must be those ``steps``
         was compiled for.
       hooks: progress, logging and test callbacks.
+      background: if given, the last checkpoint is committed (and the checkpoint managers
+        closed) there while the caller goes on; ``RunResult.committed`` says when. Otherwise
+        this call returns once everything is on disk.
 
     Raises:
       NonFiniteLossError: naming the first step with a non-finite loss; the newest checkpoint
@@ -147,6 +158,7 @@ def train_run(
         max_to_keep=cfg.max_to_keep,
         asynchronous=cfg.get("async_checkpoints", True),
     )
+    committed = None
     try:
         state = steps.init_state(seed)
         meta = {"epoch": 0, "position": 0, "partial": None, "plateau": plateau.init(),
@@ -155,9 +167,22 @@ def train_run(
         restored = ckpt.restore(state)
         if restored is not None:
             state, meta, best_state = restored
+        # The epochs' orders are pure host work: compute them while the device compiles/trains.
+        epochs = range(meta["epoch"], cfg.num_epochs)
+        args = (np.asarray(train_idx), cfg.batch_size, seed, epochs)
+        threading.Thread(target=_prepare_orders, args=args, daemon=True).start()
         best_saved = True  # the best (if any) is on disk as of the restored checkpoint
+        next_order = None
+        tracker = plateau.to_device(meta["plateau"], meta["best"])
+        plateau_args = (cfg.optimizer.plateau_factor, cfg.optimizer.plateau_patience)
+        pending: list = []  # finished epochs whose numbers are still on the device
+        shown = time.monotonic()
         for epoch in range(meta["epoch"], cfg.num_epochs):
-            order = feed.order(train_idx, seed=seed, epoch=epoch)
+            order = (
+                next_order
+                if next_order is not None
+                else feed.order(train_idx, seed=seed, epoch=epoch)
+            )
             position, sums = 0, Sums.zeros()
             if meta["partial"] is not None:  # resumed mid-epoch
                 position = meta["position"]
@@ -168,6 +193,9 @@ def train_run(
                 position = stop
                 if stop == per_epoch:
                     break  # the epoch end fetches together with the evaluation
+                if pending:  # earlier epochs' numbers, before anything of this one is saved
+                    meta, changed = _flush(pending, meta, cfg, per_epoch, ckpt, workdir, hooks)
+                    pending, best_saved = [], best_saved and not changed
                 host = fetch(sums)
                 _check_finite(host, first_step + stop, epoch, ckpt, workdir)
                 if (
@@ -183,46 +211,40 @@ def train_run(
                 if hooks.after_fetch:
                     hooks.after_fetch(first_step + stop)
             evaluation = feed.evaluate(state, val_idx)
-            host, ev = fetch((sums, evaluation))
-            _check_finite(host, first_step + per_epoch, epoch, ckpt, workdir)
-            val_acc = float(ev["correct"] / ev["count"])
-            new_plateau = plateau.update(
-                meta["plateau"], val_acc,
-                factor=cfg.optimizer.plateau_factor, patience=cfg.optimizer.plateau_patience,
-            )  # fmt: skip
-            record = {
-                "epoch": epoch + 1,
-                "step": first_step + per_epoch,
-                "train_loss": float(host.loss / host.count),
-                "train_accuracy": float(host.correct / host.count),
-                "val_loss": float(ev["loss"] / ev["count"]),
-                "val_accuracy": val_acc,
-                "learning_rate": cfg.optimizer.learning_rate * meta["plateau"]["scale"],
-            }
-            history = [*meta["history"], record]
-            state = state.replace(lr_scale=jnp.asarray(new_plateau["scale"], jnp.float32))
-            best = meta["best"]
-            if best is None or val_acc > best["val_accuracy"]:
-                best = {"step": record["step"], "epoch": epoch + 1, "val_accuracy": val_acc}
-                best_state, best_saved = snapshot(state), False
-            meta = {"epoch": epoch + 1, "position": 0, "partial": None, "plateau": new_plateau,
-                    "history": history, "best": best}  # fmt: skip
-            if hooks.epoch_end:
-                hooks.epoch_end(record)
-            if (epoch + 1) % cfg.checkpoint_every_epochs == 0 or epoch + 1 == cfg.num_epochs:
-                ckpt.save(record["step"], state, meta, _unsaved(best_state, meta, best_saved))
+            if epoch + 1 < cfg.num_epochs:  # on its way to the device while this epoch finishes
+                next_order = feed.order(train_idx, seed=seed, epoch=epoch + 1)
+            # The plateau schedule and the choice of the best state run on the device too, so
+            # the next epoch is dispatched without waiting for this one's numbers.
+            before = tracker
+            state, tracker, improved = steps.epoch_end(state, tracker, evaluation, plateau_args)
+            best_state = state_select(
+                improved, state, best_state if best_state is not None else state
+            )
+            pending.append((epoch, sums, evaluation, before, tracker, improved))
+            due = (epoch + 1) % cfg.checkpoint_every_epochs == 0 or epoch + 1 == cfg.num_epochs
+            show = hooks.progress is not None and time.monotonic() - shown > 0.25
+            if not (due or show or hooks.after_fetch):
+                continue
+            meta, changed = _flush(pending, meta, cfg, per_epoch, ckpt, workdir, hooks)
+            pending = []
+            best_saved = best_saved and not changed
+            if due:
+                ckpt.save(meta["history"][-1]["step"], state, meta,
+                          _unsaved(best_state, meta, best_saved))  # fmt: skip
                 best_saved = True
-            if jax.process_index() == 0:
-                write_atomic(
-                    workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history)
-                )
+            if jax.process_index() == 0:  # durable (fsynced) when a checkpoint was just taken
+                text = "".join(json.dumps(r) + "\n" for r in meta["history"])
+                write_atomic(workdir / "metrics.jsonl", text, durable=due)
             if hooks.progress:
-                hooks.progress(record["step"], total, record)
+                hooks.progress(meta["history"][-1]["step"], total, meta["history"][-1])
+                shown = time.monotonic()
             if hooks.after_fetch:
-                hooks.after_fetch(record["step"])
-        ckpt.wait()
+                hooks.after_fetch(meta["history"][-1]["step"])
+        if background is not None:
+            committed = background.submit(ckpt.close)
     finally:
-        ckpt.close()
+        if committed is None:
+            ckpt.close()
     history = meta["history"]
     best = meta["best"]
     best_eval = fetch(feed.evaluate(best_state, val_idx))
@@ -234,7 +256,58 @@ def train_run(
         best_accuracy=best["val_accuracy"],
         final_accuracy=history[-1]["val_accuracy"],
         best_eval=best_eval,
+        committed=committed,
     )
+
+
+def _prepare_orders(indices: np.ndarray, batch_size: int, seed: int, epochs: range) -> None:
+    """Fills :func:`data.pipeline.epoch_order`'s permutation cache for ``epochs``."""
+    for epoch in epochs:
+        pipeline.epoch_order(indices, batch_size=batch_size, seed=seed, epoch=epoch)
+
+
+@jax.jit
+def state_select(take_new: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``take_new`` else ``old``, leaf by leaf, on the device."""
+    return jax.tree.map(lambda a, b: jnp.where(take_new, a, b), new, old)
+
+
+def _flush(
+    pending: list, meta: dict, cfg: Any, per_epoch: int, ckpt: Checkpoints,
+    workdir: pathlib.Path, hooks: Hooks,
+) -> tuple[dict, bool]:  # fmt: skip
+    """Fetches the finished epochs' numbers in one transfer and turns them into records.
+
+    Returns:
+      The updated ``meta`` and whether the best epoch changed.
+
+    Raises:
+      NonFiniteLossError: an epoch had a non-finite loss (before anything of it is saved).
+    """
+    changed = False
+    for epoch, sums, ev, before, after, improved in fetch(pending):
+        epoch = int(epoch)
+        step = (epoch + 1) * per_epoch
+        _check_finite(sums, step, epoch, ckpt, workdir)
+        val_acc = float(ev["correct"] / ev["count"])
+        record = {
+            "epoch": epoch + 1,
+            "step": step,
+            "train_loss": float(sums.loss / sums.count),
+            "train_accuracy": float(sums.correct / sums.count),
+            "val_loss": float(ev["loss"] / ev["count"]),
+            "val_accuracy": val_acc,
+            "learning_rate": cfg.optimizer.learning_rate * float(before["scale"]),
+        }
+        best = meta["best"]
+        if bool(improved):
+            best, changed = {"step": step, "epoch": epoch + 1, "val_accuracy": val_acc}, True
+        meta = {"epoch": epoch + 1, "position": 0, "partial": None,
+                "plateau": plateau.to_host(after), "history": [*meta["history"], record],
+                "best": best}  # fmt: skip
+        if hooks.epoch_end:
+            hooks.epoch_end(record)
+    return meta, changed
 
 
 def _unsaved(best_state: Any, meta: dict, saved: bool) -> tuple[int, Any, dict] | None:

@@ -33,15 +33,22 @@ IGNORED_KEYS = frozenset(
 )
 
 
-def write_atomic(path: str | pathlib.Path, text: str) -> None:
-    """Writes ``text`` to ``path`` so that a crash leaves either the old or the new file."""
+def write_atomic(path: str | pathlib.Path, text: str, *, durable: bool = True) -> None:
+    """Writes ``text`` to ``path`` so that a crash leaves either the old or the new file.
+
+    ``durable=False`` skips the fsyncs: a kill still leaves a whole file, a power cut may leave
+    the old one (for logs rewritten every epoch from checkpointed state).
+    """
     path = pathlib.Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w") as f:
         f.write(text)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if not durable:
+        return
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)  # the rename itself

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from gaam_jax import GaussianAdaptiveTransformer, importance, sharding
-from train import losses
+from train import losses, plateau
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 GATED_FRONTS = ("gaam", "gqgaam", "mixture")
@@ -228,6 +228,29 @@ def eval_batch(
     return out
 
 
+def epoch_end(
+    state: TrainState, tracker: dict, evaluation: dict, plateau_args: tuple
+) -> tuple[TrainState, dict, jax.Array]:
+    """The plateau schedule and the best-epoch test after an epoch's evaluation, on the device.
+
+    Args:
+      state: the state after the epoch.
+      tracker: :func:`train.plateau.to_device`'s schedule state and best accuracy so far.
+      evaluation: the epoch's evaluation sums (``correct``, ``count``).
+      plateau_args: ``(factor, patience)``.
+
+    Returns:
+      The state with the next epoch's learning-rate scale, the updated tracker, and whether
+      this epoch's accuracy beats every earlier one (strictly: the first among ties is best).
+    """
+    factor, patience = plateau_args
+    val = evaluation["correct"] / evaluation["count"]
+    new = plateau.update(tracker, val, factor=factor, patience=patience)
+    improved = val > tracker["best_val"]
+    new["best_val"] = jnp.where(improved, val, tracker["best_val"])
+    return state.replace(lr_scale=new["scale"]), new, improved
+
+
 def state_shardings(
     abstract: TrainState,
     model: Any,
@@ -336,6 +359,10 @@ class Steps:
             self._train_steps, donate_argnums=(0, 1), out_shardings=state_metrics
         )
         self.evaluate_on_device = jax.jit(self._evaluate_on_device, out_shardings=metrics)
+        self.epoch_end = jax.jit(
+            epoch_end,
+            out_shardings=None if mesh is None else (self.state_sharding, metrics, metrics),
+        )
         self.evaluate_batch = jax.jit(evaluate, out_shardings=metrics)
 
     def init_state(self, seed: int) -> TrainState:
