@@ -8,6 +8,17 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
+# One XLA compilation cache per test session, shared by the xdist workers and every subprocess
+# the tests start (the CLI runs, the notebook's kernel, reproduce's workers): the same small
+# programs are compiled by many tests, and a cache hit skips XLA. Results are unchanged.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="gaam-jax-test-xla-")
+    os.environ["GAAM_TEST_OWNS_XLA_CACHE"] = "1"
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import jax  # noqa: E402
 
 # Implicit rank promotion hides broadcasting bugs in mask and statistics code: make it an error.
@@ -25,3 +36,11 @@ def tfds_dir(tmp_path_factory):
 def pytest_collection_modifyitems(config, items):
     """Runs the tests marked slow first, so pytest-xdist packs the short ones around them."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's compilation cache goes with it (in the process that made it)."""
+    if os.environ.get("GAAM_TEST_OWNS_XLA_CACHE") and not hasattr(session.config, "workerinput"):
+        import shutil
+
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
