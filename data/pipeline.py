@@ -145,9 +145,9 @@ class EpochIterator:
 def epoch_order(indices: Sequence[int], *, batch_size: int, seed: int, epoch: int) -> np.ndarray:
     """The global training batches of one epoch as example indices: int64 ``[steps, batch]``.
 
-    The same order as :func:`train_epoch` (grain's seeded shuffle of ``indices``, then
-    ``drop_remainder``), computed without reading any example, so a dataset held in device
-    memory can be batched there by indexing.
+    Grain's seeded shuffle of ``indices``, then ``drop_remainder``, computed without reading
+    any example: :func:`train_epoch` reads its batches in this order, and a dataset held in
+    device memory is batched there by indexing.
     """
     indices = np.asarray(indices)
     steps = len(indices) // batch_size
@@ -199,15 +199,10 @@ def train_epoch(
       An :class:`EpochIterator` over dicts ``x [b, N, d]``, ``label [b]``, ``id [b]``.
     """
     _check_batch(batch_size, process_count, process_index)
-    indices = np.asarray(indices)
-    steps = len(indices) // batch_size
-    if steps == 0:
-        raise ValueError(f"{len(indices)} training examples do not fill one batch of {batch_size}.")
-    ds = grain.MapDataset.source(FeatureSource(source, indices))
-    ds = ds.shuffle(seed=_epoch_seed(seed, epoch))
-    ds = ds[: steps * batch_size]  # drop the remainder before splitting between processes
+    order = epoch_order(indices, batch_size=batch_size, seed=seed, epoch=epoch).reshape(-1)
+    ds = grain.MapDataset.source(FeatureSource(source, order))  # the remainder is dropped
     ds = ds[process_index::process_count].batch(batch_size // process_count, drop_remainder=True)
-    return EpochIterator(ds, epoch, steps)
+    return EpochIterator(ds, epoch, len(order) // batch_size)
 
 
 def eval_batches(
