@@ -41,6 +41,7 @@ def _error_line(capsys) -> str:
     [
         ("checkpoint_every_epochs=0", "checkpoint_every_epochs must be at least 1"),
         ("num_epochs=0", "num_epochs must be at least 1"),
+        ("concurrent_runs=-1", "concurrent_runs must be at least 0"),
         ("model.num_heads=3", "does not fit toy's [4, 16] examples"),
         ("model.front=foo", "model.front must be one of"),
         ("model.dtype=float16", "model.dtype must be one of"),
@@ -129,3 +130,19 @@ def test_debug_shows_the_traceback(toy, tmp_path):
     with pytest.raises(Exception, match="num_epochs must be at least 1"):
         cli.main(["--config", str(cfg), "--workdir", str(tmp_path / "w"), "--debug",
                   "--config.num_epochs=0"])  # fmt: skip
+
+
+def test_ctrl_c_is_one_line_and_exit_130(toy, tmp_path, capsys, monkeypatch):
+    from train import cross_validation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cross_validation, "train_one", interrupted)
+    cfg = tiny_config(tmp_path / "cfg.py", toy, num_epochs=1)
+    assert (
+        cli.main(["--config", str(cfg), "--workdir", str(tmp_path / "w"), "--no-progress"]) == 130
+    )
+    assert capsys.readouterr().err.strip() == (
+        "interrupted: the same command resumes from each run's last checkpoint."
+    )

@@ -293,6 +293,41 @@ def test_killed_runs_restart_to_the_same_result(toy, tmp_path):
     assert ref_results == json.loads((tmp_path / "cut" / "results.json").read_text())
 
 
+def test_runs_side_by_side_equal_runs_one_at_a_time(toy, tmp_path):
+    """Two runs trained at once compute exactly what they compute one at a time; an error in
+    one stops both, and the same command then resumes to the same results."""
+    from train import validate
+
+    def train(workdir, concurrent, hooks=None):
+        cfg = tiny_config(tmp_path / f"cfg{concurrent}.py", toy, num_epochs=3,
+                          concurrent_runs=concurrent)  # fmt: skip
+        config = config_lib.load(cfg)
+        splits = validate.prepare(config, workdir)
+        return cross_validation.run(config, workdir, splits=splits, progress=False, hooks=hooks)
+
+    alone = train(tmp_path / "alone", 1)
+    failed = []
+
+    def fail_once(step):
+        if not failed:
+            failed.append(step)
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(tmp_path / "both", 2, loop.Hooks(after_fetch=fail_once))
+    assert alone == train(tmp_path / "both", 2)
+    for run in ("seed0_fold1", "seed0_fold2"):
+        metrics = [
+            (tmp_path / w / "toy" / run / "metrics.jsonl").read_text() for w in ("alone", "both")
+        ]
+        assert metrics[0] == metrics[1]
+    config = config_lib.load(tiny_config(tmp_path / "cfg.py", toy, concurrent_runs=2))
+    with config.unlocked():
+        config.mesh = {"data": -1}
+    with pytest.raises(config_lib.ConfigError, match="cannot be combined with a mesh"):
+        validate.check_values(config)
+
+
 def test_predictor_reads_the_recorded_config_and_exports(toy, tmp_path):
     cfg = tiny_config(tmp_path / "cfg.py", toy, num_epochs=1)
     config = config_lib.load(cfg)
@@ -365,6 +400,16 @@ def test_frozen_parameters_are_never_updated(toy, tmp_path):
     np.testing.assert_array_equal(params["attention"]["delta"], 0.0)
     np.testing.assert_array_equal(params["attention"]["xi"], 2.0)
     assert not np.array_equal(params["conv1"]["kernel"], first_conv)
+
+
+def test_init_compiled_at_o1_is_bit_identical():
+    """The initial state, compiled at -O1 on CPU to save a second per process, equals the
+    default compile bit for bit (so results do not depend on the option)."""
+    config = config_lib.load("configs/default.py")
+    steps = Steps(config, 2, (6, 384))
+    default = jax.jit(steps._create)
+    for seed in (0, 1, 12345):
+        _assert_same(steps.init_state(seed), default(jnp.uint32(seed)))
 
 
 def test_one_compile_serves_every_seed(toy, tmp_path):

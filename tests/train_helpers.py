@@ -65,6 +65,7 @@ def tiny_config(path: pathlib.Path, dataset: pathlib.Path, **overrides) -> pathl
     values = dict(
         num_epochs=4, batch_size=8, checkpoint_every_epochs=1, checkpoint_every_steps=0,
         learning_rate=3e-3, k=2, front="gaam", loss="cross_entropy", data_on_device="auto",
+        concurrent_runs=0,
     )  # fmt: skip
     values.update(overrides)
     path.write_text(
@@ -94,6 +95,7 @@ def tiny_config(path: pathlib.Path, dataset: pathlib.Path, **overrides) -> pathl
                 c.log_every_steps = 0
                 c.max_to_keep = 2
                 c.data_on_device = {values["data_on_device"]!r}
+                c.concurrent_runs = {values["concurrent_runs"]}
                 return c
             """
         )

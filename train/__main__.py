@@ -77,6 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         splits = validate.prepare(config, args.workdir)
         cross_validation.run(config, args.workdir, splits=splits, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(
+            "interrupted: the same command resumes from each run's last checkpoint.",
+            file=sys.stderr,
+        )
+        return 130
     except Exception as err:  # noqa: BLE001 - sorted into user errors and bugs below
         message = None if args.debug else user_error(err, args.workdir)
         if message is None:

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import pathlib
 import sys
+import threading
 from typing import Any
 
 import jax
@@ -15,9 +16,9 @@ import numpy as np
 
 from data import pipeline
 from gaam_jax import importance, sharding
-from train import loop, report
+from train import loop, parallel_runs, report
 from train.feeds import make_feed
-from train.runs import CONFIG, RunRecord, plain, run_folder, write_atomic, write_json_atomic
+from train.runs import CONFIG, RECORD, RunRecord, plain, run_folder, write_atomic, write_json_atomic
 from train.steps import Steps
 
 CV_KINDS = ("stratified_kfold", "leave_one_group_out", "holdout")
@@ -114,22 +115,26 @@ class Background(concurrent.futures.Executor):
     def __init__(self):
         self._pool = concurrent.futures.ThreadPoolExecutor(1)
         self._futures: list[concurrent.futures.Future] = []
+        self._lock = threading.Lock()  # runs trained side by side submit from their threads
 
     def submit(self, fn, /, *args, **kwargs) -> concurrent.futures.Future:  # noqa: D102
-        future = self._pool.submit(fn, *args, **kwargs)
-        self._futures.append(future)
+        with self._lock:
+            future = self._pool.submit(fn, *args, **kwargs)
+            self._futures.append(future)
         return future
 
     def check(self) -> None:
         """Re-raises the error of any finished task."""
-        done = [f for f in self._futures if f.done()]
-        self._futures = [f for f in self._futures if not f.done()]
+        with self._lock:
+            done = [f for f in self._futures if f.done()]
+            self._futures = [f for f in self._futures if not f.done()]
         for future in done:
             future.result()
 
     def drain(self) -> None:
         """Waits for every task; re-raises the first error."""
-        futures, self._futures = self._futures, []
+        with self._lock:
+            futures, self._futures = self._futures, []
         for future in futures:
             future.result()
 
@@ -164,10 +169,13 @@ def run_config(config: ml_collections.ConfigDict, split: Split) -> dict:
 class _Progress:
     """A tqdm bar per run, refreshed at most four times a second."""
 
-    def __init__(self, desc: str, enabled: bool):
+    def __init__(self, desc: str, enabled: bool, position: int = 0):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=1, desc=desc, leave=False, mininterval=0.25, disable=not enabled)
+        self.bar = tqdm(
+            total=1, desc=desc, leave=False, mininterval=0.25, disable=not enabled,
+            position=position,
+        )  # fmt: skip
 
     def __call__(self, done: int, total: int, record: dict | None) -> None:
         self.bar.total = total
@@ -204,19 +212,21 @@ def train_one(
     progress: bool = True,
     hooks: loop.Hooks | None = None,
     background: concurrent.futures.Executor | None = None,
+    position: int = 0,
 ) -> RunRecord:
     """Trains one run (resuming it), then writes its gate map, heatmap and record.
 
     With a (single-threaded) ``background`` executor, the last checkpoint's commit, the
     heatmap (a derived picture of the saved gate map) and then the record are written there,
     in that order, while the next run trains; the caller waits for it before reporting.
+    ``position`` is the progress bar's row (runs trained side by side).
     """
     train_idx, val_idx = split.folds[fold - 1]
     primary = jax.process_index() == 0
     run_dir.mkdir(parents=True, exist_ok=True)
     if primary:
         write_json_atomic(run_dir / CONFIG, run_config(config, split))
-    bar = _Progress(f"{split.name} seed {seed} fold {fold}", progress and primary)
+    bar = _Progress(f"{split.name} seed {seed} fold {fold}", progress and primary, position)
     writer = _tensorboard(run_dir) if primary else None
 
     def epoch_end(record: dict) -> None:
@@ -226,7 +236,8 @@ def train_one(
                     writer.add_scalar(key, value, record["epoch"])
 
     hooks = hooks or loop.Hooks()
-    hooks = dataclasses.replace(hooks, progress=hooks.progress or bar, epoch_end=epoch_end)
+    shown = bar if progress and primary else None  # no bar: no reason to fetch mid-run
+    hooks = dataclasses.replace(hooks, progress=hooks.progress or shown, epoch_end=epoch_end)
     try:
         out = loop.train_run(
             steps, feed, train_idx, val_idx, run_dir, seed=seed, hooks=hooks, background=background
@@ -300,13 +311,9 @@ def run(
     workdir = pathlib.Path(workdir)
     splits = splits or [open_split(config, name) for name in config.dataset_paths]
     mesh = sharding.make_mesh(dict(config.mesh)) if "mesh" in config else None
-    records: list[RunRecord] = []
-    compiled: dict[tuple, Steps] = {}  # datasets of one shape and class count share the steps
     background = Background()
     try:
-        for split in splits:
-            records += _run_split(config, workdir, split, compiled, mesh, progress, hooks,
-                                  background)  # fmt: skip
+        records = _train_all(config, workdir, splits, mesh, progress, hooks, background)
         background.drain()  # every checkpoint, heatmap and record is written
     finally:
         background.close()
@@ -319,36 +326,53 @@ def run(
     return results
 
 
-def _run_split(
+def _train_all(
     config: ml_collections.ConfigDict,
     workdir: pathlib.Path,
-    split: Split,
-    compiled: dict[tuple, Steps],
+    splits: list[Split],
     mesh: jax.sharding.Mesh | None,
     progress: bool,
     hooks: loop.Hooks | None,
     background: Background,
 ) -> list[RunRecord]:
-    """Every seed and fold of one dataset (finished runs are read back, not retrained)."""
-    records: list[RunRecord] = []
-    feed = None
-    for seed in config.seeds:
-        for fold in range(1, len(split.folds) + 1):
-            run_dir = workdir / run_folder(split.name, seed, fold)
-            if (run_dir / "record.json").exists():
-                record = RunRecord.load(run_dir)
-            else:
-                if feed is None:  # compile once per shape, place the data once per dataset
-                    key = (split.num_classes, split.input_shape)
-                    if key not in compiled:
-                        compiled[key] = Steps(config, *key, mesh=mesh)
-                    steps = compiled[key]
-                    feed = make_feed(steps, split.source, split.num_classes,
-                                     config.get("data_on_device", "auto"))  # fmt: skip
-                record = train_one(
-                    config, split, steps, feed, run_dir, seed=seed, fold=fold,
-                    progress=progress, hooks=hooks, background=background,
-                )  # fmt: skip
+    """Every dataset x seed x fold, in that order; finished runs are read back, not retrained.
+
+    Up to ``concurrent_runs`` of them train at once (:mod:`train.parallel_runs`).
+    """
+    compiled: dict[tuple, Steps] = {}  # datasets of one shape and class count share the steps
+    placed: dict[str, tuple[Steps, Any]] = {}  # each dataset's data is placed once
+
+    def prepare(split: Split) -> tuple[Steps, Any]:
+        if split.name not in placed:
+            key = (split.num_classes, split.input_shape)
+            if key not in compiled:
+                compiled[key] = Steps(config, *key, mesh=mesh)
+            feed = make_feed(compiled[key], split.source, split.num_classes,
+                             config.get("data_on_device", "auto"))  # fmt: skip
+            placed[split.name] = (compiled[key], feed)
+        return placed[split.name]
+
+    pool = parallel_runs.RunPool(parallel_runs.concurrent_runs(config, mesh))
+    jobs: list[tuple[Split, int, int, concurrent.futures.Future]] = []
+    try:
+        for split in splits:
+            for seed in config.seeds:
+                for fold in range(1, len(split.folds) + 1):
+                    run_dir = workdir / run_folder(split.name, seed, fold)
+                    if (run_dir / RECORD).exists():
+                        future = concurrent.futures.Future()
+                        future.set_result(RunRecord.load(run_dir))
+                    else:
+                        steps, feed = prepare(split)
+                        job = functools.partial(
+                            _job, config, split, steps, feed, run_dir, seed, fold, progress,
+                            hooks, background,
+                        )  # fmt: skip
+                        future = pool.submit(steps, job)
+                    jobs.append((split, seed, fold, future))
+        records = []
+        for split, seed, fold, future in jobs:
+            record = future.result()
             records.append(record)
             background.check()
             if progress and jax.process_index() == 0:
@@ -358,4 +382,34 @@ def _run_split(
                     f"final {100 * record.final_accuracy:.1f}",
                     file=sys.stderr,
                 )
+    except BaseException:
+        pool.cancel()  # running runs stop at their next epoch; nothing saved is lost
+        raise
+    finally:
+        pool.close()
     return records
+
+
+def _job(
+    config: ml_collections.ConfigDict,
+    split: Split,
+    steps: Steps,
+    feed: Any,
+    run_dir: pathlib.Path,
+    seed: int,
+    fold: int,
+    progress: bool,
+    hooks: loop.Hooks | None,
+    background: Background,
+    slot: int,
+    stop: threading.Event,
+    compiled: threading.Event,
+) -> RunRecord:
+    """One run as a :class:`~train.parallel_runs.RunPool` job."""
+    hooks = dataclasses.replace(
+        hooks or loop.Hooks(), dispatched=lambda _: compiled.set(), stop=stop.is_set
+    )
+    return train_one(
+        config, split, steps, feed, run_dir, seed=seed, fold=fold, progress=progress,
+        hooks=hooks, background=background, position=slot,
+    )  # fmt: skip

@@ -41,6 +41,10 @@ class NonFiniteLossError(RuntimeError):
     """A training step produced a NaN or infinite loss (the message says which and where)."""
 
 
+class StopRequested(Exception):
+    """A run stopped because :attr:`Hooks.stop` said so (another run failed, or Ctrl-C)."""
+
+
 @dataclasses.dataclass
 class Hooks:
     """Callbacks of the loop; each optional.
@@ -49,11 +53,16 @@ class Hooks:
       progress: ``(steps_done, steps_total, last_record_or_None)`` at every fetch point.
       epoch_end: ``(record)`` after each epoch's evaluation, before its checkpoint.
       after_fetch: ``(global_step)`` after every fetch point's saves (tests stop runs here).
+      dispatched: ``(epoch)`` once an epoch's programs are dispatched (and so compiled).
+      stop: ``() -> bool``, asked before each epoch; True raises :class:`StopRequested` (the
+        work since the last checkpoint is lost, as with a kill).
     """
 
     progress: Callable[[int, int, dict | None], None] | None = None
     epoch_end: Callable[[dict], None] | None = None
     after_fetch: Callable[[int], None] | None = None
+    dispatched: Callable[[int], None] | None = None
+    stop: Callable[[], bool] | None = None
 
 
 @dataclasses.dataclass
@@ -178,6 +187,8 @@ def train_run(
         pending: list = []  # finished epochs whose numbers are still on the device
         shown = time.monotonic()
         for epoch in range(meta["epoch"], cfg.num_epochs):
+            if hooks.stop is not None and hooks.stop():
+                raise StopRequested(f"{workdir} stopped at epoch {epoch + 1}")
             order = (
                 next_order
                 if next_order is not None
@@ -221,12 +232,21 @@ def train_run(
                 improved, state, best_state if best_state is not None else state
             )
             pending.append((epoch, sums, evaluation, before, tracker, improved))
+            if hooks.dispatched:
+                hooks.dispatched(epoch)
             due = (epoch + 1) % cfg.checkpoint_every_epochs == 0 or epoch + 1 == cfg.num_epochs
-            show = hooks.progress is not None and time.monotonic() - shown > 0.25
-            if not (due or show or hooks.after_fetch):
+            if due or hooks.after_fetch:
+                ready = len(pending)  # wait for the device: a checkpoint or a test's hook
+            elif hooks.progress is not None and time.monotonic() - shown > 0.25:
+                # The progress bar takes only epochs the device has finished, so showing
+                # progress never drains the queue of dispatched work.
+                ready = _ready_prefix(pending)
+            else:
+                ready = 0
+            if not ready:
                 continue
-            meta, changed = _flush(pending, meta, cfg, per_epoch, ckpt, workdir, hooks)
-            pending = []
+            meta, changed = _flush(pending[:ready], meta, cfg, per_epoch, ckpt, workdir, hooks)
+            pending = pending[ready:]
             best_saved = best_saved and not changed
             if due:
                 ckpt.save(meta["history"][-1]["step"], state, meta,
@@ -258,6 +278,14 @@ def train_run(
         best_eval=best_eval,
         committed=committed,
     )
+
+
+def _ready_prefix(pending: list) -> int:
+    """How many of the oldest ``pending`` epochs the device has finished (no waiting)."""
+    for i, entry in enumerate(pending):
+        if not all(x.is_ready() for x in jax.tree.leaves(entry) if isinstance(x, jax.Array)):
+            return i
+    return len(pending)
 
 
 def _prepare_orders(indices: np.ndarray, batch_size: int, seed: int, epochs: range) -> None:

@@ -115,10 +115,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # JAX in forked children is unsafe
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        # The worker processes already fill the cores: each trains its runs one at a time
+        # unless the command line says otherwise.
+        own = [] if any(o.startswith("concurrent_runs=") for o in overrides) else [
+            f"concurrent_runs={1 if args.jobs > 1 else 0}"
+        ]  # fmt: skip
 
         def submit(variant, dataset, name, extra=()):
             path = str(job_dir(workdir, name, dataset))
-            return pool.submit(run_job, args.config, variant, dataset, [*overrides, *extra], path)
+            job_overrides = [*own, *overrides, *extra]
+            return pool.submit(run_job, args.config, variant, dataset, job_overrides, path)
 
         jobs = {(v, d): submit(v, d, v) for v in variants for d in datasets}
         done = {key: job.result() for key, job in jobs.items()}

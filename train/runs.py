@@ -27,10 +27,12 @@ RECORD = "record.json"  # one run's outcome
 CONFIG = "config.json"  # a workdir's (or a run's) identity
 
 # Keys that cannot change a run's results: how often state is saved or logged (a resumed run
-# replays bit-identically whatever the interval), and how many old checkpoints are kept.
-IGNORED_KEYS = frozenset(
-    {"checkpoint_every_epochs", "checkpoint_every_steps", "max_to_keep", "log_every_steps"}
-)
+# replays bit-identically whatever the interval), how many old checkpoints are kept, and how
+# many runs train side by side.
+IGNORED_KEYS = frozenset({
+    "checkpoint_every_epochs", "checkpoint_every_steps", "max_to_keep", "log_every_steps",
+    "concurrent_runs",
+})  # fmt: skip
 
 
 def write_atomic(path: str | pathlib.Path, text: str, *, durable: bool = True) -> None:

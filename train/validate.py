@@ -39,7 +39,7 @@ MINIMUM = {
     "checkpoint_every_steps": 0, "log_every_steps": 0, "max_to_keep": 1,
     "model.num_heads": 1, "model.num_gaussians": 1, "model.conv_features": 1,
     "model.attention_dim": 1, "model.query_heads": 1, "model.kv_heads": 1,
-    "optimizer.plateau_patience": 0, "optimizer.weight_decay": 0.0,
+    "optimizer.plateau_patience": 0, "optimizer.weight_decay": 0.0, "concurrent_runs": 0,
 }  # fmt: skip
 
 
@@ -74,6 +74,11 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"cv.k must be at least 2 folds, got {config.cv.k}.")
     if not config.dataset_paths:
         raise ConfigError("dataset_paths is empty: name at least one dataset.")
+    if config.get("concurrent_runs", 0) > 1 and "mesh" in config:
+        raise ConfigError(
+            "concurrent_runs > 1 cannot be combined with a mesh (sharded runs go one at a "
+            "time); use --config.concurrent_runs=1 or 0 (auto)."
+        )
 
 
 def check_workdir(workdir: str | pathlib.Path) -> None:
