@@ -190,6 +190,7 @@ def test_masked_values_do_not_affect_valid_outputs_or_gradients(form):
         def f(x):
             return F.mixture_gaussian_adaptive_attention(x, *p, axis=1, mask=mask)
 
+    f = jax.jit(f)  # one compile for the three inputs (and the gradient's two)
     y = f(x)
     for other in (garbage, garbage_nan):
         y2 = f(other)
@@ -200,7 +201,8 @@ def test_masked_values_do_not_affect_valid_outputs_or_gradients(form):
     def loss(x):
         return jnp.sum(jnp.where(mask, f(x), 0.0) ** 2)
 
-    g1, g2 = jax.grad(loss)(x), jax.grad(loss)(garbage_nan)
+    grad = jax.jit(jax.grad(loss))
+    g1, g2 = grad(x), grad(garbage_nan)
     chex.assert_tree_all_finite(g2)
     chex.assert_trees_all_close(g1, g2)
     assert float(jnp.max(jnp.abs(jnp.where(mask, 0.0, g2)))) == 0.0
@@ -259,8 +261,8 @@ def test_jit_vmap_grad():
     # grad against a central finite difference along a random direction. The forward pass is
     # float32, so the difference carries ~6e-8 * |loss| / h of rounding and O(h^2) truncation:
     # h = 1e-3 keeps both near 1e-3 relative.
-    loss = lambda d: jnp.sum(F.gaussian_adaptive_attention(x, d, xi, axis=1) ** 2)  # noqa: E731
-    g = jax.grad(loss)(delta)
+    loss = jax.jit(lambda d: jnp.sum(F.gaussian_adaptive_attention(x, d, xi, axis=1) ** 2))
+    g = jax.jit(jax.grad(loss))(delta)
     v = _normal(delta.shape, seed=43)
     h = 1e-3
     fd = (loss(delta + h * v) - loss(delta - h * v)) / (2 * h)
@@ -270,10 +272,10 @@ def test_jit_vmap_grad():
 def test_mixture_grad_matches_finite_differences():
     x = _normal((3, 9, 4), seed=44)
     m, c = 0.2 * _normal((2, 3), seed=45), 1.0 + 0.2 * _normal((2, 3), seed=46)
-    loss = lambda m, c: jnp.sum(  # noqa: E731
-        F.mixture_gaussian_adaptive_attention(x, m, c, axis=1) * x
+    loss = jax.jit(  # compiled once for the four evaluations below
+        lambda m, c: jnp.sum(F.mixture_gaussian_adaptive_attention(x, m, c, axis=1) * x)
     )
-    gm, gc = jax.grad(loss, argnums=(0, 1))(m, c)
+    gm, gc = jax.jit(jax.grad(loss, argnums=(0, 1)))(m, c)
     for g, arg in ((gm, 0), (gc, 1)):
         v = _normal(m.shape, seed=47 + arg)
         h = 1e-3  # see test_jit_vmap_grad

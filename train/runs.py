@@ -95,6 +95,12 @@ class RunRecord:
     layer_contribution_percent: list | None = None
     gate_mean: str | None = None
 
+    def __post_init__(self):
+        # JSON's own types (lists, not tuples), so a record computed now equals the same
+        # record read back from disk.
+        plain = json.loads(json.dumps(self.gaussian_parameters))
+        object.__setattr__(self, "gaussian_parameters", plain)
+
     def save(self, run_dir: str | pathlib.Path) -> None:
         """Writes ``record.json`` into the run folder."""
         write_json_atomic(pathlib.Path(run_dir) / RECORD, dataclasses.asdict(self))
