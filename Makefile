@@ -57,9 +57,10 @@ test: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -n 2 --durations=10 tests
 
-# The edit loop (not CI): everything but the integration tests marked slow.
+# The edit loop (not CI): every test function but the integration tests marked slow, each with
+# its first parameters only (make test runs every case).
 test-fast: $(STAMP)
-	$(PY) -m pytest -n 2 -q -m "not slow" tests
+	$(PY) -m pytest -n 2 -q -m "not slow" --one-case tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -41,8 +41,28 @@ def tfds_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tfds")
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--one-case",
+        action="store_true",
+        help="run each test function once, with its first parameters (make test-fast)",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
-    """Runs the tests marked slow first, so pytest-xdist packs the short ones around them."""
+    """Runs the tests marked slow first, so pytest-xdist packs the short ones around them.
+
+    With ``--one-case``, every test function runs with its first parameters only: the edit
+    loop's quick check that nothing is broken, while ``make test`` runs every case.
+    """
+    if config.getoption("--one-case"):
+        seen, keep, drop = set(), [], []
+        for item in items:
+            key = (item.nodeid.split("::")[0], getattr(item, "originalname", item.name))
+            (drop if key in seen else keep).append(item)
+            seen.add(key)
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

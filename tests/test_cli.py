@@ -81,6 +81,7 @@ def test_broken_configs_and_workdirs(toy, tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_a_changed_config_is_refused_and_the_workdir_untouched(toy, tmp_path, capsys):
     cfg = tiny_config(tmp_path / "cfg.py", toy, num_epochs=1, checkpoint_every_steps=0)
     workdir = tmp_path / "w"
@@ -114,6 +115,7 @@ def test_changed_data_is_refused(toy, tmp_path, capsys):
     assert "(differing: data.toy.fingerprint)" in line and "another config" in line
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line(toy, tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -146,6 +146,7 @@ def test_wavlm_chunks_are_normalised_per_chunk(tmp_path):
     np.testing.assert_allclose(y["input_values"][:, :32_000].std(), 1, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_extraction_resumes_after_an_interruption(tfds_dir, tmp_path, encoder):
     shards = tmp_path / "shards"
 

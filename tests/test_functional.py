@@ -1,5 +1,6 @@
 """The functional core: hand-computed goldens, heads, masks, transforms and numerics."""
 
+import inspect
 import math
 
 import chex
@@ -12,6 +13,22 @@ from tolerances import BF16, F32, scaled_atol
 from gaam_jax import functional as F
 
 KEY = jax.random.key(0)
+
+# The functions under test, compiled. Eagerly every call runs (and compiles) dozens of single
+# ops, which made this the slowest file of the suite; test_jit_vmap_grad checks that the
+# compiled and the eager function agree, and the argument checks below call them eagerly.
+_STATIC = ("axis", "feature_axis", "variance", "var_eps", "norm_eps", "eps", "return_gate")
+
+
+def _compiled(fn):
+    names = [n for n in _STATIC if n in inspect.signature(fn).parameters]
+    return jax.jit(fn, static_argnames=names)
+
+
+gaam = _compiled(F.gaussian_adaptive_attention)
+gaussian_gate = _compiled(F.gaussian_gate)
+mixture_gate = _compiled(F.mixture_gate)
+mixture_gaam = _compiled(F.mixture_gaussian_adaptive_attention)
 
 
 def _normal(shape, seed=0, scale=1.0, shift=0.0):
@@ -29,7 +46,7 @@ def test_paper_gate_golden_one_head():
     delta, xi = jnp.zeros((1, 1)), jnp.full((1, 1), 2.0)
     denom = math.sqrt(2.0 / 3.0 + 1e-8 + 1e-5)
     expected_gate = [math.exp(-(((v - 2.0) / denom) ** 2) / 4.0) for v in (1.0, 2.0, 3.0)]
-    y, gate = F.gaussian_adaptive_attention(x, delta, xi, return_gate=True)
+    y, gate = gaam(x, delta, xi, return_gate=True)
     chex.assert_trees_all_close(gate.ravel(), jnp.array(expected_gate), rtol=F32)
     chex.assert_trees_all_close(
         y.ravel(),
@@ -43,7 +60,7 @@ def test_paper_gate_golden_two_heads_offsets():
     x = jnp.array([[0.0, 10.0], [2.0, 20.0], [5.0, -1.0], [9.0, 1.0]])[None]  # [1, 4, 2]
     delta = jnp.array([[0.5, 0.0], [0.0, -1.0]])
     xi = jnp.array([[1.0, 2.0], [3.0, 0.5]])
-    gate = F.gaussian_gate(x, delta, xi)
+    gate = gaussian_gate(x, delta, xi)
     expected = np.zeros((4, 2))
     for h, rows in enumerate(((0, 1), (2, 3))):
         for f in range(2):
@@ -60,7 +77,7 @@ def test_mixture_gate_golden_single_gaussian():
     # x = (-1, 0, 1): mean 0, unbiased variance 1. With m = 0, c = 1 the product is the standard
     # normal pdf of x, and sum-normalisation gives exp(-x^2/2) / (1 + 2 exp(-1/2)).
     x = jnp.array([-1.0, 0.0, 1.0])[None]
-    gate = F.mixture_gate(x, jnp.zeros((1, 1)), jnp.ones((1, 1)), axis=1)
+    gate = mixture_gate(x, jnp.zeros((1, 1)), jnp.ones((1, 1)), axis=1)
     e = math.exp(-0.5)
     # The variance is 1 + 1e-8; the effect on the gate is below float32 resolution.
     chex.assert_trees_all_close(gate[0], jnp.array([e, 1.0, e]) / (1 + 2 * e), rtol=F32)
@@ -95,7 +112,7 @@ def test_mixture_closed_form_equals_product_of_k_gaussians(shape, axis, heads, k
     rng = np.random.default_rng(0)
     m = 0.5 * rng.standard_normal((heads, k))
     c = rng.choice([-1, 1], (heads, k)) * rng.uniform(0.5, 2.0, (heads, k))
-    gate = F.mixture_gate(x, jnp.asarray(m, jnp.float32), jnp.asarray(c, jnp.float32), axis=axis)
+    gate = mixture_gate(x, jnp.asarray(m, jnp.float32), jnp.asarray(c, jnp.float32), axis=axis)
     expected = _naive_package_numpy(np.asarray(x), m, c, axis)
     chex.assert_trees_all_close(
         np.asarray(gate, np.float64), expected, atol=scaled_atol(expected, F32), rtol=0
@@ -108,7 +125,7 @@ def test_mixture_eps_floor_applies_when_sum_is_tiny():
     m = jnp.full((1, 3), 30.0)
     c = jnp.full((1, 3), 1.0)
     expected = _naive_package_numpy(np.asarray(x), np.asarray(m), np.asarray(c), 1)
-    gate = F.mixture_gate(x, m, c, axis=1)
+    gate = mixture_gate(x, m, c, axis=1)
     assert float(jnp.sum(gate)) < 1e-3  # the floor applied: the gate no longer sums to 1
     chex.assert_trees_all_close(
         np.asarray(gate, np.float64), expected, atol=1e-12 + scaled_atol(expected, F32), rtol=0
@@ -125,13 +142,11 @@ def test_paper_multihead_equals_per_head_loop(heads):
     x = _normal((4, 6, 5), seed=2)
     delta = 0.1 * _normal((heads, 5), seed=3)
     xi = 2.0 + 0.1 * _normal((heads, 5), seed=4)
-    y = F.gaussian_adaptive_attention(x, delta, xi, axis=1)
+    y = gaam(x, delta, xi, axis=1)
     g = 6 // heads
     loop = jnp.concatenate(
         [
-            F.gaussian_adaptive_attention(
-                x[:, h * g : (h + 1) * g], delta[h : h + 1], xi[h : h + 1], axis=1
-            )
+            gaam(x[:, h * g : (h + 1) * g], delta[h : h + 1], xi[h : h + 1], axis=1)
             for h in range(heads)
         ],
         axis=1,
@@ -144,22 +159,20 @@ def test_paper_form_axis_and_feature_axis_are_general():
     x = _normal((2, 3, 4, 6), seed=5)  # [B, T, N=4... no: B, T, d=4, N=6]
     delta = 0.2 * _normal((3, 4), seed=6)
     xi = 1.5 + 0.1 * _normal((3, 4), seed=7)
-    y = F.gaussian_adaptive_attention(x, delta, xi, axis=3, feature_axis=2)
+    y = gaam(x, delta, xi, axis=3, feature_axis=2)
     xt = jnp.swapaxes(x, 2, 3)  # [B, T, N, d]
-    yt = F.gaussian_adaptive_attention(xt, delta, xi, axis=2, feature_axis=3)
+    yt = gaam(xt, delta, xi, axis=2, feature_axis=3)
     chex.assert_trees_all_close(y, jnp.swapaxes(yt, 2, 3), rtol=F32, atol=1e-7)
     # Feature axis before the head axis (parameters are transposed internally).
     x2 = jnp.moveaxis(x, 2, 0)  # [d, B, T, N]
-    y2 = F.gaussian_adaptive_attention(x2, delta, xi, axis=3, feature_axis=0)
+    y2 = gaam(x2, delta, xi, axis=3, feature_axis=0)
     chex.assert_trees_all_close(jnp.moveaxis(y2, 0, 2), y, rtol=F32, atol=1e-7)
 
 
 def test_paper_form_scalar_parameters_per_head():
     x = _normal((3, 8, 5), seed=8)
-    y = F.gaussian_adaptive_attention(
-        x, jnp.full((2, 1), 0.3), jnp.full((2, 1), 1.5), axis=1, feature_axis=None
-    )
-    y_full = F.gaussian_adaptive_attention(x, jnp.full((2, 5), 0.3), jnp.full((2, 5), 1.5), axis=1)
+    y = gaam(x, jnp.full((2, 1), 0.3), jnp.full((2, 1), 1.5), axis=1, feature_axis=None)
+    y_full = gaam(x, jnp.full((2, 5), 0.3), jnp.full((2, 5), 1.5), axis=1)
     chex.assert_trees_all_close(y, y_full, rtol=F32)
 
 
@@ -183,12 +196,12 @@ def test_masked_values_do_not_affect_valid_outputs_or_gradients(form):
         p = (0.1 * _normal((4, 4), seed=13), 2.0 + 0.1 * _normal((4, 4), seed=14))
 
         def f(x):
-            return F.gaussian_adaptive_attention(x, *p, axis=1, mask=mask)
+            return gaam(x, *p, axis=1, mask=mask)
     else:
         p = (0.1 * _normal((4, 2), seed=13), 1.0 + 0.1 * _normal((4, 2), seed=14))
 
         def f(x):
-            return F.mixture_gaussian_adaptive_attention(x, *p, axis=1, mask=mask)
+            return mixture_gaam(x, *p, axis=1, mask=mask)
 
     f = jax.jit(f)  # one compile for the three inputs (and the gradient's two)
     y = f(x)
@@ -213,12 +226,12 @@ def test_mask_excludes_elements_from_statistics():
     x = _normal((1, 10, 3), seed=20)
     mask = jnp.arange(10)[None, :, None] < 6
     delta, xi = jnp.zeros((1, 3)), jnp.full((1, 3), 2.0)
-    y = F.gaussian_adaptive_attention(x, delta, xi, axis=1, mask=mask)
-    y_valid = F.gaussian_adaptive_attention(x[:, :6], delta, xi, axis=1)
+    y = gaam(x, delta, xi, axis=1, mask=mask)
+    y_valid = gaam(x[:, :6], delta, xi, axis=1)
     chex.assert_trees_all_close(y[:, :6], y_valid, rtol=F32, atol=1e-7)
     m, c = jnp.zeros((1, 2)), jnp.array([[1.0, 0.7]])
-    g = F.mixture_gate(x, m, c, axis=1, mask=mask)
-    g_valid = F.mixture_gate(x[:, :6], m, c, axis=1)
+    g = mixture_gate(x, m, c, axis=1, mask=mask)
+    g_valid = mixture_gate(x[:, :6], m, c, axis=1)
     chex.assert_trees_all_close(g[:, :6], g_valid, rtol=F32, atol=1e-7)
     chex.assert_trees_all_close(g[:, 6:], jnp.ones((1, 4, 3)))
 
@@ -230,12 +243,8 @@ def test_fully_masked_slice_is_finite(form):
 
     def f(x):
         if form == "paper":
-            return F.gaussian_adaptive_attention(
-                x, jnp.zeros((2, 3)), jnp.full((2, 3), 2.0), axis=1, mask=mask
-            )
-        return F.mixture_gaussian_adaptive_attention(
-            x, jnp.zeros((2, 1)), jnp.ones((2, 1)), axis=1, mask=mask
-        )
+            return gaam(x, jnp.zeros((2, 3)), jnp.full((2, 3), 2.0), axis=1, mask=mask)
+        return mixture_gaam(x, jnp.zeros((2, 1)), jnp.ones((2, 1)), axis=1, mask=mask)
 
     y = f(x)
     chex.assert_tree_all_finite(y)
@@ -273,7 +282,7 @@ def test_mixture_grad_matches_finite_differences():
     x = _normal((3, 9, 4), seed=44)
     m, c = 0.2 * _normal((2, 3), seed=45), 1.0 + 0.2 * _normal((2, 3), seed=46)
     loss = jax.jit(  # compiled once for the four evaluations below
-        lambda m, c: jnp.sum(F.mixture_gaussian_adaptive_attention(x, m, c, axis=1) * x)
+        lambda m, c: jnp.sum(mixture_gaam(x, m, c, axis=1) * x)
     )
     gm, gc = jax.jit(jax.grad(loss, argnums=(0, 1)))(m, c)
     for g, arg in ((gm, 0), (gc, 1)):
@@ -296,7 +305,7 @@ def test_shard_map_over_batch_equals_unsharded():
     delta, xi = 0.1 * _normal((2, 6), seed=51), 2.0 + 0.1 * _normal((2, 6), seed=52)
 
     def f(x, d, s):
-        return F.gaussian_adaptive_attention(x, d, s, axis=1)
+        return gaam(x, d, s, axis=1)
 
     sharded = jax.jit(
         jax.shard_map(f, mesh=mesh, in_specs=(P("data"), P(), P()), out_specs=P("data"))
@@ -315,10 +324,10 @@ def test_bfloat16_input_is_finite_and_close_to_float32(form):
     xb = x.astype(jnp.bfloat16)
     if form == "paper":
         p = (0.1 * _normal((8, 16), seed=61), 2.0 + 0.1 * _normal((8, 16), seed=62))
-        f = lambda x: F.gaussian_adaptive_attention(x, *p, axis=1, return_gate=True)  # noqa: E731
+        f = lambda x: gaam(x, *p, axis=1, return_gate=True)  # noqa: E731
     else:
         p = (0.1 * _normal((8, 4), seed=61), 1.0 + 0.1 * _normal((8, 4), seed=62))
-        f = lambda x: F.mixture_gaussian_adaptive_attention(  # noqa: E731
+        f = lambda x: mixture_gaam(  # noqa: E731
             x, *p, axis=1, return_gate=True
         )
     yb, gate_b = f(xb)
@@ -345,14 +354,12 @@ def test_large_magnitude_inputs(dtype):
     shift = 1e3 if dtype == jnp.float16 else 1e4
     x = (shift + 2.0 * _normal((2, 40, 8), seed=70)).astype(dtype)
     delta, xi = jnp.full((8, 8), 0.1), jnp.full((8, 8), 2.0)
-    y, gate = F.gaussian_adaptive_attention(x, delta, xi, axis=1, return_gate=True)
+    y, gate = gaam(x, delta, xi, axis=1, return_gate=True)
     chex.assert_tree_all_finite((y, gate))
     assert y.dtype == dtype and gate.dtype == jnp.float32
     # Exact for the given (already rounded) inputs: only float32 rounding of x - mean remains.
     chex.assert_trees_all_close(gate, _paper_gate_float64(x, delta, xi, 8), atol=1e-5, rtol=0)
-    y_mix, g_mix = F.mixture_gaussian_adaptive_attention(
-        x, jnp.zeros((8, 2)), jnp.ones((8, 2)), axis=1, return_gate=True
-    )
+    y_mix, g_mix = mixture_gaam(x, jnp.zeros((8, 2)), jnp.ones((8, 2)), axis=1, return_gate=True)
     chex.assert_tree_all_finite((y_mix, g_mix))
     chex.assert_trees_all_close(jnp.sum(g_mix, axis=1), jnp.full((2, 8), 8.0), rtol=F32)
 
@@ -362,9 +369,9 @@ def test_one_pass_variance_loses_accuracy_at_large_magnitude():
     x = 1e4 + _normal((2, 40, 8), seed=71)
     delta, xi = jnp.zeros((8, 8)), jnp.full((8, 8), 2.0)
     exact = _paper_gate_float64(x, delta, xi, 8)
-    err_two = np.max(np.abs(np.asarray(F.gaussian_gate(x, delta, xi, axis=1)) - exact))
+    err_two = np.max(np.abs(np.asarray(gaussian_gate(x, delta, xi, axis=1)) - exact))
     err_one = np.max(
-        np.abs(np.asarray(F.gaussian_gate(x, delta, xi, axis=1, variance="one_pass")) - exact)
+        np.abs(np.asarray(gaussian_gate(x, delta, xi, axis=1, variance="one_pass")) - exact)
     )
     assert err_two < 1e-5 and err_one > 1e-2, (err_two, err_one)
 
@@ -373,14 +380,10 @@ def test_one_pass_variance_loses_accuracy_at_large_magnitude():
 def test_zero_variance_slices_are_finite(form):
     x = jnp.ones((2, 6, 3)) * jnp.array([0.0, 5.0, -1e4])[None, None, :]
     if form == "paper":
-        y, gate = F.gaussian_adaptive_attention(
-            x, jnp.zeros((3, 3)), jnp.full((3, 3), 2.0), axis=1, return_gate=True
-        )
+        y, gate = gaam(x, jnp.zeros((3, 3)), jnp.full((3, 3), 2.0), axis=1, return_gate=True)
         chex.assert_trees_all_close(gate, jnp.ones_like(gate))  # z = 0 everywhere
     else:
-        y, gate = F.mixture_gaussian_adaptive_attention(
-            x, jnp.zeros((3, 2)), jnp.ones((3, 2)), axis=1, return_gate=True
-        )
+        y, gate = mixture_gaam(x, jnp.zeros((3, 2)), jnp.ones((3, 2)), axis=1, return_gate=True)
         chex.assert_trees_all_close(gate, jnp.full_like(gate, 0.5))  # uniform over 2 positions
     chex.assert_tree_all_finite((y, gate))
 
@@ -388,7 +391,7 @@ def test_zero_variance_slices_are_finite(form):
 def test_single_element_heads_are_finite():
     # The package's unbiased variance of one element is NaN; here it is 0 (+eps).
     x = _normal((2, 4), seed=80)
-    y = F.mixture_gaussian_adaptive_attention(x, jnp.zeros((4, 1)), jnp.ones((4, 1)), axis=1)
+    y = mixture_gaam(x, jnp.zeros((4, 1)), jnp.ones((4, 1)), axis=1)
     chex.assert_trees_all_close(y, x)  # one position per head: the normalised gate is 1
 
 

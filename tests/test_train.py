@@ -293,6 +293,7 @@ def test_killed_runs_restart_to_the_same_result(toy, tmp_path):
     assert ref_results == json.loads((tmp_path / "cut" / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_runs_side_by_side_equal_runs_one_at_a_time(toy, tmp_path):
     """Two runs trained at once compute exactly what they compute one at a time; an error in
     one stops both, and the same command then resumes to the same results."""
@@ -328,6 +329,7 @@ def test_runs_side_by_side_equal_runs_one_at_a_time(toy, tmp_path):
         validate.check_values(config)
 
 
+@pytest.mark.slow
 def test_predictor_reads_the_recorded_config_and_exports(toy, tmp_path):
     cfg = tiny_config(tmp_path / "cfg.py", toy, num_epochs=1)
     config = config_lib.load(cfg)

@@ -1,5 +1,7 @@
 """The Gaussian Adaptive Transformer decoder: fronts, shapes, parameter counts, BatchNorm, gates."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -19,11 +21,18 @@ def _small(front, **kw):
     )
 
 
+@functools.cache
+def _front(front):
+    """A small decoder of ``front``, its variables and its compiled evaluation forward (shared
+    by the tests below: initialising and compiling dominate their time)."""
+    model = _small(front)
+    return model, model.init(jax.random.key(1), X), jax.jit(model.apply)
+
+
 @pytest.mark.parametrize("front", FRONTS)
 def test_every_front_gives_logits(front):
-    model = _small(front)
-    variables = model.init(jax.random.key(1), X)
-    logits = jax.jit(lambda v, x: model.apply(v, x))(variables, X)
+    _, variables, apply = _front(front)
+    logits = apply(variables, X)
     chex.assert_shape(logits, (4, 3))
     chex.assert_tree_all_finite(logits)
 
@@ -77,11 +86,10 @@ def test_mixture_front_has_the_papers_64_parameters():
 def test_samples_are_independent_in_evaluation(front):
     # Attention runs over the layer tokens of each sample, never across the minibatch (the
     # released MHA code's bug), so a sample's logits do not depend on its batch-mates.
-    model = _small(front)
-    variables = model.init(jax.random.key(2), X)
-    full = model.apply(variables, X)
-    alone = model.apply(variables, X[:1])
-    other = model.apply(variables, jnp.concatenate([X[:1], 5.0 * X[1:]]))
+    _, variables, apply = _front(front)
+    full = apply(variables, X)
+    alone = apply(variables, X[:1])
+    other = apply(variables, jnp.concatenate([X[:1], 5.0 * X[1:]]))
     chex.assert_trees_all_close(full[:1], alone, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(other[:1], alone, rtol=1e-5, atol=1e-6)
 
@@ -108,8 +116,7 @@ def test_mha_bn_uses_batch_statistics_only_in_training():
 
 @pytest.mark.parametrize("front", ["gaam", "gqgaam", "mixture"])
 def test_gate_is_sown_for_the_importance_factor(front):
-    model = _small(front)
-    variables = model.init(jax.random.key(4), X)
+    model, variables, _ = _front(front)
     _, inter = model.apply(variables, X, mutable=["intermediates"])
     gate = importance.find_gate(inter)
     chex.assert_shape(gate, X.shape)

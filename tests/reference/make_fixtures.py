@@ -3,7 +3,7 @@
 Run it in the reference venv (PyTorch + the authors' package), never in the project venv::
 
     make fixtures
-    # or: $(bash ../shared/tools/reference_venv.sh .reference-venv) \
+    # or: $(bash tests/reference/venv.sh .reference-venv) \
     #         tests/reference/make_fixtures.py tests/fixtures
 
 Two families of fixtures:
@@ -14,7 +14,7 @@ Two families of fixtures:
   ``grad/<state_dict key>``, plus ``config`` (JSON).
 * ``paper_*.npz``: the paper form (Algorithm 1 + 3), transcribed into PyTorch from the
   description of the authors' experiment code (``DAAM`` / ``MultiHeadDAAM``, see
-  ``shared/paper_spec.md`` section 3): one-pass population variance, ``|var| + 1e-8``, ``+1e-5``
+  ``docs/design.md`` sections 2 and 4): one-pass population variance, ``|var| + 1e-8``, ``+1e-5``
   inside the square root, ``exp(-z^2 / (2 c))``, heads as contiguous groups of layers. Keys:
   ``x``, ``w``, ``delta``, ``xi`` (``[heads, d]``), ``out``, ``gate``, ``grad_x``,
   ``grad_delta``, ``grad_xi`` and ``config``.
