@@ -371,8 +371,9 @@ def _train_all(
                         future = pool.submit(steps, job)
                     jobs.append((split, seed, fold, future))
         records = []
+        futures = [future for *_, future in jobs]
         for split, seed, fold, future in jobs:
-            record = future.result()
+            record = _result(future, futures)
             records.append(record)
             background.check()
             if progress and jax.process_index() == 0:
@@ -388,6 +389,20 @@ def _train_all(
     finally:
         pool.close()
     return records
+
+
+def _result(future: concurrent.futures.Future, futures: list) -> Any:
+    """``future``'s result; or the error of any other run as soon as one fails.
+
+    So the runs still training stop at their next epoch instead of finishing first.
+    """
+    while not future.done():
+        running = [f for f in futures if not f.done()]
+        concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+        for other in futures:
+            if other.done() and not other.cancelled() and other.exception() is not None:
+                other.result()
+    return future.result()
 
 
 def _job(

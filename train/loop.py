@@ -168,6 +168,7 @@ def train_run(
         asynchronous=cfg.get("async_checkpoints", True),
     )
     committed = None
+    stop_orders, orders = threading.Event(), None
     try:
         state = steps.init_state(seed)
         meta = {"epoch": 0, "position": 0, "partial": None, "plateau": plateau.init(),
@@ -179,7 +180,8 @@ def train_run(
         # The epochs' orders are pure host work: compute them while the device compiles/trains.
         epochs = range(meta["epoch"], cfg.num_epochs)
         args = (np.asarray(train_idx), cfg.batch_size, seed, epochs)
-        threading.Thread(target=_prepare_orders, args=args, daemon=True).start()
+        orders = threading.Thread(target=_prepare_orders, args=(*args, stop_orders), daemon=True)
+        orders.start()
         best_saved = True  # the best (if any) is on disk as of the restored checkpoint
         next_order = None
         tracker = plateau.to_device(meta["plateau"], meta["best"])
@@ -263,6 +265,9 @@ def train_run(
         if background is not None:
             committed = background.submit(ckpt.close)
     finally:
+        if orders is not None:  # an error must not leave it inside grain at interpreter exit
+            stop_orders.set()
+            orders.join()
         if committed is None:
             ckpt.close()
     history = meta["history"]
@@ -288,9 +293,13 @@ def _ready_prefix(pending: list) -> int:
     return len(pending)
 
 
-def _prepare_orders(indices: np.ndarray, batch_size: int, seed: int, epochs: range) -> None:
+def _prepare_orders(
+    indices: np.ndarray, batch_size: int, seed: int, epochs: range, stop: threading.Event
+) -> None:
     """Fills :func:`data.pipeline.epoch_order`'s permutation cache for ``epochs``."""
     for epoch in epochs:
+        if stop.is_set():
+            return
         pipeline.epoch_order(indices, batch_size=batch_size, seed=seed, epoch=epoch)
 
 
