@@ -339,18 +339,30 @@ def _train_all(
 
     Up to ``concurrent_runs`` of them train at once (:mod:`train.parallel_runs`).
     """
-    compiled: dict[tuple, Steps] = {}  # datasets of one shape and class count share the steps
+    by_shape: dict[tuple, Steps] = {}  # datasets of one shape and class count share the steps
     placed: dict[str, tuple[Steps, Any]] = {}  # each dataset's data is placed once
 
     def prepare(split: Split) -> tuple[Steps, Any]:
         if split.name not in placed:
             key = (split.num_classes, split.input_shape)
-            if key not in compiled:
-                compiled[key] = Steps(config, *key, mesh=mesh)
-            feed = make_feed(compiled[key], split.source, split.num_classes,
+            if key not in by_shape:
+                by_shape[key] = Steps(config, *key, mesh=mesh)
+            feed = make_feed(by_shape[key], split.source, split.num_classes,
                              config.get("data_on_device", "auto"))  # fmt: skip
-            placed[split.name] = (compiled[key], feed)
+            placed[split.name] = (by_shape[key], feed)
         return placed[split.name]
+
+    def make_job(split, steps, feed, run_dir, seed, fold):
+        def job(slot: int, stop: threading.Event, compiled: threading.Event) -> RunRecord:
+            run_hooks = dataclasses.replace(
+                hooks or loop.Hooks(), dispatched=lambda _: compiled.set(), stop=stop.is_set
+            )
+            return train_one(
+                config, split, steps, feed, run_dir, seed=seed, fold=fold, progress=progress,
+                hooks=run_hooks, background=background, position=slot,
+            )  # fmt: skip
+
+        return job
 
     pool = parallel_runs.RunPool(parallel_runs.concurrent_runs(config, mesh))
     jobs: list[tuple[Split, int, int, concurrent.futures.Future]] = []
@@ -364,10 +376,7 @@ def _train_all(
                         future.set_result(RunRecord.load(run_dir))
                     else:
                         steps, feed = prepare(split)
-                        job = functools.partial(
-                            _job, config, split, steps, feed, run_dir, seed, fold, progress,
-                            hooks, background,
-                        )  # fmt: skip
+                        job = make_job(split, steps, feed, run_dir, seed, fold)
                         future = pool.submit(steps, job)
                     jobs.append((split, seed, fold, future))
         records = []
@@ -403,28 +412,3 @@ def _result(future: concurrent.futures.Future, futures: list) -> Any:
             if other.done() and not other.cancelled() and other.exception() is not None:
                 other.result()
     return future.result()
-
-
-def _job(
-    config: ml_collections.ConfigDict,
-    split: Split,
-    steps: Steps,
-    feed: Any,
-    run_dir: pathlib.Path,
-    seed: int,
-    fold: int,
-    progress: bool,
-    hooks: loop.Hooks | None,
-    background: Background,
-    slot: int,
-    stop: threading.Event,
-    compiled: threading.Event,
-) -> RunRecord:
-    """One run as a :class:`~train.parallel_runs.RunPool` job."""
-    hooks = dataclasses.replace(
-        hooks or loop.Hooks(), dispatched=lambda _: compiled.set(), stop=stop.is_set
-    )
-    return train_one(
-        config, split, steps, feed, run_dir, seed=seed, fold=fold, progress=progress,
-        hooks=hooks, background=background, position=slot,
-    )  # fmt: skip
