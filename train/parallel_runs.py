@@ -25,9 +25,7 @@ from typing import Any
 import jax
 import ml_collections
 
-
-class StopRequested(Exception):
-    """Raised inside a run when another run failed or the user interrupted (Ctrl-C)."""
+from train.loop import StopRequested
 
 
 def concurrent_runs(config: ml_collections.ConfigDict, mesh: Any) -> int:
@@ -46,8 +44,8 @@ class RunPool:
     job alone: later jobs with the same key start once the first has set its ``compiled``
     event (or finished), so no program is compiled twice. ``slot`` is a number in
     ``[0, workers)`` unique among running jobs (a progress bar's row). On an error or
-    interrupt, queued jobs are cancelled and running ones stop at their next epoch
-    (``stop`` is set); the error is re-raised once they have unwound.
+    interrupt the caller calls :meth:`cancel` (queued jobs are cancelled, running ones see
+    ``stop`` set and stop at their next epoch) and then :meth:`close`, which waits for them.
 
     Args:
       workers: jobs at once; 1 runs each job in the caller's thread when it is submitted.
