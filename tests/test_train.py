@@ -230,19 +230,25 @@ def _final(workdir, steps):
 
 
 _KILL_DURING_SAVE = """
-import os, sys
+import os, sys, threading
 import orbax.checkpoint as ocp
 from train import checkpointing, __main__ as cli
 original = checkpointing.Checkpoints._write
-calls = []
+calls, lock = [], threading.Lock()  # runs side by side save from two threads
 def write(self, kind, step, state, meta):
-    calls.append(kind)
+    with lock:
+        calls.append(kind)
+        nth = calls.count("latest")
     # The n-th periodic save: orbax finalises it, then the process dies before the checksum.
-    if calls.count("latest") == {n} and kind == "latest":
+    if nth == {n} and kind == "latest":
+        manager = self.managers[kind]
+        manager.reload()
+        if step in manager.all_steps():  # left by the SIGKILL, as _write would clear it
+            manager.delete(step)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self.managers[kind].save(step, args=args, force=True)
-        self.managers[kind].wait_until_finished()
+        manager.save(step, args=args, force=True)
+        manager.wait_until_finished()
         os._exit(9)
     return original(self, kind, step, state, meta)
 checkpointing.Checkpoints._write = write
