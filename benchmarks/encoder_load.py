@@ -102,7 +102,7 @@ def child(case: str, folder: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from data.encoders import from_pretrained
+    from gaam_jax.encoders import from_pretrained
     from gaam_jax.sharding import make_mesh
 
     jax.devices()

@@ -7,9 +7,9 @@ Usage (in the benchmark venv, ``bash benchmarks/venv.sh``, which has torch and t
     .bench-venv/bin/python -m benchmarks.encoders --mesh     # 8 CPU devices sharded vs 1 device
     python -m benchmarks.encoders --device                   # PyTorch on CUDA (device.sh)
 
-For every architecture whose module exists in ``data/encoders``: a transformers model with
+For every architecture whose module exists in ``gaam_jax/encoders``: a transformers model with
 random weights is built from a config (offline), saved with ``save_pretrained`` to a temporary
-folder and loaded from there by ``data.encoders.from_pretrained``, so both sides run the same
+folder and loaded from there by ``gaam_jax.encoders.from_pretrained``, so both sides run the same
 weights. Both produce every layer's hidden states (``output_hidden_states=True`` stacked on
 axis 1, as ``hidden_states`` returns them). One process, alternating repetitions (rotating
 order), medians; examples/s and the JAX/PyTorch ratio (> 1: JAX faster), plus the largest
@@ -84,8 +84,8 @@ def specs(quick: bool) -> dict[str, Spec]:
 
 
 def available(quick: bool, only: list[str] | None) -> list[str]:
-    """Architectures whose ``data/encoders`` module exists (and that ``only`` names)."""
-    names = [n for n in specs(quick) if importlib.util.find_spec(f"data.encoders.{n}")]
+    """Architectures whose ``gaam_jax/encoders`` module exists (and that ``only`` names)."""
+    names = [n for n in specs(quick) if importlib.util.find_spec(f"gaam_jax.encoders.{n}")]
     return [n for n in names if not only or n in only]
 
 
@@ -127,7 +127,7 @@ def section_vs_torch(names: list[str], quick: bool, repeats: int, device: str = 
     import torch
 
     from benchmarks.run import compare
-    from data.encoders import from_pretrained
+    from gaam_jax.encoders import from_pretrained
 
     rows = []
     for name in names:
@@ -171,7 +171,7 @@ def section_mesh(names: list[str], quick: bool, repeats: int) -> str:
     import jax.numpy as jnp
 
     from benchmarks.run import compare
-    from data.encoders import from_pretrained
+    from gaam_jax.encoders import from_pretrained
     from gaam_jax.sharding import make_mesh
 
     meshes = [(8, 1), (4, 2), (2, 4)]

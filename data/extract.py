@@ -9,9 +9,10 @@ Usage::
 Datasets: ``pang_lee_polarity`` and ``mini_newsgroup`` (offline text), ``ag_news`` (tfds'
 ``ag_news_subset``, title + description), ``cifar100`` (images) and ``iemocap`` (audio, from the
 manual download). The encoder is a local Hugging Face model folder loaded by
-:func:`data.encoders.from_pretrained` (BERT, Llama, BEiT or WavLM; default: the MiniLM that ships
-in a package); its ``model_type`` decides the inputs, prepared as the paper's code prepared them
-(:mod:`data.preprocess`) from the folder's own ``tokenizer.json`` / ``preprocessor_config.json``.
+:func:`gaam_jax.encoders.from_pretrained` (BERT, Llama, BEiT or WavLM; default: the MiniLM that
+ships in a package); its ``model_type`` decides the inputs, prepared as the paper's code prepared
+them (:mod:`data.preprocess`) from the folder's own ``tokenizer.json`` or
+``preprocessor_config.json``.
 
 For every example the encoder's hidden states ``hidden_states[1:]`` are pooled over the tokens
 (patches, frames), one vector per layer, and stacked into ``[N_layers, d]`` (the paper's decoder
@@ -47,7 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.datasets import encoder_features, registry
-from data.encoders import checkpoint
+from gaam_jax import sharding
+from gaam_jax.encoders import checkpoint
 
 POOLINGS = ("mean", "mean_with_padding")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -133,14 +135,6 @@ def parse_mesh(spec: str, device_count: int | None = None) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(sizes: dict[str, int]) -> jax.sharding.Mesh:
-    """A ``(data, model)`` mesh over every visible device (automatic sharding propagation)."""
-    from jax.experimental import mesh_utils
-
-    devices = mesh_utils.create_device_mesh((sizes["data"], sizes["model"]))
-    return jax.sharding.Mesh(devices, ("data", "model"))
-
-
 def default_encoder_name(folder: pathlib.Path) -> str:
     """A dataset-name-safe name for a model folder (a hub cache snapshot: the repository's)."""
     name = folder.name
@@ -188,7 +182,7 @@ class FeatureEncoder:
         if batch_size <= 0:
             raise ValueError(f"--batch-size must be positive, got {batch_size}.")
         if model_dir is None:
-            from data.encoders import bert
+            from gaam_jax.encoders import bert
 
             model_dir = bert.minilm_dir()
         self.model_dir = pathlib.Path(model_dir).expanduser()
@@ -250,7 +244,7 @@ class FeatureEncoder:
         """Loads the weights (sharded over the mesh, if any) and jits encoder + pooling."""
         if self._encode is not None:
             return
-        from data.encoders import from_pretrained
+        from gaam_jax.encoders import from_pretrained
 
         self.encoder = from_pretrained(self.model_dir, dtype=DTYPES[self.dtype], mesh=self.mesh)
         module = self.encoder.module
@@ -600,7 +594,7 @@ def _run(args: argparse.Namespace) -> int:
             f"--encoder {args.encoder} is not a folder: pass a local Hugging Face model folder "
             "(config.json + safetensors weights)."
         )
-    mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
+    mesh = sharding.make_mesh(parse_mesh(args.mesh)) if args.mesh else None
     encoder = FeatureEncoder(
         args.encoder,
         dtype=args.dtype,

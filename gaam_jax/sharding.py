@@ -39,14 +39,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 Rules = tuple[tuple[str, str | None], ...]
 LogicalAxes = tuple[str | None, ...]
 
+# One table for the decoders and the encoders. Tensor parallelism splits heads, feed-forward
+# widths, the vocabulary and conv output channels over "model"; model widths ("embed") stay whole
+# so that norms never cross devices. "stack" is the leading axis of an encoder's scanned layer
+# parameters: every device holds every layer (the scan reads one layer per step).
 DEFAULT_RULES: Rules = (
     ("batch", "data"),
     ("layers", "model"),  # the GAAM head groups; also the decoder's conv channels
     ("heads", "model"),
+    ("kv_heads", "model"),
     ("conv", "model"),
+    ("conv_out", "model"),
+    ("conv_in", None),
     ("mlp", "model"),
+    ("vocab", "model"),
     ("embed", None),
     ("classes", None),
+    ("stack", None),
 )
 
 _ANNOTATE: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -158,7 +167,9 @@ def validate_rules(rules: Rules) -> None:
 def make_mesh(
     shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None
 ) -> jax.sharding.Mesh:
-    """A mesh with named axes; one size may be -1 ("the remaining devices").
+    """``jax.make_mesh`` with named axes, one size possibly -1 ("the remaining devices").
+
+    The one mesh factory of the project (decoders, encoders, extraction, training).
 
     Args:
       shape: axis name -> size, e.g. ``{'data': -1, 'model': 2}``.
@@ -183,8 +194,12 @@ def make_mesh(
     if int(np.prod(list(sizes.values()))) != len(devices):
         need = int(np.prod(list(sizes.values())))
         raise ValueError(f"mesh {sizes} needs {need} devices, have {len(devices)}.")
-    grid = np.array(devices).reshape(tuple(sizes.values()))
-    return Mesh(grid, tuple(sizes))
+    return jax.make_mesh(
+        tuple(sizes.values()),
+        tuple(sizes),
+        axis_types=(jax.sharding.AxisType.Auto,) * len(sizes),
+        devices=devices,
+    )
 
 
 def param_logical_axes(params: Any) -> Any:

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from data.encoders import bert, from_pretrained
+from gaam_jax.encoders import bert, from_pretrained
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "minilm_hidden_states.npz"
 

@@ -99,7 +99,7 @@ def test_llama_batches_equal_the_papers_one_text_at_a_time(llama):
     batch = pre.collate(ids, 6)
     assert batch["input_ids"].shape == (6, 16) and batch["input_ids"][2, 2] == 2
     batched = enc(texts)
-    from data.encoders import from_pretrained
+    from gaam_jax.encoders import from_pretrained
 
     model = from_pretrained(llama)
     for i, seq in enumerate(ids):  # one text at a time, no padding, mean over all tokens

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from data.encoders import beit
-from data.encoders.checkpoint import open_tensors, read_config
+from gaam_jax.encoders import beit
+from gaam_jax.encoders.checkpoint import open_tensors, read_config
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "encoders" / "beit"
 VARIANTS = ("mim_relbias", "cls_shared_abs")
@@ -291,10 +291,10 @@ def test_missing_or_misshapen_tensor():
 
 def test_from_pretrained_entry_point():
     """The package entry point, once it exists, gives the same float32 hidden states."""
-    import data.encoders as encoders
+    import gaam_jax.encoders as encoders
 
     if not hasattr(encoders, "from_pretrained"):
-        pytest.skip("data.encoders.from_pretrained is not written yet")
+        pytest.skip("gaam_jax.encoders.from_pretrained is not written yet")
     pixels, ref = _io("mim_relbias")
     enc = encoders.from_pretrained(FIXTURES / "mim_relbias", dtype=jnp.float32)
     errors = _relative_errors(enc.hidden_states(pixel_values=pixels), ref)

@@ -1,4 +1,4 @@
-"""data.encoders: checkpoint reading (lazy safetensors), dispatch, the Encoder and its errors."""
+"""gaam_jax.encoders: checkpoint reading (lazy safetensors), dispatch, the Encoder, its errors."""
 
 import importlib.util
 import json
@@ -14,7 +14,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
-from data.encoders import bert, checkpoint, from_pretrained
+from gaam_jax.encoders import bert, checkpoint, from_pretrained
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "encoders"
 REPO = pathlib.Path(__file__).parent.parent
@@ -145,7 +145,7 @@ def test_open_tensors_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
         checkpoint.open_tensors(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="python -m data.encoders.convert") as err:
+    with pytest.raises(FileNotFoundError, match="python -m gaam_jax.encoders.convert") as err:
         checkpoint.open_tensors(tmp_path)
     assert "\n" not in str(err.value)
     (tmp_path / "model.safetensors").write_bytes(b"\xff" * 20)
@@ -256,7 +256,7 @@ def test_checkpoint_and_config_errors(tmp_path):
 def test_every_committed_fixture_dispatches(arch):
     """The entry point loads each architecture's fixtures (parity is in test_encoders_<arch>)."""
     folders = sorted(p for p in (FIXTURES / arch).glob("*") if (p / "config.json").exists())
-    if importlib.util.find_spec(f"data.encoders.{arch}") is None or not folders:
+    if importlib.util.find_spec(f"gaam_jax.encoders.{arch}") is None or not folders:
         pytest.skip(f"no {arch} module or fixtures yet")
     enc = from_pretrained(folders[0])
     assert enc.model_type == arch
@@ -275,7 +275,7 @@ def test_every_committed_fixture_dispatches(arch):
 def test_convert_cli(tmp_path):
     folder = tmp_path / "pt"
     folder.mkdir()
-    cmd = [sys.executable, "-m", "data.encoders.convert", str(folder)]
+    cmd = [sys.executable, "-m", "gaam_jax.encoders.convert", str(folder)]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and "nothing to convert" in run.stderr
     if importlib.util.find_spec("torch") is None:

@@ -1,4 +1,4 @@
-"""Parity of data.encoders.llama with transformers 5.24's PyTorch LlamaModel.
+"""Parity of gaam_jax.encoders.llama with transformers 5.24's PyTorch LlamaModel.
 
 Fixtures (tests/fixtures/encoders/llama/<variant>/, written by
 tests/reference/make_llama_fixtures.py) are tiny random Llamas with every parameter perturbed and
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from data.encoders import checkpoint
-from data.encoders.llama import MODEL_TYPE, LlamaConfig, LlamaEncoder, params_from_hf
+from gaam_jax.encoders import checkpoint
+from gaam_jax.encoders.llama import MODEL_TYPE, LlamaConfig, LlamaEncoder, params_from_hf
 
 ROOT = pathlib.Path(__file__).parent / "fixtures" / "encoders" / "llama"
 VARIANTS = ("base", "llama3", "linear")
@@ -260,9 +260,9 @@ def test_missing_or_misshapen_tensor():
 
 
 def test_from_pretrained_entry_point():
-    encoders = pytest.importorskip("data.encoders")
+    encoders = pytest.importorskip("gaam_jax.encoders")
     if not hasattr(encoders, "from_pretrained"):
-        pytest.skip("data.encoders.from_pretrained is not written yet")
+        pytest.skip("gaam_jax.encoders.from_pretrained is not written yet")
     io = _io("base")
     enc = encoders.from_pretrained(ROOT / "base", dtype=jnp.float32)
     out = np.asarray(

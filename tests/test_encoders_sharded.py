@@ -1,4 +1,4 @@
-"""data.encoders on a (data, model) mesh of 8 CPU devices: placement by logical axes, parity.
+"""gaam_jax.encoders on a (data, model) mesh of 8 CPU devices: placement by logical axes, parity.
 
 conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=8 before jax is imported.
 """
@@ -12,8 +12,8 @@ import pytest
 from flax.traverse_util import flatten_dict
 from test_encoders_common import text_inputs, write_tiny_bert
 
-from data.encoders import DEFAULT_RULES, from_pretrained
-from gaam_jax.sharding import make_mesh
+from gaam_jax.encoders import from_pretrained
+from gaam_jax.sharding import DEFAULT_RULES, make_mesh
 
 LLAMA = pathlib.Path(__file__).parent / "fixtures" / "encoders" / "llama" / "base"
 MESHES = [(8, 1), (4, 2), (2, 4)]

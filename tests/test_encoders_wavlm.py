@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from data.encoders import checkpoint
-from data.encoders.wavlm import (
+from gaam_jax.encoders import checkpoint
+from gaam_jax.encoders.wavlm import (
     MODEL_TYPE,
     WavLMConfig,
     WavLMEncoder,
@@ -309,7 +309,7 @@ def test_masked_samples_do_not_change_real_frames():
 
 @pytest.mark.parametrize("mesh_shape", (None, {"data": 2, "model": 4}))
 def test_from_pretrained_entry_point(mesh_shape):
-    from data.encoders import from_pretrained
+    from gaam_jax.encoders import from_pretrained
     from gaam_jax.sharding import make_mesh
 
     variant = "odd" if mesh_shape is None else "base"

@@ -3,13 +3,14 @@
 One entry point loads a local Hugging Face model folder (``config.json`` plus ``model.safetensors``
 or sharded ``model-0000x-of-0000y.safetensors`` with ``model.safetensors.index.json``)::
 
-    from data.encoders import from_pretrained
+    from gaam_jax.encoders import from_pretrained
     enc = from_pretrained(path, dtype=jnp.float32)          # or jnp.bfloat16 compute
     hs = enc.hidden_states(input_ids=ids, attention_mask=mask)  # float32 [B, L+1, T, hidden]
 
 The architecture comes from ``config.json``'s ``model_type``: ``bert``, ``llama``, ``beit`` or
 ``wavlm`` (modules imported on first use). With ``mesh`` (a ``jax.sharding.Mesh`` with axes
-``data`` and ``model``) parameters are placed by logical-axis rules (:data:`DEFAULT_RULES`):
+``data`` and ``model``) parameters are placed by logical-axis rules
+(``gaam_jax.sharding.DEFAULT_RULES``, the project's one table):
 every parameter is created with logical axis names (``vocab``, ``embed``, ``heads``, ...), the
 rules map them to mesh axes, and each tensor is streamed from the memory-mapped checkpoint
 straight to its shards, each device reading only its slice.
@@ -32,27 +33,12 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from data.encoders.checkpoint import SUPPORTED, open_tensors, read_config
+from gaam_jax.encoders.checkpoint import SUPPORTED, open_tensors, read_config
+from gaam_jax.sharding import DEFAULT_RULES, Rules, param_shardings, validate_rules
 
-__all__ = ["DEFAULT_RULES", "Encoder", "Rules", "from_pretrained", "shardings_for"]
+__all__ = ["Encoder", "from_pretrained"]
 
-Rules = tuple[tuple[str, str | None], ...]
-
-# Logical axis -> mesh axis. Tensor parallelism splits the attention heads, the feed-forward
-# width, the vocabulary and conv output channels over "model"; the model width stays whole so
-# that norms never cross devices. A dimension the mesh axis does not divide stays replicated.
-DEFAULT_RULES: Rules = (
-    ("batch", "data"),
-    ("vocab", "model"),
-    ("heads", "model"),
-    ("kv_heads", "model"),
-    ("mlp", "model"),
-    ("conv_out", "model"),
-    ("conv_in", None),
-    ("embed", None),
-)
-
-# model_type -> (config class, encoder class) in data.encoders.<model_type>.
+# model_type -> (config class, encoder class) in gaam_jax.encoders.<model_type>.
 _CLASSES = {
     "bert": ("BertConfig", "BertEncoder"),
     "llama": ("LlamaConfig", "LlamaEncoder"),
@@ -64,15 +50,15 @@ assert set(_CLASSES) == set(SUPPORTED)
 
 def _arch_module(model_type: str) -> ModuleType:
     try:
-        module = importlib.import_module(f"data.encoders.{model_type}")
+        module = importlib.import_module(f"gaam_jax.encoders.{model_type}")
     except ModuleNotFoundError as err:
-        if err.name != f"data.encoders.{model_type}":
+        if err.name != f"gaam_jax.encoders.{model_type}":
             raise
         raise ValueError(
-            f"model_type={model_type!r}: data/encoders/{model_type}.py is missing."
+            f"model_type={model_type!r}: gaam_jax/encoders/{model_type}.py is missing."
         ) from None
     if getattr(module, "MODEL_TYPE", None) != model_type:
-        raise ValueError(f"data.encoders.{model_type}.MODEL_TYPE is not {model_type!r}.")
+        raise ValueError(f"gaam_jax.encoders.{model_type}.MODEL_TYPE is not {model_type!r}.")
     return module
 
 
@@ -87,34 +73,6 @@ def _example_inputs(model_type: str, raw: dict) -> dict[str, jax.ShapeDtypeStruc
             "pixel_values": jax.ShapeDtypeStruct((1, raw.get("num_channels", 3), h, w), jnp.float32)
         }  # noqa: E501
     return {"input_values": jax.ShapeDtypeStruct((1, 16000), jnp.float32)}
-
-
-def shardings_for(abstract: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
-    """``NamedSharding`` of every parameter from its logical axis names.
-
-    Args:
-      abstract: ``jax.eval_shape(module.init, ...)['params']`` (boxed with logical names).
-      mesh: a mesh whose axes include those the rules name.
-      rules: ``(logical, mesh_axis_or_None)`` pairs.
-
-    Returns:
-      A tree like the unboxed params of ``NamedSharding`` s; a dimension whose size the mesh
-      axis does not divide is replicated.
-    """
-    specs = nn.get_partition_spec(abstract)
-    named = nn.logical_to_mesh_sharding(specs, mesh, list(rules))
-    shapes = nn.unbox(abstract)
-
-    def fit(sharding: NamedSharding, leaf: Any) -> NamedSharding:
-        spec = list(sharding.spec) + [None] * (len(leaf.shape) - len(sharding.spec))
-        for i, axis in enumerate(spec):
-            axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
-            size = int(np.prod([mesh.shape[a] for a in axes]))
-            if axes and leaf.shape[i] % size:
-                spec[i] = None
-        return NamedSharding(mesh, PartitionSpec(*spec))
-
-    return jax.tree.map(fit, named, shapes)
 
 
 def _check_tree(host: dict, abstract: Any, model_type: str) -> None:
@@ -252,7 +210,8 @@ def from_pretrained(
         float32; norms and softmax run in float32).
       mesh: optional ``Mesh`` with axes ``data`` and ``model``: parameters are sharded by
         ``rules`` and the batch over ``data``. None: one device (the default device).
-      rules: ``(logical_axis, mesh_axis_or_None)`` pairs; default :data:`DEFAULT_RULES`.
+      rules: ``(logical_axis, mesh_axis_or_None)`` pairs; default
+        ``gaam_jax.sharding.DEFAULT_RULES``.
 
     Returns:
       The :class:`Encoder`.
@@ -263,8 +222,6 @@ def from_pretrained(
       ValueError: unsupported ``model_type`` or config value, missing or misshapen tensors, or
         a mesh without ``data`` and ``model`` axes.
     """
-    from gaam_jax.sharding import validate_rules
-
     raw = read_config(path)
     model_type = raw["model_type"]
     arch = _arch_module(model_type)
@@ -287,7 +244,7 @@ def from_pretrained(
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, nn.unbox(abstract))
     else:
-        shardings = shardings_for(abstract, mesh, rules)
+        shardings = param_shardings(abstract, mesh, rules)
     flat_shardings = flatten_dict(shardings)
     release = getattr(tensors, "release", lambda _: None)
     params = unflatten_dict(

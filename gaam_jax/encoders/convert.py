@@ -3,7 +3,7 @@
 Usage::
 
     pip install 'gaam-jax[convert]'          # torch + safetensors, needed only here
-    python -m data.encoders.convert FOLDER
+    python -m gaam_jax.encoders.convert FOLDER
 
 ``pytorch_model.bin`` becomes ``model.safetensors``; sharded ``pytorch_model-0000x-of-0000y.bin``
 with ``pytorch_model.bin.index.json`` become ``model-0000x-of-0000y.safetensors`` with
@@ -99,7 +99,7 @@ def convert(folder: str | pathlib.Path) -> list[pathlib.Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(
-        prog="python -m data.encoders.convert", description=__doc__.split("\n")[0]
+        prog="python -m gaam_jax.encoders.convert", description=__doc__.split("\n")[0]
     )
     parser.add_argument("folder", help="Hugging Face model folder with PyTorch .bin weights")
     args = parser.parse_args(argv)

