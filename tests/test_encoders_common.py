@@ -160,7 +160,7 @@ def test_open_tensors_errors(tmp_path):
 # -- from_pretrained and the Encoder ----------------------------------------------------------
 
 
-def test_from_pretrained_bert_equals_the_module_and_the_older_interface(tmp_path):
+def test_from_pretrained_bert_equals_the_module(tmp_path):
     folder = write_tiny_bert(tmp_path / "bert")
     enc = from_pretrained(folder)
     assert enc.model_type == "bert" and isinstance(enc.config, bert.BertConfig)
@@ -172,11 +172,8 @@ def test_from_pretrained_bert_equals_the_module_and_the_older_interface(tmp_path
     jax_inputs = {k: jnp.asarray(v) for k, v in inputs.items()}
     direct = jax.jit(enc.module.apply)({"params": enc.params}, **jax_inputs)
     np.testing.assert_allclose(np.asarray(hs), np.asarray(direct), rtol=0, atol=1e-5)
-    # load_bert keeps its layers-first layout for data/extract.py.
-    module, params, config = bert.load_bert(folder)
-    old = jax.jit(module.apply)({"params": params}, inputs["input_ids"], inputs["attention_mask"])
-    assert old.shape == (3, 2, 7, 32)  # [layers, batch, ...]
-    np.testing.assert_allclose(np.asarray(old), np.swapaxes(hs, 0, 1), rtol=0, atol=1e-5)
+    # The layers' parameters are stacked [layers, ...] under one scanned module.
+    assert enc.params["layers"]["query"]["kernel"].shape == (2, 32, 32)
     # Layer 0 is the embedding LayerNorm output, so the layers do differ.
     assert not np.allclose(hs[:, 0], hs[:, 1])
 
@@ -207,6 +204,61 @@ def test_params_are_cast_to_the_compute_dtype_and_the_output_stays_float32(tmp_p
     # bf16 matmuls: 8 mantissa bits give ~4e-3 relative per op; 2 layers stay below 5e-2.
     err = np.abs(np.asarray(low) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max()
     assert 0 < err < 5e-2
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return from_pretrained(bert.minilm_dir())
+
+
+def _pool_by_hand(hs: np.ndarray, pooling: str, mask: np.ndarray) -> np.ndarray:
+    """float64 ``[B, L, H]`` pooling of float32 ``[B, L, T, H]`` hidden states."""
+    hs = hs.astype(np.float64)
+    if pooling == "mean":
+        m = mask[:, None, :, None].astype(np.float64)
+        return (hs * m).sum(axis=2) / m.sum(axis=2)
+    if pooling == "mean_with_padding":
+        return hs.mean(axis=2)
+    if pooling == "first":
+        return hs[:, :, 0]
+    last = np.array([np.flatnonzero(row).max() for row in mask])  # the last real token
+    return hs[np.arange(len(hs)), :, last]
+
+
+def test_pooled_states_equal_pooling_the_hidden_states(minilm):
+    ref = np.load(REPO / "tests" / "fixtures" / "minilm_hidden_states.npz")
+    inputs = {k: ref[k] for k in ("input_ids", "attention_mask")}  # rows of 11, 18, 19, 3 tokens
+    hs = np.asarray(minilm.hidden_states(**inputs))  # [4, 7, 19, 384]
+    mask = inputs["attention_mask"].astype(bool)
+    # Separately compiled programs (a pooling inside the scan vs the [B, L+1, T, H] stack, then
+    # numpy in float64) differ by float32 rounding of the layers and of the sums over <= 19
+    # tokens: states reach ~10 (one ulp ~1e-6), measured <= 5e-7 apart; the bound is 1e-6 of
+    # the largest state.
+    tol = 1e-6 * np.abs(hs).max()
+    # Every pooling over the scanned layers' states (slice(1, None): the last one included),
+    # then layers=[0, 3] (the embedding output's entry, indices) with and without a pool_mask.
+    # Each call compiles the whole model (~2 s here), so the selection is not crossed with all
+    # four poolings: it is applied to the pooled [B, L + 1, H] output, the same for each.
+    cases = [
+        (name, slice(1, None), None) for name in ("mean", "mean_with_padding", "first", "last")
+    ]
+    # An explicit pool_mask replaces attention_mask's positions: here [CLS] is left out.
+    no_cls = mask.copy()
+    no_cls[:, 0] = False
+    cases += [("first", [0, 3], None), ("mean", [0, 3], no_cls)]
+    for pooling, layers, pool_mask in cases:
+        picked = range(7)[layers] if isinstance(layers, slice) else layers
+        want = _pool_by_hand(hs, pooling, mask if pool_mask is None else pool_mask)
+        got = minilm.pooled_states(pooling=pooling, layers=layers, pool_mask=pool_mask, **inputs)
+        assert got.shape == (4, len(picked), 384) and got.dtype == jnp.float32
+        np.testing.assert_allclose(
+            np.asarray(got), want[:, list(picked)], rtol=0, atol=tol, err_msg=pooling
+        )
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        minilm.pooled_states(pooling="max", **inputs)
+    for bad in ([0, 7], [-8], slice(7, None)):
+        with pytest.raises(ValueError, match="layer|selects no layer"):
+            minilm.pooled_states(pooling="mean", layers=bad, **inputs)
 
 
 def test_input_name_errors(tmp_path):

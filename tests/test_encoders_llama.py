@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from gaam_jax.encoders import checkpoint
+from gaam_jax.encoders import EncoderOptions, checkpoint
 from gaam_jax.encoders.llama import MODEL_TYPE, LlamaConfig, LlamaEncoder, params_from_hf
 
 ROOT = pathlib.Path(__file__).parent / "fixtures" / "encoders" / "llama"
@@ -54,10 +54,14 @@ def _io(variant: str) -> dict[str, np.ndarray]:
         return dict(data)
 
 
-def _layer_errors(config: LlamaConfig, params: dict, io: dict, dtype=jnp.float32) -> np.ndarray:
+def _layer_errors(
+    config: LlamaConfig, params: dict, io: dict, dtype=jnp.float32, attention: str = "xla"
+) -> np.ndarray:
     """max |jax - torch| / max |torch| for each hidden state [L + 1]."""
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
-    out = LlamaEncoder(config, dtype).apply(
+    # block 4 < T = 12: the blockwise path runs three query and three key blocks.
+    options = EncoderOptions(attention=attention, block_size=4)
+    out = LlamaEncoder(config, dtype, options).apply(
         {"params": params}, io["input_ids"], io["attention_mask"]
     )
     assert out.dtype == jnp.float32
@@ -67,11 +71,12 @@ def _layer_errors(config: LlamaConfig, params: dict, io: dict, dtype=jnp.float32
     return diff / np.abs(ref).max(axis=(0, 2, 3))
 
 
+@pytest.mark.parametrize("attention", ["xla", "blockwise"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_float32_matches_transformers(variant):
+def test_float32_matches_transformers(variant, attention):
     config, params = _load(ROOT / variant)
-    errors = _layer_errors(config, params, _io(variant))
-    print(variant, "float32 relative error per layer", errors)
+    errors = _layer_errors(config, params, _io(variant), attention=attention)
+    print(variant, attention, "float32 relative error per layer", errors)
     assert np.all(errors <= F32_RTOL), errors
 
 
@@ -203,17 +208,26 @@ def test_init_tree_equals_loaded_tree_and_has_logical_axes(variant):
         for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     )
     assert names["embed_tokens/embedding"] == ("vocab", "embed")
-    assert names["layers_0/self_attn/q_proj/kernel"] == ("embed", "heads")
-    assert names["layers_0/self_attn/k_proj/kernel"] == ("embed", "kv_heads")
-    assert names["layers_0/self_attn/o_proj/kernel"] == ("heads", "embed")
-    assert names["layers_0/mlp/up_proj/kernel"] == ("embed", "mlp")
-    assert names["layers_0/mlp/down_proj/kernel"] == ("mlp", "embed")
+    assert names["layers/self_attn/q_proj/kernel"] == ("stack", "embed", "heads")
+    assert names["layers/self_attn/k_proj/kernel"] == ("stack", "embed", "kv_heads")
+    assert names["layers/self_attn/o_proj/kernel"] == ("stack", "heads", "embed")
+    assert names["layers/mlp/up_proj/kernel"] == ("stack", "embed", "mlp")
+    assert names["layers/mlp/down_proj/kernel"] == ("stack", "mlp", "embed")
     assert names["norm/scale"] == (None,)
     if config.attention_bias:
-        assert names["layers_0/self_attn/q_proj/bias"] == ("heads",)
-        assert names["layers_0/self_attn/o_proj/bias"] == (None,)
+        assert names["layers/self_attn/q_proj/bias"] == (
+            "stack",
+            "heads",
+        )
+        assert names["layers/self_attn/o_proj/bias"] == (
+            "stack",
+            None,
+        )
     if config.mlp_bias:
-        assert names["layers_0/mlp/gate_proj/bias"] == ("mlp",)
+        assert names["layers/mlp/gate_proj/bias"] == (
+            "stack",
+            "mlp",
+        )
 
 
 def test_params_are_views_of_the_checkpoint():
@@ -221,9 +235,11 @@ def test_params_are_views_of_the_checkpoint():
     tensors = checkpoint.open_tensors(ROOT / "llama3")
     config = LlamaConfig.from_hf(_raw_config(ROOT / "llama3"))
     params = params_from_hf(config, tensors)
-    q = params["layers_1"]["self_attn"]["q_proj"]
-    assert np.shares_memory(q["kernel"], tensors["model.layers.1.self_attn.q_proj.weight"])
-    assert np.shares_memory(q["bias"], tensors["model.layers.1.self_attn.q_proj.bias"])
+    # Layers are stacked lazily: each layer's part is still a view of its tensor.
+    q = params["layers"]["self_attn"]["q_proj"]
+    assert q["kernel"].shape == (config.num_hidden_layers, *q["kernel"].parts[1].shape)
+    assert np.shares_memory(q["kernel"].parts[1], tensors["model.layers.1.self_attn.q_proj.weight"])
+    assert np.shares_memory(q["bias"].parts[1], tensors["model.layers.1.self_attn.q_proj.bias"])
 
 
 @pytest.mark.parametrize(

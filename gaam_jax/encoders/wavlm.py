@@ -3,9 +3,11 @@
 Pipeline (as ``modeling_wavlm.py``): a convolutional feature encoder over the raw waveform
 (group norm on the first conv only, or layer norm on every conv), a feature projection
 (LayerNorm + Dense), frames zeroed under the frame-level mask, a grouped, weight-normed
-convolutional positional embedding, then ``num_hidden_layers`` Transformer layers with a gated
-relative position bias (the bucket table lives in layer 0 and is reused by every layer, each layer
-gating it with its own ``gru_rel_pos_*`` parameters).
+convolutional positional embedding, then ``num_hidden_layers`` Transformer layers (one scanned
+layer, parameters stacked under ``params['layers']``) with a gated relative position bias: the
+bucket table (layer 0's ``rel_attn_embed`` in the checkpoint, a top-level parameter here) gives one
+``[1, H, T, T]`` bias, computed once, that every layer gates with its own ``gru_rel_pos_*``
+parameters.
 
 ``do_stable_layer_norm=False`` (WavLM-Base/-Base+): the encoder LayerNorm follows the positional
 embedding and the layers are post-norm. ``True`` (WavLM-Large): pre-norm layers and a final
@@ -25,6 +27,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from gaam_jax.encoders import pooling, stack
+from gaam_jax.encoders.attention import dot_product_attention
 
 MODEL_TYPE = "wavlm"
 
@@ -256,15 +261,35 @@ class _PositionalConv(nn.Module):
 
 
 class _Layer(nn.Module):
-    """One Transformer layer with the gated relative position bias (post- or pre-norm)."""
+    """One Transformer layer with the gated relative position bias (post- or pre-norm).
+
+    Scanned over the depth; the residual stream stays float32.
+    """
 
     config: WavLMConfig
-    dtype: Dtype
+    dtype: Dtype = jnp.float32
+    options: stack.EncoderOptions = stack.EncoderOptions()
+    collect: stack.Collect = pooling.identity
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, position_bias: jax.Array, key_bias: jax.Array | None
-    ) -> jax.Array:
+        self,
+        x: jax.Array,
+        position_bias: jax.Array,
+        key_mask: jax.Array | None,
+        pool_mask: jax.Array | None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Runs the layer.
+
+        Args:
+          x: float32 ``[B, T, hidden]``.
+          position_bias: float32 ``[1, heads, T, T]`` (query, key), shared by every layer.
+          key_mask: bool ``[B, T]``, True for real frames; None when every frame is real.
+          pool_mask: bool ``[B, T]`` or None, passed to ``collect``.
+
+        Returns:
+          (float32 ``[B, T, hidden]``, what ``collect`` emits for it).
+        """
         cfg = self.config
         b, t, d = x.shape
         heads = cfg.num_attention_heads
@@ -286,16 +311,21 @@ class _Layer(nn.Module):
         const = self.param("gru_rel_pos_const", _init((None,), _ONES), (heads,))
         gate = gate[..., 0] * (gate[..., 1] * const.astype(jnp.float32)[None, None, :] - 1.0) + 2.0
         bias = gate.transpose(0, 2, 1)[..., None] * position_bias  # [B, H, T, T]
-        if key_bias is not None:
-            bias = bias + key_bias
 
-        # PyTorch scales q before the product.
+        # PyTorch scales q before the product (hence scale=1.0).
         q = q * jnp.asarray(hd**-0.5, q.dtype)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits + bias, axis=-1).astype(self.dtype)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
-        attn = _dense(d, ("heads", "embed"), self.dtype, "out_proj")(ctx).astype(jnp.float32)
-        x = x + attn
+        ctx = dot_product_attention(
+            q,
+            k,
+            v,
+            bias=bias,
+            key_mask=key_mask,
+            scale=1.0,
+            implementation=self.options.attention,
+            block_size=self.options.block_size,
+        )
+        attn = _dense(d, ("heads", "embed"), self.dtype, "out_proj")(ctx.reshape(b, t, d))
+        x = x + attn.astype(jnp.float32)
 
         def feed_forward(y: jax.Array) -> jax.Array:
             y = _dense(cfg.intermediate_size, ("embed", "mlp"), self.dtype, "intermediate_dense")(
@@ -305,9 +335,11 @@ class _Layer(nn.Module):
             return _dense(d, ("mlp", "embed"), self.dtype, "output_dense")(y).astype(jnp.float32)
 
         if stable:
-            return x + feed_forward(ff_norm(x))
-        x = attn_norm(x)
-        return ff_norm(x + feed_forward(x))
+            x = x + feed_forward(ff_norm(x))
+        else:
+            x = attn_norm(x)
+            x = ff_norm(x + feed_forward(x))
+        return x, self.collect(x, pool_mask)
 
 
 class WavLMEncoder(nn.Module):
@@ -320,26 +352,37 @@ class WavLMEncoder(nn.Module):
       final_norm_on_last_state: apply the stable-layer-norm encoder's final LayerNorm to the last
         hidden state, as transformers 4 did (the WavLM paper's features). transformers 5 leaves it
         out (the default). Has no effect when ``do_stable_layer_norm`` is False (no final norm).
+      options: attention implementation, block size and remat policy.
     """
 
     config: WavLMConfig
     dtype: Dtype = jnp.float32
     final_norm_on_last_state: bool = False
+    options: stack.EncoderOptions = stack.EncoderOptions()
 
     @nn.compact
     def __call__(
-        self, input_values: jax.Array, attention_mask: jax.Array | None = None
+        self,
+        input_values: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        collect: stack.Collect = pooling.identity,
+        pool_mask: jax.Array | None = None,
     ) -> jax.Array:
         """Encodes a padded batch of waveforms.
 
         Args:
           input_values: float ``[batch, samples]`` waveforms.
           attention_mask: optional ``[batch, samples]``, 1/True for real samples.
+          collect: what each layer emits (:mod:`gaam_jax.encoders.pooling`); default its hidden
+            states.
+          pool_mask: bool ``[batch, frames]`` frames a pooling uses; default the frames of the
+            real samples when ``attention_mask`` is given, else None (every frame).
 
         Returns:
-          float32 ``[batch, num_hidden_layers + 1, frames, hidden_size]``: the encoder input
-          (after the positional embedding, and after the encoder LayerNorm when not stable),
-          then every layer's output.
+          float32 ``[batch, num_hidden_layers + 1, ...]`` of what ``collect`` emits (by default
+          ``[batch, L + 1, frames, hidden_size]``): for the encoder input (after the positional
+          embedding, and after the encoder LayerNorm when not stable), then every layer's output.
         """
         cfg = self.config
         if input_values.ndim != 2:
@@ -358,11 +401,11 @@ class WavLMEncoder(nn.Module):
             feats.astype(self.dtype)
         ).astype(jnp.float32)
 
-        key_bias = None
+        key_mask = None
         if attention_mask is not None:
-            frame_mask = _frame_mask(cfg, attention_mask, frames)
-            x = jnp.where(frame_mask[:, :, None], x, 0.0)
-            key_bias = jnp.where(frame_mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+            key_mask = _frame_mask(cfg, attention_mask, frames)
+            x = jnp.where(key_mask[:, :, None], x, 0.0)
+        pool_mask = key_mask if pool_mask is None else pool_mask.astype(bool)
 
         x = x + _PositionalConv(cfg, self.dtype, name="pos_conv")(x)
         encoder_norm = _layer_norm(cfg.layer_norm_eps, "encoder_layer_norm")
@@ -378,15 +421,17 @@ class WavLMEncoder(nn.Module):
         buckets = relative_position_buckets(frames, cfg.num_buckets, cfg.max_bucket_distance)
         position_bias = table.astype(jnp.float32)[buckets].transpose(2, 0, 1)[None]
 
-        states = [x]
-        for i in range(cfg.num_hidden_layers):
-            x = _Layer(cfg, self.dtype, name=f"layer_{i}")(x, position_bias, key_bias)
-            states.append(x)
+        layers = stack.scanned(_Layer, cfg.num_hidden_layers, 3, self.options)
+        first = collect(x, pool_mask)
+        x, emitted = layers(cfg, self.dtype, self.options, collect, name="layers")(
+            x, position_bias, key_mask, pool_mask
+        )
+        last = None
         if cfg.do_stable_layer_norm:
-            last = encoder_norm(x)  # created always, so the params match the checkpoint
+            normed = encoder_norm(x)  # created always, so the params match the checkpoint
             if self.final_norm_on_last_state or cfg.tie_last_hidden_states:
-                states[-1] = last
-        return jnp.stack(states, axis=1).astype(jnp.float32)
+                last = collect(normed, pool_mask)
+        return stack.with_layer_axis(first, emitted, last).astype(jnp.float32)
 
 
 def _frame_mask(cfg: WavLMConfig, attention_mask: jax.Array, frames: int) -> jax.Array:
@@ -421,7 +466,8 @@ def params_from_hf(config: WavLMConfig, tensors: Mapping[str, np.ndarray]) -> di
         (``weight_g``/``weight_v``).
 
     Returns:
-      The params tree (no ``{'params': ...}`` wrapper).
+      The params tree (no ``{'params': ...}`` wrapper); ``params['layers']`` holds the layers'
+      parameters as lazy ``[layers, ...]`` :class:`~gaam_jax.encoders.stack.StackedTensor` views.
 
     Raises:
       ValueError: (one line) for a missing tensor or a wrong shape.
@@ -486,10 +532,11 @@ def params_from_hf(config: WavLMConfig, tensors: Mapping[str, np.ndarray]) -> di
     params["rel_attn_embed"] = get(
         "encoder.layers.0.attention.rel_attn_embed.weight", (cfg.num_buckets, heads)
     )
-    for i in range(cfg.num_hidden_layers):
+
+    def layer(i: int) -> dict:
         p = f"encoder.layers.{i}"
         a = f"{p}.attention"
-        params[f"layer_{i}"] = {
+        return {
             "layer_norm": norm(f"{p}.layer_norm", d),
             "final_layer_norm": norm(f"{p}.final_layer_norm", d),
             "q_proj": dense(f"{a}.q_proj", d, d),
@@ -501,4 +548,7 @@ def params_from_hf(config: WavLMConfig, tensors: Mapping[str, np.ndarray]) -> di
             "intermediate_dense": dense(f"{p}.feed_forward.intermediate_dense", d, ff),
             "output_dense": dense(f"{p}.feed_forward.output_dense", ff, d),
         }
+
+    # One lazy [layers, ...] array per parameter: read slice by slice when placed on devices.
+    params["layers"] = stack.stack_layers([layer(i) for i in range(cfg.num_hidden_layers)])
     return params
