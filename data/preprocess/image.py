@@ -96,8 +96,18 @@ class ImagePreprocessor:
         channels = int(config.get("num_channels", 3))
         if len(out.image_mean) != channels or len(out.image_std) != channels:
             raise ValueError(f"{where}: image_mean/image_std need {channels} values.")
-        final = out.crop_size if out.do_center_crop else out.size
-        if out.do_resize and final != (image_size, image_size):
+        if (
+            out.do_resize
+            and out.do_center_crop
+            and (out.crop_size[0] > out.size[0] or out.crop_size[1] > out.size[1])
+        ):
+            raise ValueError(
+                f"{where}: crop_size {out.crop_size[0]}x{out.crop_size[1]} is larger than the "
+                f"resized {out.size[0]}x{out.size[1]} images; fix size/crop_size."
+            )
+        # The crop, else the resize, fixes the output size (neither: the image's own size).
+        final = out.crop_size if out.do_center_crop else out.size if out.do_resize else None
+        if final is not None and final != (image_size, image_size):
             raise ValueError(
                 f"{where}: images come out {final[0]}x{final[1]} but config.json's image_size is "
                 f"{image_size}; fix size/crop_size to match the model."

@@ -32,6 +32,46 @@ def bucket_length(longest: int, max_length: int) -> int:
     return min(length, max_length)
 
 
+def _max_length(max_length: int | None, config: dict) -> int:
+    """``max_length``, or the model type's default, checked against the model's positions.
+
+    BERT's position embeddings have ``max_position_embeddings`` rows; Llama's RoPE has no hard
+    limit, but the config states the length the model was trained on. A default above it is
+    lowered to it; an explicit ``max_length`` above it is refused.
+    """
+    limit = config.get("max_position_embeddings")
+    limit = None if limit is None else int(limit)
+    if max_length is None:
+        default = DEFAULT_MAX_LENGTH[config["model_type"]]
+        return default if limit is None else min(default, limit)
+    if max_length <= 0:
+        raise ValueError(f"--max-length must be positive, got {max_length}.")
+    if limit is not None and max_length > limit:
+        raise ValueError(
+            f"--max-length {max_length} is more than config.json's max_position_embeddings "
+            f"{limit} (the longest sequence this model takes); pass --max-length {limit} or less."
+        )
+    return max_length
+
+
+def _check_vocab(tok, path: pathlib.Path, vocab_size: int) -> None:
+    """Every id ``tok`` can produce from its vocabulary is below ``vocab_size``."""
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+        raise ValueError(
+            f"{path} has {n} tokens but config.json's vocab_size is {vocab_size}: the tokenizer "
+            "does not belong to this model."
+        )
+    # get_vocab_size counts tokens, not ids: a vocabulary with gaps can hold larger ids.
+    vocab = tok.get_vocab(with_added_tokens=True)
+    token, top = max(vocab.items(), key=lambda item: item[1], default=(None, -1))
+    if top >= vocab_size:
+        raise ValueError(
+            f"{path} has token {token!r} with id {top} but config.json's vocab_size is "
+            f"{vocab_size}: the tokenizer does not belong to this model."
+        )
+
+
 class TextPreprocessor:
     """Tokenizes texts for a BERT or Llama folder.
 
@@ -39,13 +79,15 @@ class TextPreprocessor:
       folder: the model folder (``tokenizer.json``, and ``config.json`` already read).
       config: the parsed ``config.json``.
       max_length: truncation length, special tokens included (default: 128 for BERT, 4096
-        for Llama as the paper).
+        for Llama as the paper, lowered to config.json's ``max_position_embeddings``).
       pad_to_max: pad every batch to ``max_length`` (for ``mean_with_padding`` pooling);
         otherwise to :func:`bucket_length` of the batch's longest text.
 
     Raises:
       FileNotFoundError: if the folder has no ``tokenizer.json``.
-      ValueError: for a model type without text input or a non-positive ``max_length``.
+      ValueError: one line, for a model type without text input, a non-positive
+        ``max_length`` or one above config.json's ``max_position_embeddings``, or a tokenizer
+        whose token ids do not fit config.json's ``vocab_size``.
     """
 
     def __init__(
@@ -68,10 +110,14 @@ class TextPreprocessor:
                 "snapshot into the folder (a folder with only tokenizer.model: save it once with "
                 "transformers' AutoTokenizer(...).save_pretrained(folder))."
             )
-        self.max_length = max_length or DEFAULT_MAX_LENGTH[self.model_type]
-        if self.max_length <= 0:
-            raise ValueError(f"--max-length must be positive, got {self.max_length}.")
+        self.max_length = _max_length(max_length, config)
+        self.path = path
         self._tok = Tokenizer.from_file(str(path))
+        # Ids past the embedding table are read as NaN by jnp.take: refuse them before any work.
+        self.vocab_size = config.get("vocab_size")
+        if self.vocab_size is not None:
+            self.vocab_size = int(self.vocab_size)
+            _check_vocab(self._tok, path, self.vocab_size)
         self._tok.no_padding()
         self._tok.enable_truncation(max_length=self.max_length)
         self.pad_to_max = pad_to_max
@@ -83,14 +129,32 @@ class TextPreprocessor:
         else:
             self.pad_id = int(config.get("pad_token_id") or 0)
             self.bos_id = None
+        if self.vocab_size is not None:
+            for what, token in (("padding", self.pad_id), ("BOS", self.bos_id)):
+                if token is not None and not 0 <= token < self.vocab_size:
+                    raise ValueError(
+                        f"config.json's {what} token id {token} is not below its vocab_size "
+                        f"{self.vocab_size}: fix config.json (eos/bos/pad_token_id)."
+                    )
 
     def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Token ids of each text (int32), truncated; Llama's start with BOS as the paper's."""
+        """Token ids of each text (int32), truncated; Llama's start with BOS as the paper's.
+
+        Raises:
+          ValueError: if an id is not below config.json's ``vocab_size`` (e.g. one that the
+            tokenizer's post-processor inserts but its vocabulary does not list).
+        """
         out = []
-        for e in self._tok.encode_batch(list(texts)):
+        for k, e in enumerate(self._tok.encode_batch(list(texts))):
             ids = list(e.ids)
             if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
                 ids = [self.bos_id, *ids][: self.max_length]  # tokenizer.json without BOS template
+            if self.vocab_size is not None and ids and max(ids) >= self.vocab_size:
+                bad = max(ids)
+                raise ValueError(
+                    f"text {k}: {self.path} gave token id {bad} but config.json's vocab_size is "
+                    f"{self.vocab_size}: the tokenizer does not belong to this model."
+                )
             out.append(np.asarray(ids, np.int32))
         return out
 
