@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from gaam_jax import sharding
 from gaam_jax.encoders import EncoderOptions, beit, pooling
 from gaam_jax.encoders.checkpoint import open_tensors, read_config
 
@@ -211,7 +212,7 @@ def test_params_are_views_of_the_checkpoint():
 def test_logical_axis_names():
     config, _ = _load(FIXTURES / "mim_relbias")
     pixels, _ = _io("mim_relbias")
-    boxed = beit.BeitEncoder(config).init(jax.random.key(0), pixels)["params"]
+    boxed = sharding.abstract_params(beit.BeitEncoder(config), pixels)
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
     for leaf in leaves:

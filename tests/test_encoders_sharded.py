@@ -13,7 +13,7 @@ from flax.traverse_util import flatten_dict
 from test_encoders_common import text_inputs, write_tiny_bert
 
 from gaam_jax.encoders import from_pretrained
-from gaam_jax.sharding import DEFAULT_RULES, make_mesh
+from gaam_jax.sharding import DEFAULT_RULES, abstract_params, make_mesh
 
 LLAMA = pathlib.Path(__file__).parent / "fixtures" / "encoders" / "llama" / "base"
 MESHES = [(8, 1), (4, 2), (2, 4)]
@@ -104,9 +104,7 @@ def test_sharded_llama_equals_one_device_and_holds_one_model_th(llama_reference,
     enc = from_pretrained(LLAMA, mesh=mesh)
     _close_per_layer(enc.hidden_states(**inputs), want)
     # Expected per-device shapes from the logical names the module gives its parameters.
-    abstract = jax.eval_shape(single.module.init, jax.random.key(0), np.zeros((1, 8), np.int32))[
-        "params"
-    ]
+    abstract = abstract_params(single.module, np.zeros((1, 8), np.int32))
     logical = flatten_dict(nn.get_partition_spec(abstract))
     rules = dict(DEFAULT_RULES)
     split_any = False

@@ -36,7 +36,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gaam_jax.encoders import pooling, stack
 from gaam_jax.encoders import pooling as pooling_module
 from gaam_jax.encoders.checkpoint import SUPPORTED, open_tensors, read_config
-from gaam_jax.sharding import DEFAULT_RULES, Rules, param_shardings, validate_rules
+from gaam_jax.sharding import (
+    DEFAULT_RULES,
+    Rules,
+    abstract_params,
+    param_shardings,
+    validate_rules,
+)
 
 __all__ = ["Encoder", "EncoderOptions", "from_pretrained"]
 
@@ -326,9 +332,8 @@ def from_pretrained(
 
     tensors = open_tensors(path)
     host = arch.params_from_hf(config, tensors)
-    abstract = jax.eval_shape(module.init, jax.random.key(0), **_example_inputs(model_type, raw))[
-        "params"
-    ]
+    # The example inputs are the module's leading positional inputs, in order.
+    abstract = abstract_params(module, *_example_inputs(model_type, raw).values())
     _check_tree(host, abstract, model_type)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gaam_jax import sharding
 from gaam_jax.encoders import pooling, stack
 from gaam_jax.encoders.attention import dot_product_attention
 
@@ -189,7 +190,7 @@ def relative_position_index(window: int) -> np.ndarray:
 
 
 def _init(init: Any, names: tuple[str | None, ...]) -> Any:
-    return nn.with_logical_partitioning(init, names)
+    return sharding.with_logical_axes(init, names)
 
 
 _ZEROS = nn.initializers.zeros_init()

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gaam_jax import sharding
 from gaam_jax.encoders import pooling, stack
 from gaam_jax.encoders.attention import dot_product_attention
 
@@ -39,7 +40,7 @@ MODEL_TYPE = "bert"
 
 def _part(init: Any, *names: str | None) -> Any:
     """An initializer whose parameter carries logical axis names (for sharding rules)."""
-    return nn.with_logical_partitioning(init, names)
+    return sharding.with_logical_axes(init, names)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gaam_jax import sharding
 from gaam_jax.encoders import pooling, stack
 from gaam_jax.encoders.attention import dot_product_attention
 
@@ -196,7 +197,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[..., d]`` any float dtype -> ``[..., d]`` in ``dtype``."""
         scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, (None,)), (x.shape[-1],)
+            "scale", sharding.with_logical_axes(nn.initializers.ones, (None,)), (x.shape[-1],)
         )
         x = x.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
@@ -209,9 +210,9 @@ def _dense(features: int, axes: tuple[str | None, str | None], bias: bool, dtype
         features,
         use_bias=bias,
         dtype=dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+        kernel_init=sharding.with_logical_axes(nn.initializers.lecun_normal(), axes),
         # A bias is split with its output dim when that dim is sharded; "embed" biases stay whole.
-        bias_init=nn.with_logical_partitioning(
+        bias_init=sharding.with_logical_axes(
             nn.initializers.zeros, (axes[1] if axes[1] != "embed" else None,)
         ),
         name=name,
@@ -368,7 +369,7 @@ class LlamaEncoder(nn.Module):
         embed = nn.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
-            embedding_init=nn.with_logical_partitioning(
+            embedding_init=sharding.with_logical_axes(
                 nn.initializers.normal(0.02), ("vocab", "embed")
             ),
             name="embed_tokens",

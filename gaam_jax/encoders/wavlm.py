@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gaam_jax import sharding
 from gaam_jax.encoders import pooling, stack
 from gaam_jax.encoders.attention import dot_product_attention
 
@@ -126,7 +127,7 @@ class WavLMConfig:
 
 def _init(names: tuple[str | None, ...], init: Any = None) -> Any:
     """An initializer that carries logical axis names for the sharding rules."""
-    return nn.with_logical_partitioning(init or nn.initializers.lecun_normal(), names)
+    return sharding.with_logical_axes(init or nn.initializers.lecun_normal(), names)
 
 
 _ZEROS = nn.initializers.zeros_init()
