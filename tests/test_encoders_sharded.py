@@ -35,8 +35,6 @@ def bert_reference(tiny_bert):
 
 @pytest.fixture(scope="module")
 def llama_reference():
-    if not LLAMA.exists():
-        pytest.skip("llama fixture not committed")
     io = np.load(LLAMA / "io.npz")
     inputs = {"input_ids": io["input_ids"], "attention_mask": io["attention_mask"]}
     single = from_pretrained(LLAMA)
@@ -118,6 +116,24 @@ def test_sharded_llama_equals_one_device_and_holds_one_model_th(llama_reference,
     assert split_any or model == 1
     # The unsharded result itself matches transformers (the llama tests bound it; sanity here).
     assert np.abs(want - torch_states).max() <= 1e-4 * np.abs(torch_states).max()
+
+
+@pytest.mark.parametrize("data,model", MESHES)
+def test_sharded_blockwise_pooled_states_equal_one_device(llama_reference, data, model):
+    """The memory-linear path and pooling inside the scan shard like the rest."""
+    inputs, single, _, _ = llama_reference
+    options = {"attention": "blockwise", "block_size": 4}  # T = 12: three blocks
+    one = from_pretrained(LLAMA, **options).pooled_states(layers=slice(1, None), **inputs)
+    mesh = make_mesh({"data": data, "model": model})
+    got = from_pretrained(LLAMA, mesh=mesh, **options).pooled_states(
+        layers=slice(1, None), **inputs
+    )
+    assert got.shape == (3, single.config.num_hidden_layers, single.config.hidden_size)
+    _close_per_layer(got, one)
+    # Pooled inside the scan equals pooling the dense path's hidden states by hand.
+    hidden = np.asarray(single.hidden_states(**inputs))[:, 1:]
+    m = inputs["attention_mask"][:, None, :, None].astype(np.float32)
+    _close_per_layer(got, (hidden * m).sum(2) / m.sum(2))
 
 
 def test_rules_are_data_and_are_checked(tiny_bert):
