@@ -29,6 +29,14 @@ turned into ``<data-dir>/encoder_features/<dataset>_<encoder-name>_<pooling>`` (
 appended for a split other than ``train``, e.g. the test split used as a validation set).
 Every user error is one line ``error: ...`` and exit code 2, before any file is written
 (``--debug`` shows tracebacks).
+
+``--distributed`` runs one extractor per host (TPU pods, SLURM, ...: it calls
+``jax.distributed.initialize()``): every process runs the same command, with ``--data-dir`` a
+folder they all share. Process ``i`` of ``P`` computes the shards ``index % P == i`` on its own
+devices (``--mesh`` spans this process's devices; no collectives between processes in the
+encoder), so the shards, and the dataset, are those of a one-process run. Process 0 builds the
+source dataset, writes the manifest and builds the result while the others wait at barriers; a
+failure on one process ends every process with its message instead of leaving them waiting.
 """
 
 from __future__ import annotations
@@ -39,8 +47,10 @@ import json
 import os
 import pathlib
 import re
+import socket
 import sys
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -59,16 +69,20 @@ MODALITY_OF_MODEL = {"bert": "text", "llama": "text", "beit": "image", "wavlm": 
 _INPUT = {"text": "text", "image": "image", "audio": "audio"}
 
 
-def parse_mesh(spec: str, device_count: int | None = None) -> dict[str, int]:
+def parse_mesh(
+    spec: str, device_count: int | None = None, *, local: bool = False
+) -> dict[str, int]:
     """Parses ``data=-1,model=N`` into axis sizes over ``device_count`` devices.
 
     ``-1`` (at most once) takes the devices the other axis leaves; a missing axis is 1.
+    ``local``: the devices are this process's (``--distributed``), as the messages say.
 
     Raises:
       ValueError: with the cause and the fix, for a malformed spec or one that does not match
         the device count.
     """
     device_count = jax.device_count() if device_count is None else device_count
+    visible = "are local to this process" if local else "are visible"
     sizes: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, value = part.partition("=")
@@ -105,7 +119,7 @@ def parse_mesh(spec: str, device_count: int | None = None) -> dict[str, int]:
     if sizes["data"] * sizes["model"] != device_count:
         raise ValueError(
             f"--mesh {spec!r} is {sizes['data']}x{sizes['model']} = "
-            f"{sizes['data'] * sizes['model']} devices but {device_count} are visible "
+            f"{sizes['data'] * sizes['model']} devices but {device_count} {visible} "
             f"({jax.default_backend()}); use -1 for one axis (e.g. data=-1,model={sizes['model']})."
         )
     return sizes
@@ -249,10 +263,13 @@ class FeatureEncoder:
             "default: TF32 on NVIDIA GPUs, bf16 passes on TPU, float32 on CPU"
         )
         mesh = "none" if self.mesh is None else "x".join(map(str, self.mesh.devices.shape))
+        devices = f"x{jax.device_count()}"
+        if jax.process_count() > 1:
+            devices = f"x{jax.local_device_count()} per process, {jax.process_count()} processes"
         return (
             f"encoder {self.model_type} ({self.num_layers} layers x {self.dim}) from "
             f"{self.model_dir}; compute {self.dtype}, features float32; backend "
-            f"{jax.default_backend()} x{jax.device_count()}, mesh (data, model) {mesh}; "
+            f"{jax.default_backend()} {devices}, mesh (data, model) {mesh}; "
             f"matmul precision {precision}"
         )
 
@@ -362,13 +379,101 @@ class TextEncoder(FeatureEncoder):
         return self.encode_records([{"text": t} for t in texts])
 
 
+def _tmp_path(path: pathlib.Path) -> pathlib.Path:
+    # Host and pid: processes of a multi-host run may share pids on a shared folder.
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
 def _write_atomic_npz(path: pathlib.Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp_path(path)
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)  # a shard file either is complete or does not exist
+
+
+def _write_atomic_text(path: pathlib.Path, text: str) -> None:
+    tmp = _tmp_path(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)  # another process reading it sees the old file or the new one
+
+
+# The errors main() reports as one line (exit 2): user errors, on any process.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+_MESSAGE_CHARS = 1024  # of a failed process's message, exchanged at the next barrier
+
+
+class Processes:
+    """This process's share of a (possibly multi-host) extraction, and its barriers.
+
+    The default is the one-process run: it owns every shard and its barriers do nothing.
+    :meth:`current` describes ``jax.distributed``'s processes: process ``i`` of ``P`` owns
+    the shards ``index % P == i``.
+
+    Args:
+      index: this process's index.
+      count: the number of processes.
+    """
+
+    def __init__(self, index: int = 0, count: int = 1):
+        self.index, self.count = index, count
+
+    @classmethod
+    def current(cls) -> Processes:
+        """``jax.process_index()`` of ``jax.process_count()``."""
+        return cls(jax.process_index(), jax.process_count())
+
+    def owns(self, shard: int) -> bool:
+        """Whether this process computes shard ``shard``."""
+        return shard % self.count == self.index
+
+    def step(self, name: str, work: Callable[[], Any] | None) -> Any:
+        """Runs ``work`` (None: nothing) and waits at barrier ``name`` for every process.
+
+        Each process brings its outcome to the barrier, so an exception on one process ends
+        the step on all of them: the failed one re-raises its own, the others raise one naming
+        the failed process and its message (a ``ValueError`` for a user error, otherwise a
+        ``RuntimeError``). KeyboardInterrupt is not caught (a scheduler interrupts every
+        process).
+
+        Returns:
+          what ``work`` returned.
+        """
+        try:
+            result = None if work is None else work()
+        except Exception as err:
+            self._barrier(name, err)
+            raise
+        self._barrier(name, None)
+        return result
+
+    def _barrier(self, name: str, failure: Exception | None) -> None:
+        if self.count == 1:
+            return
+        from jax.experimental import multihost_utils
+
+        # int32 rows [barrier hash, outcome (0 ok, 1 user error, 2 other), length, chars...]:
+        # one all-gather is the barrier and carries every process's outcome.
+        row = np.zeros(3 + _MESSAGE_CHARS, np.int32)
+        row[0] = zlib.crc32(name.encode()) & 0x7FFFFFFF
+        if failure is not None:
+            user = isinstance(failure, USER_ERRORS)
+            row[1] = 1 if user else 2
+            text = str(failure) if user else f"{type(failure).__name__}: {failure}"
+            text = " ".join(text.split())  # one line, as main() prints it
+            codes = np.frombuffer(text.encode()[:_MESSAGE_CHARS], np.uint8)
+            row[2], row[3 : 3 + len(codes)] = len(codes), codes
+        rows = np.asarray(multihost_utils.process_allgather(row))  # [processes, row]
+        if len(set(rows[:, 0].tolist())) != 1:
+            raise RuntimeError(f"processes reached different barriers at {name!r} (a bug).")
+        if failure is not None:
+            return  # the caller re-raises its own exception
+        for index, other in enumerate(rows):
+            if other[1]:
+                message = bytes(other[3 : 3 + other[2]].astype(np.uint8)).decode(errors="replace")
+                error = ValueError if other[1] == 1 else RuntimeError
+                raise error(f"process {index} of {self.count} failed: {message}")
 
 
 def _shard_ok(path: pathlib.Path, n: int, shape: tuple[int, int]) -> bool:
@@ -402,6 +507,7 @@ def extract(
     manual_dir: str | None = None,
     on_shard: Callable[[int], None] | None = None,
     progress: bool = True,
+    processes: Processes | None = None,
 ) -> pathlib.Path:
     """Extracts features shard by shard (resumable), then builds the tfds dataset.
 
@@ -419,11 +525,16 @@ def extract(
       limit: only the first ``limit`` examples (for quick runs and tests).
       manual_dir: IEMOCAP's manual download folder (default ``<data_dir>/downloads/manual``).
       on_shard: called with each shard index after it is written (tests use it to interrupt).
-      progress: show a progress bar.
+      progress: show a progress bar (on process 0 only).
+      processes: for a multi-host run (``Processes.current()``, after
+        ``jax.distributed.initialize()``; ``encoder`` on this process's devices): this process
+        computes only its shards, in ``data_dir`` shared by every process, which all return
+        the same folder. Default: one process.
 
     Returns:
       The folder of the built ``encoder_features`` dataset version.
     """
+    procs = processes or Processes()
     if dtype not in FEATURE_DTYPES:
         raise ValueError(f"--feature-dtype must be one of {FEATURE_DTYPES}, got {dtype!r}.")
     if shard_size <= 0:
@@ -444,87 +555,115 @@ def extract(
             f"{dataset} holds {want} but {encoder.model_dir} is a {encoder.model_type} "
             f"({encoder.modality}) encoder; pass --encoder with a {kinds[want]} folder."
         )
-    source, info = registry.load_examples(dataset, data_dir, split, manual_dir=manual_dir)
-    n = len(source) if limit is None else min(limit, len(source))
-    if n == 0:
-        raise ValueError(f"{dataset}/{split} is empty: nothing to extract.")
     name = feature_name(dataset, encoder_name, encoder.pooling, split)
     shards_dir = pathlib.Path(shards_dir or pathlib.Path(data_dir) / "shards" / name)
-    num_shards = -(-n // shard_size)
-    manifest = {
-        "source": f"{dataset}/{split}",
-        "split": "train",
-        "encoder": encoder_name,
-        "encoder_dir": str(encoder.model_dir),
-        "pooling": encoder.pooling,
-        "layers": encoder.layers,
-        "num_layers": encoder.num_layers,
-        "dim": encoder.dim,
-        "dtype": dtype,
-        "label_names": info.features["label"].names,
-        "num_examples": n,
-        "shard_size": shard_size,
-        "num_shards": num_shards,
-    }
-    if encoder.model_type != "bert":  # MiniLM's manifests stay as before (resumable)
-        manifest["compute_dtype"] = encoder.dtype
     manifest_path = shards_dir / encoder_features.MANIFEST
-    if manifest_path.exists() and json.loads(manifest_path.read_text()) != manifest:
-        raise ValueError(
-            f"{shards_dir} holds shards made with other settings ({manifest_path}); remove it or "
-            "choose another --shards-dir."
-        )
-    todo = {
-        index
-        for index in range(num_shards)
-        if not _shard_ok(
-            shards_dir / encoder_features.shard_name(index),
-            min(n, (index + 1) * shard_size) - index * shard_size,
-            (encoder.num_layers, encoder.dim),
-        )
-    }
-    if todo:
-        encoder.load()  # a bad checkpoint fails here, before anything is written
-    shards_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path.write_text(json.dumps(manifest, indent=2))
+    shape = (encoder.num_layers, encoder.dim)
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=n, desc=f"extracting {name}", unit="ex", disable=not progress, mininterval=0.5)
-    computed, seconds = 0, 0.0
-    for index in range(num_shards):
-        lo, hi = index * shard_size, min(n, (index + 1) * shard_size)
-        path = shards_dir / encoder_features.shard_name(index)
-        if index not in todo:
-            bar.update(hi - lo)
-            continue
-        records = [source[i] for i in range(lo, hi)]
-        start = time.perf_counter()
-        feats = encoder.encode_records(records, on_batch=bar.update)
-        seconds += time.perf_counter() - start
-        computed += hi - lo
-        if not np.all(np.isfinite(feats)):
-            bad = int(np.argwhere(~np.isfinite(feats).all(axis=(1, 2)))[0, 0])
-            raise ValueError(
-                f"{dataset} example id {records[bad]['id']}: the encoder gave NaN/Inf."
+    def prepare() -> tuple[Any, int, list[int], set[int]]:
+        """Opens the source; checks (process 0: writes) the manifest; lists this process's work."""
+        if procs.index and not manifest_path.exists():
+            raise FileNotFoundError(
+                f"{manifest_path}, written by process 0, is not visible to process "
+                f"{procs.index}: --data-dir must be a folder every process shares."
             )
-        _write_atomic_npz(
-            path,
-            features=feats.astype(dtype),
-            label=np.array([r["label"] for r in records], np.int64),
-            id=np.array([r["id"] for r in records], np.int64),
-            group=np.array([r.get("group", -1) for r in records], np.int64),
-        )
-        if on_shard is not None:
-            on_shard(index)
-    bar.close()
-    if progress and computed:
-        print(
-            f"encoded {computed} examples in {seconds:.1f} s: {computed / seconds:.1f} examples/s "
-            "(first batches include compilation)",
-            file=sys.stderr,
-        )
-    builder = encoder_features.build(shards_dir, data_dir, name)
+        source, info = registry.load_examples(dataset, data_dir, split, manual_dir=manual_dir)
+        n = len(source) if limit is None else min(limit, len(source))
+        if n == 0:
+            raise ValueError(f"{dataset}/{split} is empty: nothing to extract.")
+        num_shards = -(-n // shard_size)
+        manifest = {
+            "source": f"{dataset}/{split}",
+            "split": "train",
+            "encoder": encoder_name,
+            "encoder_dir": str(encoder.model_dir),
+            "pooling": encoder.pooling,
+            "layers": encoder.layers,
+            "num_layers": encoder.num_layers,
+            "dim": encoder.dim,
+            "dtype": dtype,
+            "label_names": info.features["label"].names,
+            "num_examples": n,
+            "shard_size": shard_size,
+            "num_shards": num_shards,
+        }
+        if encoder.model_type != "bert":  # MiniLM's manifests stay as before (resumable)
+            manifest["compute_dtype"] = encoder.dtype
+        if manifest_path.exists() and json.loads(manifest_path.read_text()) != manifest:
+            raise ValueError(
+                f"{shards_dir} holds shards made with other settings ({manifest_path}); remove "
+                "it or choose another --shards-dir."
+            )
+        mine = [index for index in range(num_shards) if procs.owns(index)]
+        todo = {
+            index
+            for index in mine
+            if not _shard_ok(
+                shards_dir / encoder_features.shard_name(index),
+                min(n, (index + 1) * shard_size) - index * shard_size,
+                shape,
+            )
+        }
+        if todo:
+            encoder.load()  # a bad checkpoint fails here, before anything is written
+        if procs.index == 0:
+            shards_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic_text(manifest_path, json.dumps(manifest, indent=2))
+        return source, n, mine, todo
+
+    def compute(prepared: tuple[Any, int, list[int], set[int]]) -> None:
+        """Computes and writes this process's unfinished shards."""
+        source, n, mine, todo = prepared
+        from tqdm import tqdm
+
+        total = sum(min(n, (i + 1) * shard_size) - i * shard_size for i in mine)
+        show = progress and procs.index == 0
+        bar = tqdm(total=total, desc=f"extracting {name}", unit="ex", disable=not show,
+                   mininterval=0.5)  # fmt: skip
+        computed, seconds = 0, 0.0
+        for index in mine:
+            lo, hi = index * shard_size, min(n, (index + 1) * shard_size)
+            if index not in todo:
+                bar.update(hi - lo)
+                continue
+            # The shard's examples alone decide its batches (sorted by length within the
+            # shard), whichever process computes it: its features are a one-process run's.
+            records = [source[i] for i in range(lo, hi)]
+            start = time.perf_counter()
+            feats = encoder.encode_records(records, on_batch=bar.update)
+            seconds += time.perf_counter() - start
+            computed += hi - lo
+            if not np.all(np.isfinite(feats)):
+                bad = int(np.argwhere(~np.isfinite(feats).all(axis=(1, 2)))[0, 0])
+                raise ValueError(
+                    f"{dataset} example id {records[bad]['id']}: the encoder gave NaN/Inf."
+                )
+            _write_atomic_npz(
+                shards_dir / encoder_features.shard_name(index),
+                features=feats.astype(dtype),
+                label=np.array([r["label"] for r in records], np.int64),
+                id=np.array([r["id"] for r in records], np.int64),
+                group=np.array([r.get("group", -1) for r in records], np.int64),
+            )
+            if on_shard is not None:
+                on_shard(index)
+        bar.close()
+        if show and computed:
+            print(
+                f"encoded {computed} examples in {seconds:.1f} s: {computed / seconds:.1f} "
+                "examples/s (first batches include compilation)",
+                file=sys.stderr,
+            )
+
+    def build() -> Any:
+        return encoder_features.build(shards_dir, data_dir, name)
+
+    # Process 0 first: it may build the source dataset, and it writes the manifest.
+    prepared = procs.step("gaam_extract_source", prepare if procs.index == 0 else None)
+    procs.step("gaam_extract_shards", lambda: compute(prepared or prepare()))
+    builder = procs.step("gaam_extract_dataset", build if procs.index == 0 else None)
+    if builder is None:  # the other processes open what process 0 built
+        builder = build()
     return pathlib.Path(builder.data_dir)
 
 
@@ -561,6 +700,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--manual-dir", default=None, help="IEMOCAP manual download folder")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--distributed", action="store_true",
+        help="one extractor per host: calls jax.distributed.initialize() (TPU pods, SLURM, ...); "
+        "each process computes its shards on its own devices into the shared --data-dir",
+    )  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     try:
         args = parser.parse_args(argv)
@@ -568,7 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit.code or 0)
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+    except USER_ERRORS as err:
         if args.debug:
             raise
         message = " ".join(str(err).split())  # one line
@@ -591,29 +735,57 @@ def _run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}.")
-    if args.encoder is not None and not pathlib.Path(args.encoder).expanduser().is_dir():
-        raise FileNotFoundError(
-            f"--encoder {args.encoder} is not a folder: pass a local Hugging Face model folder "
-            "(config.json + safetensors weights)."
+    processes = None
+    if args.distributed:
+        if not jax.distributed.is_initialized():  # a caller (a test) may have done it
+            try:
+                jax.distributed.initialize()
+            except (ValueError, RuntimeError) as err:
+                detail = " ".join(str(err).split()).rstrip(".")
+                raise ValueError(
+                    f"--distributed: jax.distributed.initialize() failed ({detail}); "
+                    "run it on every host of a TPU pod or SLURM job, or drop --distributed."
+                ) from None
+        processes = Processes.current()
+
+    def setup() -> tuple[FeatureEncoder, str]:
+        if args.encoder is not None and not pathlib.Path(args.encoder).expanduser().is_dir():
+            raise FileNotFoundError(
+                f"--encoder {args.encoder} is not a folder: pass a local Hugging Face model "
+                "folder (config.json + safetensors weights)."
+            )
+        if processes is None:
+            mesh = sharding.make_mesh(parse_mesh(args.mesh)) if args.mesh else None
+        else:
+            # Each process is an independent extractor on its own devices; from_pretrained
+            # without a mesh would place the weights on jax.devices()[0], process 0's device.
+            local = jax.local_devices()
+            sizes = {"data": 1, "model": 1}  # default: one device, as one process's default
+            if args.mesh:
+                sizes = parse_mesh(args.mesh, len(local), local=True)
+            mesh = sharding.make_mesh(sizes, devices=local[: sizes["data"] * sizes["model"]])
+        encoder = FeatureEncoder(
+            args.encoder,
+            dtype=args.dtype,
+            mesh=mesh,
+            pooling=args.pooling,
+            max_length=args.max_length,
+            include_embeddings=args.include_embeddings,
+            batch_size=args.batch_size,
+            wavlm_final_norm=not args.no_wavlm_final_norm,
         )
-    mesh = sharding.make_mesh(parse_mesh(args.mesh)) if args.mesh else None
-    encoder = FeatureEncoder(
-        args.encoder,
-        dtype=args.dtype,
-        mesh=mesh,
-        pooling=args.pooling,
-        max_length=args.max_length,
-        include_embeddings=args.include_embeddings,
-        batch_size=args.batch_size,
-        wavlm_final_norm=not args.no_wavlm_final_norm,
-    )
-    if args.encoder_name is not None:
-        name = args.encoder_name
-    else:
-        name = "minilm" if args.encoder is None else default_encoder_name(encoder.model_dir)
-    if not re.fullmatch(r"[0-9a-z_]+", name):
-        raise ValueError(f"--encoder-name {name!r}: use lowercase letters, digits and _.")
-    if not args.no_progress:
+        if args.encoder_name is not None:
+            name = args.encoder_name
+        else:
+            name = "minilm" if args.encoder is None else default_encoder_name(encoder.model_dir)
+        if not re.fullmatch(r"[0-9a-z_]+", name):
+            raise ValueError(f"--encoder-name {name!r}: use lowercase letters, digits and _.")
+        return encoder, name
+
+    # Multi-host: a check that fails on some hosts only (a model folder missing on one) stops
+    # every process here.
+    encoder, name = setup() if processes is None else processes.step("gaam_extract_setup", setup)
+    if not args.no_progress and (processes is None or processes.index == 0):
         print(encoder.describe(), file=sys.stderr)
     path = extract(
         args.dataset,
@@ -626,6 +798,7 @@ def _run(args: argparse.Namespace) -> int:
         limit=args.limit,
         manual_dir=args.manual_dir,
         progress=not args.no_progress,
+        processes=processes,
     )
     print(
         f"wrote {path}: features [{encoder.num_layers}, {encoder.dim}] per example, "

@@ -19,6 +19,7 @@ straight to its shards, each device reading only its slice.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import pathlib
@@ -265,21 +266,54 @@ class Encoder:
 def _place(host: Any, sharding: jax.sharding.Sharding, dtype: Any, release: Any):
     """One tensor from (memory-mapped) host memory to its devices, cast to ``dtype`` there.
 
-    ``host`` is a numpy view or a :class:`~gaam_jax.encoders.stack.StackedTensor`; each device
-    reads only its slice of it (for a stacked tensor: its slice of every layer).
+    ``host`` is a numpy view (each device reads only its slice of it) or a
+    :class:`~gaam_jax.encoders.stack.StackedTensor`, written layer by layer into the stacked
+    array on the devices: the host never holds more than one layer's slice of one tensor.
     """
+    if isinstance(host, stack.StackedTensor):
+        return _place_stacked(host, sharding, dtype, release)
     array = jax.make_array_from_callback(
         tuple(host.shape), sharding, lambda index: np.ascontiguousarray(host[index])
     )
     if jnp.issubdtype(array.dtype, jnp.floating) and array.dtype != dtype:
         array = array.astype(dtype)  # on device; keeps the sharding
     jax.block_until_ready(array)
-    # The file pages behind it may go: they are on the devices now.
-    if isinstance(host, stack.StackedTensor):
-        host.release(release)
-    else:
-        release(host)
+    release(host)  # the file pages behind it may go: they are on the devices now
     return array
+
+
+@functools.cache
+def _stacking_programs(sharding: jax.sharding.Sharding, shape: tuple, dtype: Any):
+    """``zeros() -> [L, ...]`` and ``update(stacked, layer, i)`` (in place), on ``sharding``."""
+    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    update = jax.jit(
+        lambda stacked, layer, i: jax.lax.dynamic_update_index_in_dim(
+            stacked, layer.astype(dtype), i, 0
+        ),
+        donate_argnums=0,
+        out_shardings=sharding,
+    )
+    return zeros, update
+
+
+def _place_stacked(
+    host: stack.StackedTensor, sharding: jax.sharding.Sharding, dtype: Any, release: Any
+):
+    target = dtype if jnp.issubdtype(host.dtype, jnp.floating) else host.dtype
+    if isinstance(sharding, NamedSharding):  # one layer shards like the stack, less its axis
+        layer_sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+    else:
+        layer_sharding = sharding
+    zeros, update = _stacking_programs(sharding, tuple(host.shape), jnp.dtype(target))
+    stacked = zeros()
+    for i, part in enumerate(host.parts):
+        layer = jax.make_array_from_callback(
+            tuple(part.shape), layer_sharding, lambda index, p=part: np.ascontiguousarray(p[index])
+        )
+        stacked = update(stacked, layer, i)
+        jax.block_until_ready(stacked)
+        release(part)
+    return stacked
 
 
 def from_pretrained(
@@ -336,7 +370,7 @@ def from_pretrained(
     abstract = abstract_params(module, *_example_inputs(model_type, raw).values())
     _check_tree(host, abstract, model_type)
     if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, nn.unbox(abstract))
     else:
         shardings = param_shardings(abstract, mesh, rules)
