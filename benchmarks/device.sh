@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check, in one call of the lent GPU machine (about 6 minutes; under 8 with start).
+# The device check, in one call of the lent GPU machine (about 7 minutes; under 8 with start).
 #
 # Uses the JAX, Flax, Optax, PyTorch and transformers already installed there. Pure-Python
 # packages that image lacks (the authors' gaussian-adaptive-attention, ml-collections, grain's
@@ -13,7 +13,10 @@
 #   2. the training loop's steady-state efficiency on the main job's shapes
 #      (benchmarks/loop_efficiency.py --synthetic: tfds is not needed);
 #   3. encoder extraction throughput, JAX vs PyTorch on CUDA, and on a 1-device mesh
-#      (benchmarks/encoders.py).
+#      (benchmarks/encoders.py), with the encoders' attention on auto (cuDNN where it runs) and
+#      on the memory-linear blockwise path;
+#   4. the attention implementations side by side (xla, blockwise, cudnn): time and XLA's
+#      memory at 1024-16384 tokens, float32 and bfloat16 (benchmarks/attention.py).
 # Usage: bash benchmarks/device.sh [OUT_DIR]   (default: $OUT, or benchmarks/results/device)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +39,9 @@ section() {  # name, timeout, command...
   timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt" | grep -v -E "^(WARNING|I0000|W0000)" || true
   [ "${PIPESTATUS[0]}" -eq 0 ] || echo "($name did not finish: exit ${PIPESTATUS[0]})"
 }
-section gaam 150 "$py" -m benchmarks.device_gaam
-section loop 120 "$py" -m benchmarks.loop_efficiency --synthetic --out "$out/loop.json"
-section encoders 150 "$py" -m benchmarks.encoders --device
+section gaam 130 "$py" -m benchmarks.device_gaam
+section loop 100 "$py" -m benchmarks.loop_efficiency --synthetic --out "$out/loop.json"
+section encoders 120 "$py" -m benchmarks.encoders --device --only llama-128,llama-2048,beit
+section encoders-blockwise 60 "$py" -m benchmarks.encoders --device --only llama-2048 --attention blockwise
+section attention 60 "$py" -m benchmarks.attention
 echo; echo "results in $out"

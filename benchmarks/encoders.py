@@ -37,33 +37,43 @@ Spec = tuple[str, dict, Callable[[int, np.random.Generator], dict], str, int]
 
 
 def specs(quick: bool) -> dict[str, Spec]:
-    """The benchmark sizes per architecture (``quick``: tiny)."""
+    """The benchmark cases (``quick``: tiny): ``"<model_type>[-<tokens>]"`` -> spec.
+
+    Llama runs at 128, 512 and 2048 tokens (batch shrinking as the length grows, so each case
+    is about the same work); BEiT and WavLM at the paper's shapes (BEiT-Large at 224 px,
+    WavLM-Large on 5-s chunks).
+    """
     if quick:
         llama = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256)  # fmt: skip
-        seq, image, patch, audio = 16, 32, 8, 1600
+        lengths, image, patch, audio = {16: 2}, 32, 8, 1600
         beit = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, image_size=image, patch_size=patch)  # fmt: skip
         wavlm = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, conv_dim=[32] * 3, conv_kernel=[10, 3, 3],
                      conv_stride=[5, 2, 2], num_conv_pos_embeddings=16,
                      num_conv_pos_embedding_groups=4)  # fmt: skip
-        batches = {"llama": 2, "beit": 2, "wavlm": 2}
+        batches = {"beit": 2, "wavlm": 2}
     else:
         llama = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                      num_attention_heads=16, num_key_value_heads=16, vocab_size=32000)  # fmt: skip
-        seq, image, patch, audio = 128, 224, 16, 80000
-        beit = dict(image_size=image, patch_size=patch)  # BeitConfig's defaults: BEiT-Base
-        wavlm = {}  # WavLMConfig's defaults: WavLM-Base
-        batches = {"llama": 8, "beit": 8, "wavlm": 2}
-    llama |= dict(max_position_embeddings=max(2 * seq, 64), rope_theta=10000.0)
+        lengths, image, patch, audio = {128: 8, 512: 2, 2048: 1}, 224, 16, 80000
+        large = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                     num_attention_heads=16)  # fmt: skip
+        beit = dict(large, image_size=image, patch_size=patch)  # BEiT-Large/16
+        wavlm = dict(large, do_stable_layer_norm=True, feat_extract_norm="layer")  # WavLM-Large
+        batches = {"beit": 4, "wavlm": 2}
+    llama |= dict(max_position_embeddings=max(2 * max(lengths), 64), rope_theta=10000.0)
     beit |= dict(use_shared_relative_position_bias=True, layer_scale_init_value=0.1)
 
-    def text(batch: int, rng: np.random.Generator) -> dict:
-        ids = rng.integers(0, llama["vocab_size"], (batch, seq)).astype(np.int64)
-        mask = np.ones((batch, seq), np.int64)
-        mask[0, seq // 2 :] = 0
-        return {"input_ids": ids, "attention_mask": mask}
+    def text(seq: int) -> Callable[[int, np.random.Generator], dict]:
+        def make(batch: int, rng: np.random.Generator) -> dict:
+            ids = rng.integers(0, llama["vocab_size"], (batch, seq)).astype(np.int64)
+            mask = np.ones((batch, seq), np.int64)
+            mask[0, seq // 2 :] = 0
+            return {"input_ids": ids, "attention_mask": mask}
+
+        return make
 
     def images(batch: int, rng: np.random.Generator) -> dict:
         return {"pixel_values": rng.standard_normal((batch, 3, image, image), np.float32)}
@@ -71,30 +81,54 @@ def specs(quick: bool) -> dict[str, Spec]:
     def waves(batch: int, rng: np.random.Generator) -> dict:
         return {"input_values": rng.standard_normal((batch, audio), np.float32)}
 
-    return {
-        "llama": ("LlamaConfig", llama, text, f"Llama {llama['hidden_size']} wide, "
-                  f"{llama['num_hidden_layers']} layers, seq {seq}", batches["llama"]),
-        "beit": ("BeitConfig", beit, images, f"BEiT {image}px/{patch}, "
-                 f"{beit.get('hidden_size', 768)} wide, {beit.get('num_hidden_layers', 12)} "
-                 "layers", batches["beit"]),
-        "wavlm": ("WavLMConfig", wavlm, waves, f"WavLM {wavlm.get('hidden_size', 768)} wide, "
-                  f"{wavlm.get('num_hidden_layers', 12)} layers, {audio / 16000:g} s at 16 kHz",
-                  batches["wavlm"]),
-    }  # fmt: skip
+    width = lambda c, d: c.get("hidden_size", d)  # noqa: E731
+    depth = lambda c: c.get("num_hidden_layers", 12)  # noqa: E731
+    out: dict[str, Spec] = {
+        f"llama-{seq}": (
+            "LlamaConfig",
+            llama,
+            text(seq),
+            f"Llama {llama['hidden_size']} wide, {llama['num_hidden_layers']} layers, seq {seq}",
+            batch,
+        )
+        for seq, batch in lengths.items()
+    }
+    out["beit"] = (
+        "BeitConfig",
+        beit,
+        images,
+        f"BEiT {image}px/{patch}, {width(beit, 768)} wide, {depth(beit)} layers",
+        batches["beit"],
+    )
+    out["wavlm"] = (
+        "WavLMConfig",
+        wavlm,
+        waves,
+        f"WavLM {width(wavlm, 768)} wide, {depth(wavlm)} layers, {audio / 16000:g} s at 16 kHz",
+        batches["wavlm"],
+    )
+    return out  # fmt: skip
+
+
+def model_type(case: str) -> str:
+    """``"llama-128"`` -> ``"llama"``."""
+    return case.split("-")[0]
 
 
 def available(quick: bool, only: list[str] | None) -> list[str]:
-    """Architectures whose ``gaam_jax/encoders`` module exists (and that ``only`` names)."""
-    names = [n for n in specs(quick) if importlib.util.find_spec(f"gaam_jax.encoders.{n}")]
-    return [n for n in names if not only or n in only]
+    """Cases whose ``gaam_jax/encoders`` module exists (and whose model type ``only`` names)."""
+    names = [
+        n for n in specs(quick) if importlib.util.find_spec(f"gaam_jax.encoders.{model_type(n)}")
+    ]
+    return [n for n in names if not only or model_type(n) in only or n in only]
 
 
-def build(model_type: str, quick: bool, folder: str):
-    """A random transformers model of the spec, saved to ``folder``; returns it (eval mode)."""
+def build(case: str, quick: bool, folder: str):
+    """A random transformers model of the case, saved to ``folder``; returns it (eval mode)."""
     import torch
     import transformers
 
-    config_cls, kwargs, _, _, _ = specs(quick)[model_type]
+    config_cls, kwargs, _, _, _ = specs(quick)[case]
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**kwargs)
@@ -120,8 +154,10 @@ def _torch_run(model, device: str = "cpu") -> Callable:
     return run
 
 
-def section_vs_torch(names: list[str], quick: bool, repeats: int, device: str = "cpu") -> str:
-    """JAX float32 vs transformers (on ``device``) on every architecture in ``names``."""
+def section_vs_torch(
+    names: list[str], quick: bool, repeats: int, device: str = "cpu", attention: str = "auto"
+) -> str:
+    """JAX float32 vs transformers (on ``device``) on every case in ``names``."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -134,7 +170,7 @@ def section_vs_torch(names: list[str], quick: bool, repeats: int, device: str = 
         _, _, make_inputs, desc, batch = specs(quick)[name]
         with tempfile.TemporaryDirectory() as folder:
             model = build(name, quick, folder)
-            enc = from_pretrained(folder, dtype=jnp.float32)
+            enc = from_pretrained(folder, dtype=jnp.float32, attention=attention)
         inputs = make_inputs(batch, np.random.default_rng(0))
         model = model.to(device)
         torch_inputs = {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}
@@ -212,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mesh", action="store_true", help="8 CPU devices sharded vs 1 device")
     parser.add_argument("--device", action="store_true", help="PyTorch on CUDA when present")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--only", default=None, help="comma-separated model types")
+    parser.add_argument("--only", default=None, help="comma-separated model types or cases")
+    parser.add_argument(
+        "--attention", default="auto", help="the JAX encoders' attention (auto, xla, blockwise)"
+    )
     args = parser.parse_args(argv)
     if args.mesh:
         if "jax" in sys.modules:
@@ -234,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        print(section_vs_torch(names, args.quick, repeats, device))
+        print(f"JAX attention: {args.attention}.\n")
+        print(section_vs_torch(names, args.quick, repeats, device, args.attention))
     print(f"\n({time.perf_counter() - start:.0f} s)")
     return 0
 
