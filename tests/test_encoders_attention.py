@@ -168,7 +168,8 @@ def test_choose_implementation_on_cpu():
     short = jax.ShapeDtypeStruct((B, 512, H, D), jnp.bfloat16)
     long = jax.ShapeDtypeStruct((B, 513, H, D), jnp.float32)
     assert choose_implementation("auto", short, short, None) == "xla"
-    assert choose_implementation("auto", short, long, None) == "blockwise"  # S > block_size
+    assert choose_implementation("auto", short, long, None) == "blockwise"  # S > 4 * 128
+    assert choose_implementation("auto", short, short, None, causal=True) == "blockwise"
     assert choose_implementation("auto", long, long, None, block_size=1024) == "xla"
     assert choose_implementation("blockwise", short, short, None) == "blockwise"
     with pytest.raises(ValueError, match="GPU"):

@@ -323,7 +323,7 @@ def from_pretrained(
     rules: Rules | None = None,
     *,
     attention: str = "auto",
-    block_size: int = 512,
+    block_size: int = stack.BLOCK_SIZE,
     remat: str = "none",
 ) -> Encoder:
     """Loads a local Hugging Face model folder as a JAX encoder.

@@ -31,6 +31,9 @@ from jax import lax
 __all__ = ["IMPLEMENTATIONS", "choose_implementation", "dot_product_attention"]
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn")
+# Query and key block length of the blockwise path: 128 x 128 float32 logits per head stay in
+# cache; on XLA:CPU blocks of 128 ran 1.6x faster than blocks of 512 at 512 causal tokens.
+BLOCK_SIZE = 128
 
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Half of what jax's cuDNN wrapper gives masked keys (-2**41 in bf16, -2**15 in fp16; it avoids
@@ -53,22 +56,27 @@ def choose_implementation(
     k: Any,
     bias: Any | None = None,
     *,
-    block_size: int = 512,
+    block_size: int = BLOCK_SIZE,
+    causal: bool = False,
 ) -> str:
     """Resolves ``implementation`` to the one :func:`dot_product_attention` will run.
 
     ``"auto"`` picks ``"cudnn"`` on a GPU backend for bfloat16/float16 inputs with a head dim
     that is a multiple of 8 and at most 128 and no ``bias``; otherwise ``"blockwise"`` when
-    ``max(T, S) > block_size``; otherwise ``"xla"``. An explicit name is returned as is, after
-    checking that ``"cudnn"`` can run here.
+    ``max(T, S)`` exceeds ``4 * block_size`` (``2 * block_size`` when ``causal``: the blockwise
+    path skips the key blocks above the diagonal, half the work); otherwise ``"xla"``. Measured
+    on XLA:CPU at 16 heads of 64 with blocks of 128: dense is 5x faster at 197 tokens and on par
+    at 512 (non-causal), 2x slower at 512 causal and at 2048 causal. An explicit name is
+    returned as is, after checking that ``"cudnn"`` can run here.
 
     Args:
       implementation: one of :data:`IMPLEMENTATIONS`.
       q: queries ``[B, T, H, D]`` (an array or anything with ``shape`` and ``dtype``).
       k: keys ``[B, S, K, D]`` (likewise).
       bias: the additive logit bias, or None; only whether it is given matters.
-      block_size: the blockwise path's block length, the length above which ``"auto"`` stops
-        materialising logits.
+      block_size: the blockwise path's block length; ``"auto"``'s length threshold scales
+        with it.
+      causal: whether the attention is causal.
 
     Returns:
       ``"xla"``, ``"blockwise"`` or ``"cudnn"``.
@@ -105,7 +113,7 @@ def choose_implementation(
         and bias is None
     ):
         return "cudnn"
-    if max(q.shape[1], k.shape[1]) > block_size:
+    if max(q.shape[1], k.shape[1]) > (2 if causal else 4) * block_size:
         return "blockwise"
     return "xla"
 
@@ -120,7 +128,7 @@ def dot_product_attention(
     causal: bool = False,
     scale: float | None = None,
     implementation: str = "auto",
-    block_size: int = 512,
+    block_size: int = BLOCK_SIZE,
 ) -> jax.Array:
     """Grouped-query scaled dot-product attention with float32 logits and softmax.
 
@@ -154,7 +162,7 @@ def dot_product_attention(
         ``T != S``, or ``"cudnn"`` where it cannot run.
     """
     _check_inputs(q, k, v, bias, key_mask, causal, block_size)
-    impl = choose_implementation(implementation, q, k, bias, block_size=block_size)
+    impl = choose_implementation(implementation, q, k, bias, block_size=block_size, causal=causal)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if impl == "cudnn":
         return _cudnn(q, k, v, bias, key_mask, causal, scale)
@@ -224,6 +232,18 @@ def _causal_allowed(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
     return (q_pos[:, None] >= k_pos[None, :])[None, None, None]
 
 
+def _heads_first(q: jax.Array, k: jax.Array, v: jax.Array, kv_heads: int):
+    """``[B, T, H, D]`` / ``[B, S, K, D]`` -> ``[B, K, G, T, D]`` / ``[B, K, S, D]``.
+
+    XLA:CPU runs the two batched matmuls 3-4x faster on head-major operands than when the
+    einsum contracts the ``[B, T, H, D]`` layout in place (measured at BEiT's and Llama's
+    shapes); the transposes cost one pass over q, k, v and the output.
+    """
+    b, t, h, d = q.shape
+    qh = q.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
+    return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
 def _xla(
     q: jax.Array,
     k: jax.Array,
@@ -233,28 +253,44 @@ def _xla(
     causal: bool,
     scale: float,
 ) -> jax.Array:
-    """The dense reference: ``[B, K, G, T, S]`` float32 logits, as the ports compute today."""
+    """The dense path: float32 logits of every query against every key, one softmax.
+
+    The G query heads that share a key/value head are laid end to end, ``[B, K, G * T, S]``:
+    one batched matmul per key/value head, as large as XLA:CPU runs them fastest.
+    """
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
-    qg = q.reshape(b, t, kh, h // kh, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    g = h // kh
+    qh, kt, vt = _heads_first(q, k, v, kh)
+    rows = qh.reshape(b, kh, g * t, d)
+    logits = jnp.einsum("bkrd,bksd->bkrs", rows, kt, preferred_element_type=jnp.float32)
     logits = logits * jnp.float32(scale)
     if bias5 is not None:
-        logits = logits + bias5
+        if bias5.shape[2] == 1 and bias5.shape[3] == 1:  # the same for every query row
+            bias4 = bias5.reshape(bias5.shape[0], bias5.shape[1], 1, s if bias5.shape[4] > 1 else 1)
+        else:
+            full = (bias5.shape[0], bias5.shape[1], g, t, bias5.shape[4])
+            bias4 = jnp.broadcast_to(bias5, full).reshape(*full[:2], g * t, full[4])
+        logits = logits + bias4
     allowed = None
     if key_mask is not None:
-        allowed = key_mask[:, None, None, None, :]
+        allowed = key_mask[:, None, None, :]
     if causal:
-        tri = _causal_allowed(jnp.arange(t), jnp.arange(s))
+        tri = jnp.tile(jnp.arange(t)[:, None] >= jnp.arange(s)[None, :], (g, 1))[None, None]
         allowed = tri if allowed is None else allowed & tri
     if allowed is not None:
         logits = jnp.where(allowed, logits, _NEG)
-    weights = jax.nn.softmax(logits, axis=-1)
+    # The output does not depend on the max (it only keeps exp in range): no gradient through it.
+    p = jnp.exp(logits - lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
     if allowed is not None:
-        # torch's sdpa returns zeros for a query whose keys are all masked.
-        weights = jnp.where(jnp.any(allowed, axis=-1, keepdims=True), weights, 0.0)
-    ctx = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v)
-    return ctx.reshape(b, t, h, d).astype(v.dtype)
+        p = jnp.where(allowed, p, 0.0)  # a masked key gets exactly 0
+    # A row with an allowed key sums to >= 1 (its largest term is exp(0)); a row with none sums
+    # to 0 and its product is 0, so dividing by max(total, 1) gives torch sdpa's zero row.
+    # Normalising after the product divides [T, D] numbers instead of [T, S].
+    total = jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1.0)
+    ctx = jnp.einsum("bkrs,bksd->bkrd", p.astype(v.dtype), vt, preferred_element_type=jnp.float32)
+    ctx = (ctx / total).reshape(b, kh, g, t, d)
+    return ctx.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(v.dtype)
 
 
 def _pad_axis(x: jax.Array, axis: int, length: int, value: Any = 0) -> jax.Array:
@@ -286,10 +322,10 @@ def _blockwise(
     nq, nk = -(-t // bq), -(-s // bk)
     tp, sp = nq * bq, nk * bk
 
-    qg = _pad_axis(q.reshape(b, t, kh, g, d), 1, tp)
-    q_blocks = jnp.moveaxis(qg.reshape(b, nq, bq, kh, g, d), 1, 0)  # [nq, B, bq, K, G, D]
-    k_blocks = jnp.moveaxis(_pad_axis(k, 1, sp).reshape(b, nk, bk, kh, d), 1, 0)
-    v_blocks = jnp.moveaxis(_pad_axis(v, 1, sp).reshape(b, nk, bk, kh, d), 1, 0)
+    qh, kt, vt = _heads_first(q, k, v, kh)  # head-major: see _heads_first
+    q_blocks = jnp.moveaxis(_pad_axis(qh, 3, tp).reshape(b, kh, g, nq, bq, d), 3, 0)
+    k_blocks = jnp.moveaxis(_pad_axis(kt, 2, sp).reshape(b, kh, nk, bk, d), 2, 0)
+    v_blocks = jnp.moveaxis(_pad_axis(vt, 2, sp).reshape(b, kh, nk, bk, d), 2, 0)
     # Key validity is needed for the caller's mask and for the keys padded onto the last block.
     masked = key_mask is not None or sp != s
     valid = jnp.ones((b, s), jnp.bool_) if key_mask is None else key_mask
@@ -303,7 +339,7 @@ def _blockwise(
     scale = jnp.float32(scale)
 
     def query_block(args: tuple[jax.Array, jax.Array]) -> jax.Array:
-        qb, qi = args  # [B, bq, K, G, D], scalar block index
+        qb, qi = args  # [B, K, G, bq, D], scalar block index
         q_start = qi * bq
         bias_q = bias5
         if bias_q is not None and bias_q.shape[3] != 1:
@@ -312,7 +348,7 @@ def _blockwise(
         def step(carry: tuple[jax.Array, ...], xs: tuple[jax.Array, ...]) -> tuple[Any, None]:
             m, total, acc = carry  # [B, K, G, bq], [B, K, G, bq], [B, K, G, bq, D] float32
             kb, vb, valid_b, kj = xs
-            logits = jnp.einsum("bqkgd,bskd->bkgqs", qb, kb, preferred_element_type=jnp.float32)
+            logits = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)
             logits = logits * scale
             if bias_q is not None:
                 bias_b = bias_q
@@ -337,7 +373,7 @@ def _blockwise(
                 p = jnp.where(allowed, p, 0.0)
             total = total * correction + jnp.sum(p, axis=-1)
             pv = jnp.einsum(
-                "bkgqs,bskd->bkgqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32
+                "bkgqs,bksd->bkgqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32
             )
             return (m_new, total, acc * correction[..., None] + pv), None
 
@@ -358,15 +394,15 @@ def _blockwise(
         )
         xs = (k_blocks, v_blocks, valid_blocks, jnp.arange(nk))
         (_, total, acc), _ = lax.scan(step, init, xs)
-        # total == 0 exactly when no key was allowed; acc is 0 there too, so the row is 0.
-        out = acc / jnp.where(total > 0, total, 1.0)[..., None]
-        return jnp.einsum("bkgqd->bqkgd", out).astype(v.dtype)
+        # total >= 1 when a key was allowed (the largest term is exp(0)); with none, total and
+        # acc are 0, so dividing by max(total, 1) gives the zero row.
+        return (acc / jnp.maximum(total, 1.0)[..., None]).astype(v.dtype)
 
     # Checkpointing a whole query block keeps only its inputs for the backward pass, so the
     # inner scan's per-step carries exist for one query block at a time.
     query_block = jax.checkpoint(query_block, prevent_cse=False)
-    out = lax.map(query_block, (q_blocks, jnp.arange(nq)))  # [nq, B, bq, K, G, D]
-    return jnp.moveaxis(out, 0, 1).reshape(b, tp, h, d)[:, :t]
+    out = lax.map(query_block, (q_blocks, jnp.arange(nq)))  # [nq, B, K, G, bq, D]
+    return out.transpose(1, 0, 4, 2, 3, 5).reshape(b, tp, h, d)[:, :t]
 
 
 def _cudnn(

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from gaam_jax.encoders.attention import IMPLEMENTATIONS
+from gaam_jax.encoders.attention import BLOCK_SIZE, IMPLEMENTATIONS
 
 # (x float32 [B, T, H], pool_mask bool [B, T] or None) -> what a layer emits.
 Collect = Callable[[jax.Array, jax.Array | None], jax.Array]
@@ -49,15 +49,15 @@ class EncoderOptions:
 
     Attributes:
       attention: ``"auto"`` (cudnn on NVIDIA GPUs where dtype and shapes allow, blockwise for
-        sequences longer than ``block_size``, else xla), ``"xla"`` (dense), ``"blockwise"``
-        (memory-linear online softmax) or ``"cudnn"``. See
-        :func:`gaam_jax.encoders.attention.dot_product_attention`.
+        sequences longer than ``4 * block_size``, ``2 *`` if causal, else xla), ``"xla"``
+        (dense), ``"blockwise"`` (memory-linear online softmax) or ``"cudnn"``. See
+        :func:`gaam_jax.encoders.attention.choose_implementation`.
       block_size: query and key block length of the blockwise attention.
       remat: per-layer rematerialisation policy, a key of :data:`REMAT_POLICIES`.
     """
 
     attention: str = "auto"
-    block_size: int = 512
+    block_size: int = BLOCK_SIZE
     remat: str = "none"
 
     def __post_init__(self):
