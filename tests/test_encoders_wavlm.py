@@ -99,8 +99,10 @@ def _assert_same_arrays(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("attention", ("xla", "blockwise"))
-@pytest.mark.parametrize("variant", VARIANTS)
+# Variants differ in norms and convs, not in how attention runs: blockwise on one of them.
+@pytest.mark.parametrize(
+    ("variant", "attention"), [(v, "xla") for v in VARIANTS] + [("odd", "blockwise")]
+)
 def test_hidden_states_match_transformers_float32(variant, attention):
     config, params, io = _load(variant)
     got = _run(config, params, io["input_values"], io["attention_mask"], attention=attention)
