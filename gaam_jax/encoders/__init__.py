@@ -1,7 +1,8 @@
 """Frozen pretrained encoders whose per-layer hidden states become GAAM decoder inputs.
 
-One entry point loads a local Hugging Face model folder (``config.json`` plus ``model.safetensors``
-or sharded ``model-0000x-of-0000y.safetensors`` with ``model.safetensors.index.json``)::
+One entry point loads a Hugging Face model folder (``config.json`` plus ``model.safetensors``
+or sharded ``model-0000x-of-0000y.safetensors`` with ``model.safetensors.index.json``), local or
+a hub id resolved through the Hugging Face cache (:func:`checkpoint.resolve`)::
 
     from gaam_jax.encoders import from_pretrained
     enc = from_pretrained(path, dtype=jnp.float32)          # or jnp.bfloat16 compute
@@ -36,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gaam_jax.encoders import pooling, stack
 from gaam_jax.encoders import pooling as pooling_module
-from gaam_jax.encoders.checkpoint import SUPPORTED, open_tensors, read_config
+from gaam_jax.encoders.checkpoint import SUPPORTED, open_tensors, read_config, resolve
 from gaam_jax.sharding import (
     DEFAULT_RULES,
     Rules,
@@ -322,20 +323,25 @@ def from_pretrained(
     mesh: Mesh | None = None,
     rules: Rules | None = None,
     *,
+    revision: str | None = None,
     attention: str = "auto",
     block_size: int = stack.BLOCK_SIZE,
     remat: str = "none",
 ) -> Encoder:
-    """Loads a local Hugging Face model folder as a JAX encoder.
+    """Loads a Hugging Face model folder, or a hub id, as a JAX encoder.
 
     Args:
-      path: folder with ``config.json`` and safetensors weights (single file or sharded).
+      path: folder with ``config.json`` and safetensors weights (single file or sharded), or a
+        hub id ``org/name`` that is no local folder (:func:`checkpoint.resolve`: its snapshot in
+        the hub cache; online, only config, safetensors, tokenizer and preprocessor files are
+        fetched; ``HF_HUB_OFFLINE=1``: the cache only).
       dtype: compute dtype; floating parameters are cast to it on device (the output is always
         float32; norms and softmax run in float32).
       mesh: optional ``Mesh`` with axes ``data`` and ``model``: parameters are sharded by
         ``rules`` and the batch over ``data``. None: one device (the default device).
       rules: ``(logical_axis, mesh_axis_or_None)`` pairs; default
         ``gaam_jax.sharding.DEFAULT_RULES``.
+      revision: for a hub id, a branch, tag or commit hash (default ``main``).
       attention: ``"auto"``, ``"xla"``, ``"blockwise"`` or ``"cudnn"`` (see
         :class:`~gaam_jax.encoders.stack.EncoderOptions`).
       block_size: the blockwise attention's block length.
@@ -347,11 +353,14 @@ def from_pretrained(
 
     Raises:
       FileNotFoundError: missing folder, ``config.json`` or weights (PyTorch-only folders get
-        the conversion command).
+        the conversion command), or a hub id not in the cache offline or not fetchable (one
+        line with the ``hf download`` command).
       ValueError: unsupported ``model_type`` or config value, missing or misshapen tensors, a
-        mesh without ``data`` and ``model`` axes, or a bad option.
+        mesh without ``data`` and ``model`` axes, a bad option, or a revision the repository
+        does not have (or given with a local folder).
     """
     options = stack.EncoderOptions(attention=attention, block_size=block_size, remat=remat)
+    path = resolve(path, revision)
     raw = read_config(path)
     model_type = raw["model_type"]
     arch = _arch_module(model_type)
@@ -382,12 +391,16 @@ def from_pretrained(
     return Encoder(model_type, config, module, params, dtype, mesh, rules)
 
 
-def open_host_params(path: str | pathlib.Path) -> tuple[Any, Any, Mapping[str, np.ndarray]]:
+def open_host_params(
+    path: str | pathlib.Path, *, revision: str | None = None
+) -> tuple[Any, Any, Mapping[str, np.ndarray]]:
     """``(config, host params, tensors)`` of a folder without placing anything on devices.
 
     The params are the memory-mapped views :func:`from_pretrained` streams to devices
     (benchmarks and tests use them to compare against other frameworks on the same weights).
+    ``path`` and ``revision`` are as :func:`from_pretrained`'s (a folder or a hub id).
     """
+    path = resolve(path, revision)
     raw = read_config(path)
     arch = _arch_module(raw["model_type"])
     config = getattr(arch, _CLASSES[raw["model_type"]][0]).from_hf(raw)

@@ -6,13 +6,19 @@ read-only memory map: nothing is read from disk until a tensor's values are used
 can move a 26 GB checkpoint to its devices one tensor (or one shard of a tensor) at a time.
 bfloat16 tensors are viewed as ``ml_dtypes.bfloat16``. Only numpy, ml_dtypes and the standard
 library are needed here (no torch, no safetensors package).
+
+:func:`resolve` turns a Hugging Face hub id (``org/name``) into its snapshot folder in the hub
+cache (fetching only the files read here and by :mod:`data.preprocess` when online; the cache
+alone with ``HF_HUB_OFFLINE=1``); ``huggingface_hub`` is imported only then.
 """
 
 from __future__ import annotations
 
 import json
 import mmap
+import os
 import pathlib
+import re
 import struct
 from collections.abc import Iterator, Mapping
 
@@ -26,6 +32,19 @@ INDEX_FILE = "model.safetensors.index.json"
 CONVERT_HINT = (
     "python -m gaam_jax.encoders.convert {folder}  (needs: pip install 'gaam-jax[convert]')"
 )
+
+# The files of a hub snapshot anything here reads: config.json, the safetensors weights (one
+# file, or shards and their index) and the preprocessing files of data.preprocess (text:
+# tokenizer.json; image and audio: preprocessor_config.json). Files in subfolders are never read.
+HUB_ALLOW_PATTERNS = (
+    "config.json",
+    "*.safetensors",
+    INDEX_FILE,
+    "tokenizer.json",
+    "preprocessor_config.json",
+)
+HUB_IGNORE_PATTERNS = ("*/*",)
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 _DTYPES = {
     "F64": np.float64,
@@ -61,6 +80,146 @@ def _dtype(code: str, where: str) -> np.dtype:
 def _byte_bounds(array: np.ndarray) -> tuple[int, int]:
     utils = getattr(np.lib, "array_utils", None)  # numpy >= 2; np.byte_bounds before
     return (utils.byte_bounds if utils else np.byte_bounds)(array)
+
+
+def is_hub_id(path_or_id: str | os.PathLike) -> bool:
+    """Whether ``path_or_id`` names a Hugging Face hub repository rather than a local path.
+
+    A hub id is ``org/name`` (letters, digits, ``_``, ``.``, ``-``) that is not an existing local
+    path: an existing folder always wins, and ``./x`` or ``../x`` are always paths.
+    """
+    text = os.fspath(path_or_id)
+    if not _HUB_ID.fullmatch(text) or any(part in (".", "..") for part in text.split("/")):
+        return False
+    return not pathlib.Path(text).expanduser().exists()
+
+
+def _hub_fetch_command(repo_id: str, revision: str | None) -> str:
+    """The ``hf download`` command that puts what :func:`resolve` reads into the hub cache."""
+    parts = ["hf download", repo_id]
+    if revision is not None:
+        parts.append(f"--revision {revision}")
+    parts += [f"--include '{p}'" for p in HUB_ALLOW_PATTERNS]
+    parts += [f"--exclude '{p}'" for p in HUB_IGNORE_PATTERNS]
+    return " ".join(parts)
+
+
+def _offline(constants) -> bool:
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: also honour it when set later.
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    return constants.is_offline_mode() or value.upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(err).split("\n")[0].split()).rstrip(".")
+    text = text[:limit] + "..." if len(text) > limit else text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> pathlib.Path:
+    """The local model folder of a path or a Hugging Face hub id.
+
+    A hub id (``org/name`` that is no existing local path, see :func:`is_hub_id`) resolves
+    through ``huggingface_hub.snapshot_download`` to its snapshot folder in the hub cache
+    (``HF_HUB_CACHE``/``HF_HOME``): online, only the files that the encoders and their
+    preprocessing read (:data:`HUB_ALLOW_PATTERNS`, top level only) are fetched; with
+    ``HF_HUB_OFFLINE=1`` the cache alone is used. Anything else is returned as a path (a
+    missing folder is reported by :func:`read_config`).
+
+    Args:
+      path_or_id: a local model folder, or a hub id such as ``microsoft/wavlm-large``.
+      revision: for a hub id, a branch, tag or commit hash (default ``main``).
+
+    Returns:
+      The folder (for a hub id ``<cache>/models--org--name/snapshots/<commit>``).
+
+    Raises:
+      FileNotFoundError: one line naming the id, the revision and the fix, if the hub id is
+        not in the cache (offline), cannot be fetched, is not a repository one can access, or
+        its snapshot has no ``config.json`` or no safetensors weights.
+      ValueError: one line, for a revision the repository does not have, an invalid hub id,
+        or a ``revision`` given with a local folder (folders have no revisions).
+    """
+    path = pathlib.Path(path_or_id).expanduser()
+    if not is_hub_id(path_or_id):
+        if revision is not None and path.exists():
+            raise ValueError(
+                f"revision {revision!r} is for a Hugging Face hub id, but {path} is a local "
+                "folder: drop the revision, or pass the hub id (org/name) from a working "
+                "directory where no such folder exists."
+            )
+        return path
+    repo_id = os.fspath(path_or_id)
+    try:
+        from huggingface_hub import constants, errors, snapshot_download
+    except ImportError:
+        raise ImportError(
+            f"{repo_id} is a Hugging Face hub id, which needs huggingface_hub: "
+            "pip install 'gaam-jax[data]'."
+        ) from None
+    offline = _offline(constants)
+    where = f"{repo_id} (revision {revision or constants.DEFAULT_REVISION})"
+    fetch = _hub_fetch_command(repo_id, revision)
+    cache = constants.HF_HUB_CACHE
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=list(HUB_ALLOW_PATTERNS),
+            ignore_patterns=list(HUB_IGNORE_PATTERNS),
+            local_files_only=offline,
+        )
+    except errors.IncompleteSnapshotError as err:
+        raise FileNotFoundError(
+            f"{where}: its snapshot in the Hugging Face cache {cache} is incomplete "
+            f"({_first_line(err)}); complete it (online) with: {fetch}"
+        ) from None
+    except errors.LocalEntryNotFoundError as err:
+        if offline:
+            raise FileNotFoundError(
+                f"{where} is not in the Hugging Face cache {cache} (HF_HUB_OFFLINE=1) and is "
+                f"not a local folder: download it (online) with: {fetch}"
+            ) from None
+        raise FileNotFoundError(
+            f"{where} could not be fetched from the Hugging Face Hub ({_first_line(err)}) and "
+            f"is not in the cache {cache}: check the network, or download it with: {fetch}"
+        ) from None
+    except errors.RevisionNotFoundError:
+        raise ValueError(
+            f"{where}: the repository has no revision {revision!r}; pass an existing branch, "
+            "tag or commit hash as the revision."
+        ) from None
+    except errors.RepositoryNotFoundError as err:  # also gated and private ones
+        raise FileNotFoundError(
+            f"{where} is neither a local folder nor a Hugging Face repository this machine can "
+            f"access ({_first_line(err)}): check the id, or log in (hf auth login) for a "
+            "gated or private repository."
+        ) from None
+    except errors.HFValidationError as err:
+        raise ValueError(
+            f"{repo_id} is neither a local folder nor a valid Hugging Face hub id "
+            f"({_first_line(err)})."
+        ) from None
+    except Exception as err:  # network and server errors: still one line with the fix
+        raise FileNotFoundError(
+            f"{where} could not be fetched from the Hugging Face Hub ({_first_line(err)}): "
+            f"check the network, or download it with: {fetch}"
+        ) from None
+    folder = pathlib.Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{where}: its snapshot {folder} has no config.json (not a model repository, or an "
+            f"incomplete download: complete it with: {fetch})."
+        )
+    if not (folder / SINGLE_FILE).is_file() and not (folder / INDEX_FILE).is_file():
+        local = f"~/hf/{repo_id.split('/')[-1]}"
+        raise FileNotFoundError(
+            f"{where}: its snapshot {folder} has no safetensors weights ({SINGLE_FILE} or "
+            f"{INDEX_FILE}). An incomplete download: complete it with: {fetch}. A repository "
+            f"with only PyTorch .bin weights: hf download {repo_id} --local-dir {local}, "
+            f"convert it once with {CONVERT_HINT.format(folder=local)}, and pass {local}."
+        )
+    return folder
 
 
 def _folder(folder: str | pathlib.Path) -> pathlib.Path:
