@@ -18,7 +18,7 @@ from train_helpers import tiny_config, toy_features
 from data import pipeline
 from train import config as config_lib
 from train import cross_validation, feeds, loop, losses, plateau, report
-from train.checkpointing import Checkpoints
+from train.checkpointing import CheckpointError, Checkpoints
 from train.inference import Predictor, load_exported
 from train.steps import Steps, Sums
 
@@ -162,6 +162,61 @@ def test_every_changed_file_of_the_latest_checkpoint_is_caught(toy, tmp_path, ca
     largest.write_bytes(bytes(data))
     resumed = loop.train_run(steps, feed, tr, va, tmp_path / "cut", config=config, seed=0)
     assert "skipping checkpoint" in capsys.readouterr().out
+    _assert_same(full.final_state, resumed.final_state)
+    assert full.history == resumed.history
+
+
+@pytest.mark.slow
+def test_damaged_bookkeeping_leaves_a_checkpoint_unverified(toy, tmp_path, capsys):
+    """Checksum records and orbax's metadata files unreadable, truncated or altered: that
+    checkpoint is skipped with one line, never a traceback, and the resumed run equals the
+    uninterrupted one."""
+    config, _, steps, feed, tr, va = _setup(toy, tmp_path, num_epochs=3, checkpoint_every_steps=0)
+    full = loop.train_run(steps, feed, tr, va, tmp_path / "full", config=config, seed=0)
+    with pytest.raises(_Stop):
+        loop.train_run(
+            steps, feed, tr, va, tmp_path / "cut", config=config, seed=0, hooks=_stop_after(10)
+        )
+    root = tmp_path / "cut" / "checkpoints"
+    record = root / "checksums" / "latest_10.json"
+    pristine = record.read_bytes()
+    digest = json.loads(pristine)["files"]
+    name, value = next(iter(digest.items()))
+    altered = dict(digest, **{name: ("0" if value[0] != "0" else "1") + value[1:]})
+    damages = {
+        "not UTF-8": b"\xff\xfe" + pristine[2:],
+        "truncated": pristine[: len(pristine) // 2],
+        "not JSON": b"{" * len(pristine),
+        "no file list": json.dumps({"other": 1}).encode(),
+        "a list, not a mapping": json.dumps({"files": list(digest)}).encode(),
+        "a digest altered": json.dumps({"files": altered}).encode(),
+    }
+    for what, data in damages.items():
+        record.write_bytes(data)
+        ckpt = Checkpoints(root, asynchronous=False)
+        with pytest.raises(CheckpointError) as err:
+            ckpt.verify("latest", 10)
+        assert "\n" not in str(err.value), what
+        ckpt.close()
+    record.write_bytes(pristine)
+    # orbax's own small files (checkpoint and array metadata): damaged, only a failed verify.
+    step = root / "latest" / "10"
+    small = [f for f in step.rglob("*") if f.is_file() and f.stat().st_size < 4096]
+    assert small
+    for f in small:
+        kept = f.read_bytes()
+        f.write_bytes(b"\xff" * max(1, len(kept) // 2))
+        ckpt = Checkpoints(root, asynchronous=False)
+        assert 10 in ckpt.steps("latest")
+        with pytest.raises(CheckpointError, match="mismatch|added or missing"):
+            ckpt.verify("latest", 10)
+        ckpt.close()
+        f.write_bytes(kept)
+    # Resume with the record not UTF-8: checkpoint 5 is used, the replay is exact.
+    record.write_bytes(b"\xff" * len(pristine))
+    resumed = loop.train_run(steps, feed, tr, va, tmp_path / "cut", config=config, seed=0)
+    out = capsys.readouterr().out
+    assert "skipping checkpoint" in out and "unreadable (UnicodeDecodeError)" in out
     _assert_same(full.final_state, resumed.final_state)
     assert full.history == resumed.history
 

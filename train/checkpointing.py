@@ -67,6 +67,26 @@ class CheckpointError(RuntimeError):
     """A checkpoint failed verification (its message is one line)."""
 
 
+def _read_checksums(path: pathlib.Path) -> dict[str, str]:
+    """The ``{file: sha256}`` record of a checkpoint; any damage to it is a CheckpointError.
+
+    A record that cannot be read, is not UTF-8 JSON, or does not map file names to 64-digit hex
+    digests leaves its checkpoint unverified (skipped), like a changed checkpoint file.
+    """
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError included
+        raise CheckpointError(
+            f"its checksum record {path} is unreadable ({type(err).__name__})"
+        ) from None
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in files.items()
+    ):
+        raise CheckpointError(f"its checksum record {path} is malformed")
+    return files
+
+
 class Checkpoints:
     """Periodic and best checkpoints of one training run.
 
@@ -183,7 +203,7 @@ class Checkpoints:
         path = self._sum_path(kind, step)
         if not path.exists():
             raise CheckpointError("no committed checksum (the save did not finish)")
-        expected = json.loads(path.read_text())["files"]
+        expected = _read_checksums(path)
         actual = file_digests(self.directory / kind / str(step))
         if actual.keys() != expected.keys():
             diff = sorted(actual.keys() ^ expected.keys())
