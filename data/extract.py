@@ -68,7 +68,6 @@ POOLINGS = ("mean", "mean_with_padding")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FEATURE_DTYPES = ("float32", "float16")
 MODALITY_OF_MODEL = {"bert": "text", "llama": "text", "beit": "image", "wavlm": "audio"}
-_INPUT = {"text": "text", "image": "image", "audio": "audio"}
 
 
 def parse_mesh(

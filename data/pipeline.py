@@ -1,6 +1,6 @@
 """Input pipelines: grain over tfds data sources, cross-validation splits, batching.
 
-Guarantees (each tested in tests/data/test_pipeline.py):
+Guarantees (each tested in tests/test_data_pipeline.py):
 
 * **Training** batches come from a seeded shuffle that differs per epoch and replays exactly
   (the order is a pure function of ``(seed, epoch)``), with ``drop_remainder``. The iterator's

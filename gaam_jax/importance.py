@@ -198,15 +198,15 @@ def plot_heatmap(
     Returns:
       The path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object-oriented API renders to a file without pyplot: the caller's backend is left
+    # as it is (no matplotlib.use, no global figure state).
+    from matplotlib.figure import Figure
 
     data = np.asarray(importance, np.float32)
     if data.ndim != 2:
         raise ValueError(f"importance must be [layers, features], got shape {data.shape}.")
-    fig, ax = plt.subplots(figsize=figsize, dpi=dpi)
+    fig = Figure(figsize=figsize, dpi=dpi)
+    ax = fig.subplots()
     image = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest", origin="lower")
     ax.set_xlabel("feature")
     ax.set_ylabel("encoder layer")
@@ -215,5 +215,4 @@ def plot_heatmap(
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, format="png")
-    plt.close(fig)
     return path

@@ -54,6 +54,9 @@ def test_importance_factor_formula_on_a_known_map():
 
 
 def test_heatmap_is_a_png_of_the_stated_size(tmp_path):
+    import matplotlib
+
+    backend = matplotlib.get_backend()
     path = importance.plot_heatmap(
         importance.importance_factor(jnp.mean(GATES, 0)),
         tmp_path / "if.png",
@@ -64,6 +67,7 @@ def test_heatmap_is_a_png_of_the_stated_size(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])
     assert (width, height) == (400, 150)
+    assert matplotlib.get_backend() == backend  # the caller's backend is left as it was
     with pytest.raises(ValueError, match="layers, features"):
         importance.plot_heatmap(jnp.ones(3), tmp_path / "bad.png")
 
