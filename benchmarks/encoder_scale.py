@@ -84,11 +84,11 @@ def _one_case(kind: str, attention: str, tokens: int, layers: int) -> dict:
     if kind == "pooled":
         call = lambda: enc.pooled_states(input_ids=ids, attention_mask=mask)  # noqa: E731
         program = enc._apply.lower(enc.params, {"input_ids": ids, "attention_mask": mask},
-                                   None, "mean", None)  # fmt: skip
+                                   None, "mean")  # fmt: skip
     else:
         call = lambda: enc.hidden_states(input_ids=ids, attention_mask=mask)  # noqa: E731
         program = enc._apply.lower(enc.params, {"input_ids": ids, "attention_mask": mask},
-                                   None, None, None)  # fmt: skip
+                                   None, None)  # fmt: skip
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
     jax.block_until_ready(call())
@@ -174,7 +174,7 @@ def section_13b(quick: bool) -> str:
         )  # fmt: skip
         tokens, batch = 4096, 8
     module = LlamaEncoder(config, jnp.bfloat16, EncoderOptions(attention="blockwise"))
-    boxed = jax.eval_shape(module.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))
+    boxed = {"params": sharding.abstract_params(module, jax.ShapeDtypeStruct((1, 8), jnp.int32))}
     # Weights are counted in bfloat16. The activations come from compiling the bfloat16
     # program with float32 weights: XLA:CPU upcasts bfloat16 matmul operands to float32 and,
     # given bfloat16 weights, hoists that upcast of every layer out of the scan (a float32 copy

@@ -26,3 +26,11 @@ def test_device_benchmark_runs_quick(capsys):
 
     assert device_gaam.main(["--quick"]) == 0
     assert "copy GB/s (this card)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_encoder_scale_13b_section_runs_quick():
+    from benchmarks import encoder_scale
+
+    table = encoder_scale.section_13b(quick=True)  # 8 fake devices (conftest): meshes 1 to 8
+    assert table.count("GiB") == 12
