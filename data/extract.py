@@ -134,51 +134,14 @@ def default_encoder_name(folder: pathlib.Path) -> str:
     return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_") or "encoder"
 
 
-def check_checkpoint(folder: pathlib.Path, raw: dict) -> None:
-    """Checks the weights' names and shapes against the module ``raw`` describes, reading none.
-
-    The safetensors headers give the shapes (:func:`checkpoint.open_tensors` maps the files
-    without reading them); the module's parameter shapes come from ``jax.eval_shape`` of its
-    ``init`` (nothing is computed), as :func:`gaam_jax.encoders.from_pretrained` checks them
-    after loading.
-
-    Args:
-      folder: the model folder.
-      raw: its parsed ``config.json``.
-
-    Raises:
-      FileNotFoundError: if the folder has no safetensors weights.
-      ValueError: one line, for an unsupported config value, or a tensor that is missing or
-        has another shape than config.json implies.
-    """
-    from gaam_jax.encoders import _CLASSES, _arch_module, _check_tree, _example_inputs
-
-    model_type = raw["model_type"]
-    arch = _arch_module(model_type)
-    config_name, encoder_name = _CLASSES[model_type]
-    config = getattr(arch, config_name).from_hf(raw)
-    tensors = checkpoint.open_tensors(folder)
-    try:
-        host = arch.params_from_hf(config, tensors)
-        module = getattr(arch, encoder_name)(config)
-        inputs = _example_inputs(model_type, raw)
-        abstract = jax.eval_shape(module.init, jax.random.key(0), **inputs)["params"]
-        _check_tree(host, abstract, model_type)
-    except ValueError as err:
-        detail = " ".join(str(err).split()).rstrip(".")
-        raise ValueError(
-            f"{folder}: the weights do not match config.json ({detail}); copy config.json and "
-            "the weights from the same snapshot."
-        ) from None
-
-
 class FeatureEncoder:
     """Preprocessing + jitted encoder + pooling: records -> float32 ``[batch, layers, d]``.
 
     Construction validates everything without loading weights: folder, config, tokenizer
     (vocabulary within ``vocab_size``, ``max_length`` within ``max_position_embeddings``) or
     preprocessor file (output size ``image_size``, 16 kHz audio), and every weight's name and
-    shape (:func:`check_checkpoint`); :meth:`load` (called on first use) loads them.
+    shape (:func:`gaam_jax.encoders.check_checkpoint`); :meth:`load` (called on first use)
+    loads them.
 
     Args:
       model_dir: a Hugging Face model folder or hub id (``org/name``, see
@@ -240,7 +203,9 @@ class FeatureEncoder:
             self.preprocess = audio.AudioPreprocessor.from_folder(
                 self.model_dir, self.raw, use_mask=pooling == "mean"
             )
-        check_checkpoint(self.model_dir, self.raw)  # headers and shapes only, nothing read
+        from gaam_jax.encoders import check_checkpoint
+
+        check_checkpoint(self.model_dir)  # headers and shapes only, nothing read
         self.dtype = dtype
         self.mesh = mesh
         data = 1 if mesh is None else mesh.shape["data"]

@@ -35,8 +35,8 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gaam_jax.encoders import pooling, stack
-from gaam_jax.encoders import pooling as pooling_module
+from gaam_jax.encoders import pooling as poolings
+from gaam_jax.encoders import stack
 from gaam_jax.encoders.checkpoint import SUPPORTED, open_tensors, read_config, resolve
 from gaam_jax.sharding import (
     DEFAULT_RULES,
@@ -46,7 +46,7 @@ from gaam_jax.sharding import (
     validate_rules,
 )
 
-__all__ = ["Encoder", "EncoderOptions", "from_pretrained"]
+__all__ = ["Encoder", "EncoderOptions", "check_checkpoint", "from_pretrained"]
 
 EncoderOptions = stack.EncoderOptions
 
@@ -85,6 +85,55 @@ def _example_inputs(model_type: str, raw: dict) -> dict[str, jax.ShapeDtypeStruc
             "pixel_values": jax.ShapeDtypeStruct((1, raw.get("num_channels", 3), h, w), jnp.float32)
         }  # noqa: E501
     return {"input_values": jax.ShapeDtypeStruct((1, 16000), jnp.float32)}
+
+
+def _configured(raw: dict, dtype: Any = jnp.float32, options: Any = None) -> tuple[Any, Any, Any]:
+    """``(architecture module, config, Flax module)`` of a parsed ``config.json``."""
+    arch = _arch_module(raw["model_type"])
+    config_cls, encoder_cls = (getattr(arch, name) for name in _CLASSES[raw["model_type"]])
+    config = config_cls.from_hf(raw)
+    module = encoder_cls(config, dtype=dtype, options=options or stack.EncoderOptions())
+    return arch, config, module
+
+
+def _mapped(path: pathlib.Path, raw: dict, arch: Any, config: Any, module: Any):
+    """``(tensors, host params, boxed abstract params)``: names and shapes checked, nothing read.
+
+    The tensors are memory-mapped views; the module's shapes come from ``jax.eval_shape``.
+
+    Raises:
+      ValueError: a tensor is missing or its shape is not the one ``config.json`` implies.
+    """
+    tensors = open_tensors(path)
+    host = arch.params_from_hf(config, tensors)
+    # The example inputs are the module's leading positional inputs, in order.
+    abstract = abstract_params(module, *_example_inputs(raw["model_type"], raw).values())
+    _check_tree(host, abstract, raw["model_type"])
+    return tensors, host, abstract
+
+
+def check_checkpoint(path: str | pathlib.Path, *, revision: str | None = None) -> None:
+    """Checks a checkpoint's tensor names and shapes against its ``config.json``, reading none.
+
+    The safetensors headers give the shapes; the module's come from ``jax.eval_shape``.
+    ``path`` and ``revision`` are as :func:`from_pretrained`'s.
+
+    Raises:
+      FileNotFoundError: no config or weights (as :func:`from_pretrained`).
+      ValueError: one line: an unsupported config value (as :func:`from_pretrained`), or
+        weights that do not match the config.
+    """
+    path = resolve(path, revision)
+    raw = read_config(path)
+    arch, config, module = _configured(raw)
+    try:
+        _mapped(path, raw, arch, config, module)
+    except ValueError as err:
+        detail = " ".join(str(err).split()).rstrip(".")
+        raise ValueError(
+            f"{path}: the weights do not match config.json ({detail}); copy config.json and "
+            "the weights from the same snapshot."
+        ) from None
 
 
 def _check_tree(host: dict, abstract: Any, model_type: str) -> None:
@@ -133,17 +182,17 @@ class Encoder:
         self.required_inputs = tuple(p.name for p in params if p.default is p.empty)
         out = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec("data"))
 
-        def apply(params, inputs, pool_mask, pooling_name, layers):
-            collect = pooling.identity if pooling_name is None else pooling.pooling(pooling_name)
+        def apply(params, inputs, pool_mask, pooling_name):
+            collect = poolings.identity if pooling_name is None else poolings.pooling(pooling_name)
             with nn.logical_axis_rules(list(self.rules)):
                 out = self.module.apply(
                     {"params": params}, **inputs, collect=collect, pool_mask=pool_mask
                 )
-            out = out.astype(jnp.float32)
-            return out if layers is None else out[:, np.asarray(layers)]
+            return out.astype(jnp.float32)
 
-        # jit caches one compilation per input shape, set of input names, pooling and layers.
-        self._apply = jax.jit(apply, static_argnums=(3, 4), out_shardings=out)
+        # jit caches one compilation per input shape, set of input names and pooling; layers
+        # are picked from its (small) output, so a new selection compiles nothing large.
+        self._apply = jax.jit(apply, static_argnums=3, out_shardings=out)
 
     @property
     def num_states(self) -> int:
@@ -200,8 +249,9 @@ class Encoder:
                 spec = PartitionSpec("data", *([None] * (v.ndim - 1)))
                 placed[k] = jax.device_put(v, NamedSharding(self.mesh, spec))
         mask = placed.pop("__pool_mask__", None)
-        out = self._apply(self.params, placed, mask, pooling_name, selected)
-        return out[:n] if out.shape[0] != n else out
+        out = self._apply(self.params, placed, mask, pooling_name)
+        out = out[:n] if out.shape[0] != n else out
+        return out if selected is None else out[:, np.asarray(selected)]
 
     def hidden_states(self, **inputs: Any) -> jax.Array:
         """Every layer's hidden states, as ``output_hidden_states=True`` gives them.
@@ -248,7 +298,7 @@ class Encoder:
         Raises:
           ValueError: as :meth:`hidden_states`, or for an unknown pooling or layer index.
         """
-        pooling_module.pooling(pooling)  # the name is checked before any work
+        poolings.pooling(pooling)  # the name is checked before any work
         return self._run(inputs, pool_mask, pooling, layers)
 
     def hidden_states_of(self, inputs: Mapping[str, Any]) -> jax.Array:
@@ -363,21 +413,14 @@ def from_pretrained(
     path = resolve(path, revision)
     raw = read_config(path)
     model_type = raw["model_type"]
-    arch = _arch_module(model_type)
-    config_cls, encoder_cls = (getattr(arch, name) for name in _CLASSES[model_type])
-    config = config_cls.from_hf(raw)
     dtype = jnp.dtype(dtype)
-    module = encoder_cls(config, dtype=dtype, options=options)
+    arch, config, module = _configured(raw, dtype, options)
     rules = DEFAULT_RULES if rules is None else tuple(tuple(r) for r in rules)
     validate_rules(rules)
     if mesh is not None and set(mesh.axis_names) != {"data", "model"}:
         raise ValueError(f"mesh axes must be ('data', 'model'), got {tuple(mesh.axis_names)}.")
 
-    tensors = open_tensors(path)
-    host = arch.params_from_hf(config, tensors)
-    # The example inputs are the module's leading positional inputs, in order.
-    abstract = abstract_params(module, *_example_inputs(model_type, raw).values())
-    _check_tree(host, abstract, model_type)
+    tensors, host, abstract = _mapped(path, raw, arch, config, module)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, nn.unbox(abstract))
@@ -402,7 +445,6 @@ def open_host_params(
     """
     path = resolve(path, revision)
     raw = read_config(path)
-    arch = _arch_module(raw["model_type"])
-    config = getattr(arch, _CLASSES[raw["model_type"]][0]).from_hf(raw)
+    arch, config, _ = _configured(raw)
     tensors = open_tensors(path)
     return config, arch.params_from_hf(config, tensors), tensors
