@@ -328,12 +328,15 @@ def test_convert_cli(tmp_path):
     folder.mkdir()
     cmd = [sys.executable, "-m", "gaam_jax.encoders.convert", str(folder)]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert run.returncode == 1 and "nothing to convert" in run.stderr
+    assert run.returncode == 2 and "nothing to convert" in run.stderr
+    bad = subprocess.run([*cmd[:3], "--no-such-flag"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.stderr.startswith("error: ")
     if importlib.util.find_spec("torch") is None:
         # torch is an optional extra: without it the command says how to get it, in one line.
         (folder / "pytorch_model.bin").write_bytes(b"")
         run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
-        assert run.returncode == 1
+        assert run.returncode == 2
         assert run.stderr.strip().splitlines() == [
             "error: converting .bin weights needs torch and safetensors: "
             "pip install 'gaam-jax[convert]'"

@@ -96,18 +96,26 @@ def convert(folder: str | pathlib.Path) -> list[pathlib.Path]:
     return [*written, folder / SAFE_INDEX]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line ``error: ...`` with exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see python -m gaam_jax.encoders.convert --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(
-        prog="python -m gaam_jax.encoders.convert", description=__doc__.split("\n")[0]
-    )
+    """Command-line entry point: exit 0, or 2 with one line ``error: ...`` for user errors."""
+    parser = _Parser(prog="python -m gaam_jax.encoders.convert", description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="Hugging Face model folder with PyTorch .bin weights")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:  # usage errors (one line, see _Parser) and --help
+        return int(exit.code or 0)
     try:
         written = convert(args.folder)
     except (FileNotFoundError, ImportError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     for path in written:
         print(f"wrote {path}")
     return 0
