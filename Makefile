@@ -32,7 +32,7 @@ features: $(STAMP)
 # resumable (rerun the same command after an interruption).
 reproduce: features
 	$(PY) -m train.reproduce --config configs/reproduce.py --workdir out/reproduce \
-	  --docs docs/results.md --jobs 2
+	  --docs docs/results.md
 
 # Speed and memory against the authors' PyTorch package (separate venv with torch); ~10 min.
 bench:

@@ -1,27 +1,24 @@
 """How busy the training loop keeps the device on the main job (``configs/default.py``).
 
-Efficiency = (optimisation steps x the time of one bare jitted step) / wall time, where the bare
-step is the jitted, donated AdamW step of the same decoder on a batch already on the device,
-timed back to back. Two figures:
+Efficiency = (optimisation steps of every run x the time of one bare single-run step) / wall
+time, where the bare step is the jitted, donated AdamW step of the same decoder on one run's
+batch already on the device, timed back to back. Runs that share a vmapped program can exceed
+1 (one program step advances several runs). Two figures:
 
 * **end to end**: the training CLI (``python -m train``) in a fresh process and workdir,
   compile, data placement, evaluation, checkpoints, Importance Factor, reports and process
-  start included;
-* **steady state**: one run (one fold) trained again in the same process after a warm-up run,
-  so compilation is excluded; as in the CLI, the run's last checkpoint is committed on a
-  background thread (awaited after the timing, before the next run).
-
-End to end is measured twice: with runs trained one at a time (``--config.concurrent_runs=1``,
-the like-for-like figure for the loop's overhead) and with the config's default (two runs side
-by side on a CPU, :mod:`train.parallel_runs`), which can exceed 1 because one stream of steps
-leaves part of the CPU idle.
+  start included; once per ``--per-program`` setting (``runs_per_program``: 1 trains each run
+  as its own program, 0 every run of a shape as one);
+* **steady state**: the folds of the first dataset trained again as one program in the same
+  process after a warm-up, so compilation is excluded.
 
 This machine's speed drifts by up to 2x over minutes, so every measured run is bracketed by
 two bare-step timings and compared with their mean; the table gives the median over runs.
 
-Usage (after ``make features``; about 3 minutes on 2 cores)::
+Usage (after ``make features``; about 4 minutes on 2 cores)::
 
     .venv/bin/python -m benchmarks.loop_efficiency [--config configs/default.py] [--out FILE]
+        [--per-program 1,0]
 
 ``--quick`` runs the runlocal config (the smoke test). ``--synthetic`` (the device check, where
 tfds is not installed) trains on random features of the same shape held in memory and reports
@@ -31,6 +28,7 @@ the steady state only.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import subprocess
@@ -43,12 +41,13 @@ import numpy as np
 
 from data import pipeline
 from train import config as config_lib
-from train import cross_validation, feeds, loop
-from train.steps import Steps
+from train import feeds, loop
+from train.splits import open_folds
+from train.steps import Steps, train_step
 
 
 def bare_step_seconds(steps: Steps, shape: tuple, repeats: int = 100) -> float:
-    """The fastest of 5 timings of ``repeats`` jitted train steps on a device-resident batch.
+    """The fastest of 5 timings of ``repeats`` jitted single-run train steps on a batch on device.
 
     The minimum, not the median: on a shared machine interference only ever adds time, and the
     smaller bare step makes the efficiency figure conservative.
@@ -60,15 +59,19 @@ def bare_step_seconds(steps: Steps, shape: tuple, repeats: int = 100) -> float:
             "label": (np.arange(steps.batch_size) % steps.num_classes).astype(np.int32),
         }
     )
-    state = steps.init_state(0)
+    step = jax.jit(
+        functools.partial(train_step, model=steps.model, tx=steps.tx, loss_fn=steps.loss_fn),
+        donate_argnums=0,
+    )
+    state = jax.tree.map(lambda x: x[0], steps.init_state([0]))
     for _ in range(20):
-        state, _ = steps.train_step(state, batch)
+        state, _ = step(state, batch)
     jax.block_until_ready(state)
     times = []
     for _ in range(5):
         start = time.perf_counter()
         for _ in range(repeats):
-            state, _ = steps.train_step(state, batch)
+            state, _ = step(state, batch)
         jax.block_until_ready(state)
         times.append((time.perf_counter() - start) / repeats)
     return float(np.min(times))
@@ -81,50 +84,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the runlocal variant (smoke test)")
     parser.add_argument("--synthetic", action="store_true", help="random in-memory features")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument(
+        "--per-program", default="1,0", help="runs_per_program settings to time end to end"
+    )
     args = parser.parse_args(argv)
     spec = f"{args.config}:runlocal" if args.quick else args.config
     config = config_lib.load(spec)
     if args.synthetic:
         source, classes, shape, folds = synthetic_source()
     else:
-        split = cross_validation.open_split(config, next(iter(config.dataset_paths)))
-        source, classes, shape, folds = (
-            split.source,
-            split.num_classes,
-            split.input_shape,
-            split.folds,
-        )
+        data = open_folds(config, next(iter(config.dataset_paths)))
+        source, classes, shape, folds = data.source, data.num_classes, data.input_shape, data.folds
     steps = Steps(config, classes, shape)
     n = 20 if args.quick else 100
     repeats = 1 if args.quick else 3
 
-    # Steady state: one fold trained again and again in this process (the first run compiles),
-    # each run timed between two bare-step timings, so both see the same machine speed.
+    # Steady state: the dataset's folds as one program, trained again and again in this
+    # process (the first run compiles), each timed between two bare-step timings.
     feed = feeds.make_feed(steps, source, classes, "auto")
-    tr, va = folds[0]
+    plan = feeds.Plan(tuple(t for t, _ in folds), tuple(v for _, v in folds), (0,) * len(folds))
     steady = []
-    background = cross_validation.Background()
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeats + 1):  # the first run compiles
             before = bare_step_seconds(steps, shape, n) if i else 0.0
             start = time.perf_counter()
-            out = loop.train_run(
-                steps, feed, tr, va, pathlib.Path(tmp) / f"run{i}", seed=0, background=background
-            )
+            out = loop.train_program(steps, feed, plan, pathlib.Path(tmp) / f"run{i}")
             wall = time.perf_counter() - start
-            out.committed.result()
             if i:
                 bare = (before + bare_step_seconds(steps, shape, n)) / 2
-                steady.append((out.history[-1]["step"] * bare / wall, wall, bare))
-    background.close()
+                total = sum(r.history[-1]["step"] for r in out)
+                steady.append((total * bare / wall, wall, bare))
     rows = {
-        "steady state: steps per run": out.history[-1]["step"],
+        "steady state: runs x steps": f"{len(out)} x {out[0].history[-1]['step']}",
         "steady state: wall (s)": float(np.median([w for _, w, _ in steady])),
         "steady state: efficiency": float(np.median([e for e, _, _ in steady])),
     }
     timings = list(steady)
     if not args.synthetic:
-        modes = {"one run at a time": ["--config.concurrent_runs=1"], "default": []}
+        modes = {
+            f"runs_per_program={k}": [f"--config.runs_per_program={k}"]
+            for k in args.per_program.split(",")
+        }
         e2e: dict[str, list] = {mode: [] for mode in modes}
         for _ in range(1 if args.quick else 2):
             for mode, extra in modes.items():  # alternated, so both see the same drift

@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every_steps = 0  # 0 = fetch metrics at epoch ends only
     c.max_to_keep = 2
     c.data_on_device = "auto"  # True | False | "auto" (device memory when under 1 GiB)
-    c.concurrent_runs = 0  # runs trained side by side; 0 = auto (2 on one CPU process, else 1)
+    c.runs_per_program = 0  # runs vmapped into one program (same shape); 0 = all of them
     if arg == "runlocal":
         runlocal(c)
     return c

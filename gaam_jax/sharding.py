@@ -56,6 +56,7 @@ DEFAULT_RULES: Rules = (
     ("embed", None),
     ("classes", None),
     ("stack", None),
+    ("runs", "runs"),  # training: independent runs of one program, spread over devices
 )
 
 _ANNOTATE: contextvars.ContextVar[bool] = contextvars.ContextVar(

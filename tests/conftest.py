@@ -72,3 +72,11 @@ def pytest_sessionfinish(session, exitstatus):
         import shutil
 
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """The training tests' learnable 2-class features ``[80, 4, 16]``, built once per worker."""
+    from train_helpers import toy_features
+
+    return toy_features(tmp_path_factory.mktemp("toy"))

@@ -24,7 +24,7 @@ def main(process_id: int, port: int, config_path: str, dataset: str, out: str) -
     from gaam_jax import sharding
     from train import config as config_lib
     from train import feeds
-    from train.steps import Steps, Sums
+    from train.steps import Steps, stacked_zeros
 
     assert jax.device_count() == 4 and jax.local_device_count() == 2
     config = config_lib.load(config_path, ["model.num_heads=4"])
@@ -35,9 +35,12 @@ def main(process_id: int, port: int, config_path: str, dataset: str, out: str) -
     # Both feeds: grain (each process reads its rows) and device-resident (replicated data).
     for name, feed in (("grain", feeds.GrainFeed(steps, source, 2)),
                        ("device", feeds.DeviceFeed(steps, source, 2))):  # fmt: skip
-        order = feed.order(np.arange(64), seed=0, epoch=0)
-        state, _ = feed.train(steps.init_state(0), Sums.zeros(), order, 0, 3)
-        params = multihost_utils.process_allgather(state.params, tiled=True)
+        plan = feeds.Plan((np.arange(64),), (np.arange(8),), (0,))
+        orders = feed.orders(plan, 0)
+        state, _ = feed.train(steps.init_state([0]), stacked_zeros(1), orders, 0, 3)
+        params = jax.tree.map(
+            lambda x: x[0], multihost_utils.process_allgather(state.params, tiled=True)
+        )
         arrays.update(
             {f"{name}/" + "/".join(k): np.asarray(v) for k, v in _flatten(params).items()}
         )

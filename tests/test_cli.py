@@ -9,16 +9,11 @@ import json
 import pathlib
 
 import pytest
-from train_helpers import tiny_config, toy_features
+from train_helpers import tiny_config
 
 from train import __main__ as cli
 from train import checkpointing, runs
 from train import config as config_lib
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return toy_features(tmp_path_factory.mktemp("toy"))
 
 
 def _tree(folder: pathlib.Path) -> dict:
@@ -41,7 +36,7 @@ def _error_line(capsys) -> str:
     [
         ("checkpoint_every_epochs=0", "checkpoint_every_epochs must be at least 1"),
         ("num_epochs=0", "num_epochs must be at least 1"),
-        ("concurrent_runs=-1", "concurrent_runs must be at least 0"),
+        ("runs_per_program=-1", "runs_per_program must be at least 0"),
         ("model.num_heads=3", "does not fit toy's [4, 16] examples"),
         ("model.front=foo", "model.front must be one of"),
         ("model.dtype=float16", "model.dtype must be one of"),
@@ -120,7 +115,7 @@ def test_a_full_disk_is_one_line(toy, tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpointing.Checkpoints, "_write", full)
+    monkeypatch.setattr(checkpointing, "write_json_atomic", full)  # a checksum record
     cfg = tiny_config(tmp_path / "cfg.py", toy, num_epochs=1)
     assert cli.main(["--config", str(cfg), "--workdir", str(tmp_path / "w"), "--no-progress"]) == 2
     line = _error_line(capsys)
@@ -140,11 +135,11 @@ def test_ctrl_c_is_one_line_and_exit_130(toy, tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cross_validation, "train_one", interrupted)
+    monkeypatch.setattr(cross_validation.loop, "train_program", interrupted)
     cfg = tiny_config(tmp_path / "cfg.py", toy, num_epochs=1)
     assert (
         cli.main(["--config", str(cfg), "--workdir", str(tmp_path / "w"), "--no-progress"]) == 130
     )
     assert capsys.readouterr().err.strip() == (
-        "interrupted: the same command resumes from each run's last checkpoint."
+        "interrupted: the same command resumes from the last checkpoint."
     )

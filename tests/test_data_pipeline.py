@@ -26,48 +26,17 @@ SRC = ToySource()
 IDX = np.arange(50)
 
 
-def _ids(iterator):
-    return [b["id"].tolist() for b in iterator]
+def test_training_order_differs_per_epoch_and_replays():
+    def order(seed, epoch):
+        return pipeline.epoch_order(IDX, batch_size=8, seed=seed, epoch=epoch).tolist()
 
-
-def test_training_shuffle_differs_per_epoch_and_replays():
-    e0 = _ids(pipeline.train_epoch(SRC, IDX, batch_size=8, seed=1, epoch=0))
-    e1 = _ids(pipeline.train_epoch(SRC, IDX, batch_size=8, seed=1, epoch=1))
-    again = _ids(pipeline.train_epoch(SRC, IDX, batch_size=8, seed=1, epoch=0))
-    other_seed = _ids(pipeline.train_epoch(SRC, IDX, batch_size=8, seed=2, epoch=0))
+    e0, e1, again, other_seed = order(1, 0), order(1, 1), order(1, 0), order(2, 0)
     assert e0 == again and e0 != e1 and e0 != other_seed
     assert len(e0) == 6 and all(len(b) == 8 for b in e0)  # 50 // 8, remainder dropped
     flat = sum(e0, [])
-    assert len(set(flat)) == 48 and set(flat) <= set(range(1000, 1050))
-
-
-def test_iterator_state_resumes_mid_epoch():
-    it = pipeline.train_epoch(SRC, IDX, batch_size=8, seed=3, epoch=4)
-    next(it), next(it)
-    state = it.get_state()
-    rest = _ids(it)
-    resumed = pipeline.train_epoch(SRC, IDX, batch_size=8, seed=3, epoch=4)
-    resumed.set_state(state)
-    assert _ids(resumed) == rest
-    with pytest.raises(ValueError, match="epoch 4"):
-        pipeline.train_epoch(SRC, IDX, batch_size=8, seed=3, epoch=5).set_state(state)
-
-
-def test_processes_split_each_global_batch():
-    single = _ids(pipeline.train_epoch(SRC, IDX, batch_size=8, seed=5, epoch=0))
-    parts = [
-        _ids(
-            pipeline.train_epoch(
-                SRC, IDX, batch_size=8, seed=5, epoch=0, process_index=p, process_count=2
-            )
-        )
-        for p in range(2)
-    ]
-    for step, batch in enumerate(single):
-        assert sorted(parts[0][step] + parts[1][step]) == sorted(batch)
-        assert len(parts[0][step]) == 4
-    with pytest.raises(ValueError, match="multiple of the 3 processes"):
-        pipeline.train_epoch(SRC, IDX, batch_size=8, seed=0, epoch=0, process_count=3)
+    assert len(set(flat)) == 48 and set(flat) <= set(range(50))
+    with pytest.raises(ValueError, match="do not fill one batch"):
+        pipeline.epoch_order(IDX[:3], batch_size=8, seed=0, epoch=0)
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -86,7 +55,7 @@ def test_bad_records_name_the_example():
     with pytest.raises(ValueError, match="example id 1007: features contain NaN"):
         list(pipeline.eval_batches(ToySource(bad=7), IDX, batch_size=8))
     with pytest.raises(ValueError, match="do not fill one batch"):
-        pipeline.train_epoch(SRC, IDX[:3], batch_size=8, seed=0, epoch=0)
+        pipeline.epoch_order(IDX[:3], batch_size=8, seed=0, epoch=0)
     with pytest.raises(ValueError, match="empty"):
         list(pipeline.eval_batches(SRC, IDX[:0], batch_size=8))
 

@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 
 from data import import_features, pipeline
 from train import config as config_lib
-from train import cross_validation
+from train.splits import open_folds
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +51,11 @@ def test_digits_import_builds_a_dataset_the_trainer_reads(tmp_path, digits):
     overrides = ["dataset=digits", f"data_dir={data_dir}", "cv.k=3"]
     config = config_lib.load("configs/features.py", overrides)
     assert config.dataset_paths.features == str(path)
-    split = cross_validation.open_split(config, "features")
+    split = open_folds(config, "features")
     assert split.num_classes == 10 and split.input_shape == (8, 8) and len(split.folds) == 3
     config = config_lib.load("configs/features.py", [*overrides, "cv.kind=leave_one_group_out"])
     with pytest.raises(ValueError, match="no 'group' feature"):
-        cross_validation.open_split(config, "features")
+        open_folds(config, "features")
 
     # The same arrays again: reused. Other arrays under the name: refused, dataset untouched.
     before = sorted((p.name, p.stat().st_mtime_ns) for p in path.iterdir())
@@ -83,7 +83,7 @@ def test_groups_give_leave_one_group_out_folds(tmp_path, digits):
         "configs/features.py",
         ["dataset=digits_groups", f"data_dir={tmp_path / 'data'}", "cv.kind=leave_one_group_out"],
     )
-    split = cross_validation.open_split(config, "features")
+    split = open_folds(config, "features")
     assert [len(val) for _, val in split.folds] == [100, 100, 100]
 
 

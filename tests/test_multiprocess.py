@@ -14,7 +14,7 @@ from train_helpers import tiny_config, toy_features
 
 from data import pipeline
 from train import config as config_lib
-from train.steps import Steps
+from train.steps import Steps, stacked_zeros
 
 HERE = pathlib.Path(__file__).parent
 
@@ -62,12 +62,12 @@ def test_two_processes_match_one(tmp_path):
     config = config_lib.load(cfg, ["model.num_heads=4"])
     source, _ = pipeline.load_features(dataset)
     steps = Steps(config, 2, (8, 16))
-    state = steps.init_state(0)
+    state, sums = steps.init_state([0]), stacked_zeros(1)
     for rows in pipeline.epoch_order(np.arange(64), batch_size=8, seed=0, epoch=0)[:3]:
-        batch = {"x": np.stack([source[int(i)]["features"] for i in rows]),
-                 "label": np.array([source[int(i)]["label"] for i in rows], np.int32)}  # fmt: skip
-        state, _ = steps.train_step(state, batch)
-    flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(state.params).items()}
+        x = np.stack([source[int(i)]["features"] for i in rows])[None]
+        label = np.array([[source[int(i)]["label"] for i in rows]], np.int32)
+        state, sums = steps.train_step(state, sums, {"x": x, "label": label}, np.array([True]))
+    flat = {"/".join(k): np.asarray(v)[0] for k, v in flatten_dict(state.params).items()}
     expected = {f"{feed}/{k}": v for feed in ("grain", "device") for k, v in flat.items()}
     got = dict(np.load(out))
     assert set(got) == set(expected)

@@ -16,7 +16,7 @@ from configs.paper import base
 from gaam_jax import param_count
 from train import __main__ as cli
 from train import config as config_lib
-from train.steps import Steps
+from train.steps import Steps, stacked_zeros
 
 # experiment -> (config file, classes, [N, d] of one example)
 EXPERIMENTS = {
@@ -35,15 +35,17 @@ def test_every_full_size_variant_builds_and_steps_abstractly(experiment, variant
     config = config_lib.load(f"{path}:{variant}")
     assert config.num_epochs == 35 and config.optimizer.plateau_patience == 10
     steps = Steps(config, classes, shape)
-    state = jax.eval_shape(steps.init_state, 0)
+    state = steps.abstract_state(1)
     batch = {
-        "x": jax.ShapeDtypeStruct((config.batch_size, *shape), jnp.float32),
-        "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),
+        "x": jax.ShapeDtypeStruct((1, config.batch_size, *shape), jnp.float32),
+        "label": jax.ShapeDtypeStruct((1, config.batch_size), jnp.int32),
     }
-    new, metrics = jax.eval_shape(steps._step, state, batch)
+    active = jax.ShapeDtypeStruct((1,), jnp.bool_)
+    new, sums = jax.eval_shape(steps.train_step, state, stacked_zeros(1), batch, active)
     assert jax.tree.structure(new) == jax.tree.structure(state)
-    assert metrics["loss"].shape == ()
-    out = jax.eval_shape(steps._evaluate, state, {**batch, "valid": batch["label"]})
+    assert sums.loss.shape == (1,)
+    valid = jax.ShapeDtypeStruct((1, config.batch_size), jnp.bool_)
+    out = jax.eval_shape(steps.evaluate_batch, state, {**batch, "valid": valid})
     assert ("gate_total" in out) == (variant in ("daamv1", "daamv2", "gqdaam", "mixture"))
 
 
@@ -57,21 +59,21 @@ def test_runlocal_variants_take_two_steps(experiment, variant):
     path, classes, shape = EXPERIMENTS[experiment]
     config = config_lib.load(f"{path}:{variant},runlocal")
     steps = Steps(config, classes, shape)
-    state = steps.init_state(config.seeds[0])
+    state = steps.init_state([config.seeds[0]])
     rng = np.random.default_rng(0)
     batch = {
-        "x": rng.normal(size=(2, *shape)).astype(np.float32),
-        "label": np.array([0, classes - 1], np.int32),
+        "x": rng.normal(size=(1, 2, *shape)).astype(np.float32),
+        "label": np.array([[0, classes - 1]], np.int32),
     }
     first = jax.tree.map(np.asarray, state.params)
     for _ in range(2):
-        state, metrics = steps.train_step(state, batch)
-        assert np.isfinite(float(metrics["loss"]))
-    assert int(state.step) == 2
+        state, sums = steps.train_step(state, stacked_zeros(1), batch, np.array([True]))
+        assert np.isfinite(np.asarray(sums.loss)).all()
+    assert int(state.step[0]) == 2
     moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), first, state.params)
     assert any(jax.tree.leaves(moved)), "two steps changed no parameter"
-    out = steps.evaluate_batch(state, {**batch, "valid": np.array([True, False])})
-    assert float(out["count"]) == 1.0
+    out = steps.evaluate_batch(state, {**batch, "valid": np.array([[True, False]])})
+    assert float(out["count"][0]) == 1.0
 
 
 def test_configs_match_the_papers_recipe():
@@ -93,7 +95,7 @@ def test_configs_match_the_papers_recipe():
     for (experiment, variant), count in expected.items():
         path, classes, shape = EXPERIMENTS[experiment]
         steps = Steps(config_lib.load(f"{path}:{variant}"), classes, shape)
-        params = jax.eval_shape(steps.init_state, 0).params
+        params = steps.abstract_state(1).params  # one run: a leading axis of 1
         assert param_count.count_params(params) == count, (experiment, variant)
 
 

@@ -46,7 +46,7 @@ def _experiment(tmp_path, holdout=False, sources=("gaam",), seeds=(0, 1)):
 def test_reproduce_writes_the_report_and_resumes(tmp_path):
     config = _experiment(tmp_path, seeds=(0,))
     workdir, docs = tmp_path / "work", tmp_path / "docs" / "results.md"
-    argv = ["--config", str(config), "--workdir", str(workdir), "--docs", str(docs), "--jobs", "1"]
+    argv = ["--config", str(config), "--workdir", str(workdir), "--docs", str(docs)]
     assert reproduce.main(argv) == 0
     text = docs.read_text()
     for variant in ("gaam", "frozen", "gaam_high_if", "gaam_low_if"):
@@ -73,7 +73,7 @@ def test_reproduce_reports_held_out_split_configs(tmp_path):
     """CIFAR-100 and AG News validate on their test split: a column per seeded run."""
     config = _experiment(tmp_path, holdout=True, sources=())
     workdir, docs = tmp_path / "work", tmp_path / "docs" / "results.md"
-    argv = ["--config", str(config), "--workdir", str(workdir), "--docs", str(docs), "--jobs", "1"]
+    argv = ["--config", str(config), "--workdir", str(workdir), "--docs", str(docs)]
     assert reproduce.main(argv) == 0
     text = docs.read_text()
     assert "| variant | R1 | R2 |" in text and "| `frozen` |" in text

@@ -1,4 +1,8 @@
-"""Training: steps, the device-busy loop, resume after a kill, checkpoint integrity, export."""
+"""Training end to end: the CLI killed and restarted, programs vs runs alone, inference.
+
+The loop, checkpoints, feeds and splits have their own files (test_loop, test_checkpointing,
+test_feeds, test_splits).
+"""
 
 import json
 import os
@@ -13,259 +17,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_helpers import tiny_config, toy_features
+from train_helpers import tiny_config
 
-from data import pipeline
 from train import config as config_lib
-from train import cross_validation, feeds, loop, losses, plateau, report
-from train.checkpointing import CheckpointError, Checkpoints
+from train import cross_validation, feeds, loop, losses, plateau, report, validate
+from train.checkpointing import Checkpoints
 from train.inference import Predictor, load_exported
-from train.steps import Steps, Sums
+from train.splits import open_folds
+from train.steps import Steps
 
 ROOT = pathlib.Path(__file__).parent.parent
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return toy_features(tmp_path_factory.mktemp("toy"))
-
-
-_STEPS = {}
-
-
-def _setup(toy, tmp_path, on_device=True, **overrides):
-    """The toy config, its first fold and compiled steps (shared by tests whose model, optimiser,
-    loss and batch sizes agree: the loop's schedule is passed to train_run as ``config``)."""
-    config = config_lib.load(tiny_config(tmp_path / "cfg.py", toy, **overrides))
-    split = cross_validation.open_split(config, "toy")
-    key = repr((config.model, config.optimizer, config.loss, config.batch_size))
-    if key not in _STEPS:
-        _STEPS[key] = Steps(config, split.num_classes, split.input_shape)
-    steps = _STEPS[key]
-    feed = (feeds.DeviceFeed if on_device else feeds.GrainFeed)(steps, split.source, 2)
-    tr, va = split.folds[0]
-    return config, split, steps, feed, tr, va
-
-
-def _leaves(state):
-    return [np.asarray(x) for x in jax.tree.leaves(state)]
-
-
 def _assert_same(a, b):
-    for x, y in zip(_leaves(a), _leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 class _Stop(Exception):
     pass
-
-
-def _stop_after(step):
-    def hook(done):
-        if done >= step:
-            raise _Stop(done)
-
-    return loop.Hooks(after_fetch=hook)
-
-
-def test_training_learns_the_toy_task(toy, tmp_path):
-    config, _, steps, feed, tr, va = _setup(toy, tmp_path, num_epochs=6)
-    out = loop.train_run(steps, feed, tr, va, tmp_path / "run", config=config, seed=0)
-    assert len(out.history) == 6
-    assert out.history[-1]["train_loss"] < 0.8 * out.history[0]["train_loss"]
-    assert out.best_accuracy >= 0.9
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, 7))
-    assert out.best_eval["gate_total"].shape == (4, 16)  # the IF comes from the evaluation
-
-
-@pytest.mark.slow
-def test_device_feed_batches_like_grain(toy, tmp_path):
-    """Both feeds see the same batches; the losses agree to float32 rounding."""
-    config, _, steps, device, tr, va = _setup(toy, tmp_path, num_epochs=2)
-    *_, g_steps, grain_feed, _, _ = _setup(toy, tmp_path, on_device=False, num_epochs=2)
-    a = loop.train_run(steps, device, tr, va, tmp_path / "device", config=config, seed=3)
-    b = loop.train_run(g_steps, grain_feed, tr, va, tmp_path / "grain", config=config, seed=3)
-    for ra, rb in zip(a.history, b.history, strict=True):
-        assert ra["val_accuracy"] == rb["val_accuracy"]
-        np.testing.assert_allclose(ra["train_loss"], rb["train_loss"], rtol=1e-5)
-    chex.assert_trees_all_close(a.final_state.params, b.final_state.params, atol=1e-5)
-
-
-def test_epoch_order_equals_the_grain_epoch(toy):
-    source, _ = pipeline.load_features(toy)
-    idx = np.arange(3, 77)
-    it = pipeline.train_epoch(source, idx, batch_size=8, seed=5, epoch=2)
-    ids = np.stack([b["id"] for b in it])
-    order = pipeline.epoch_order(idx, batch_size=8, seed=5, epoch=2)
-    np.testing.assert_array_equal(ids, [[int(source[int(i)]["id"]) for i in row] for row in order])
-
-
-@pytest.mark.slow
-def test_fetch_interval_does_not_change_the_result(toy, tmp_path):
-    """Mid-epoch fetch points split the jitted stretches; the arithmetic must not change."""
-    config, _, steps, feed, tr, va = _setup(toy, tmp_path, num_epochs=2, checkpoint_every_steps=0)
-    a = loop.train_run(steps, feed, tr, va, tmp_path / "a", config=config, seed=0)
-    config, _, steps, feed, tr, va = _setup(toy, tmp_path, num_epochs=2, checkpoint_every_steps=2)
-    b = loop.train_run(steps, feed, tr, va, tmp_path / "b", config=config, seed=0)
-    _assert_same(a.final_state, b.final_state)
-    assert a.history == b.history
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("on_device", [True, False])
-def test_resume_mid_epoch_is_bit_exact(toy, tmp_path, on_device):
-    config, _, steps, feed, tr, va = _setup(
-        toy, tmp_path, on_device=on_device, checkpoint_every_steps=3
-    )
-    full = loop.train_run(steps, feed, tr, va, tmp_path / "full", config=config, seed=0)
-    with pytest.raises(_Stop):  # in epoch 3, right after the mid-epoch checkpoint at step 12
-        loop.train_run(
-            steps, feed, tr, va, tmp_path / "cut", config=config, seed=0, hooks=_stop_after(12)
-        )
-    resumed = loop.train_run(steps, feed, tr, va, tmp_path / "cut", config=config, seed=0)
-    _assert_same(full.final_state, resumed.final_state)
-    _assert_same(full.best_state, resumed.best_state)
-    assert full.history == resumed.history
-
-
-@pytest.mark.slow
-def test_every_changed_file_of_the_latest_checkpoint_is_caught(toy, tmp_path, capsys):
-    """A same-size byte flip anywhere in the newest checkpoint: skipped, and the resumed run
-    equals the uninterrupted one."""
-    config, _, steps, feed, tr, va = _setup(toy, tmp_path, num_epochs=3, checkpoint_every_steps=0)
-    full = loop.train_run(steps, feed, tr, va, tmp_path / "full", config=config, seed=0)
-    with pytest.raises(_Stop):
-        loop.train_run(
-            steps, feed, tr, va, tmp_path / "cut", config=config, seed=0, hooks=_stop_after(10)
-        )
-    latest = tmp_path / "cut" / "checkpoints" / "latest" / "10"
-    files = sorted(p for p in latest.rglob("*") if p.is_file())
-    assert len(files) >= 4
-    pristine = {f: f.read_bytes() for f in files}
-    for f in files:
-        data = bytearray(pristine[f])
-        lo = len(data) // 2
-        for i in range(lo, min(len(data), lo + 2000)):
-            data[i] ^= 0xFF
-        f.write_bytes(bytes(data))
-        assert len(f.read_bytes()) == len(pristine[f])
-        ckpt = Checkpoints(tmp_path / "cut" / "checkpoints", asynchronous=False)
-        with pytest.raises(Exception, match="checksum mismatch"):
-            ckpt.verify("latest", 10)
-        ckpt.close()
-        f.write_bytes(pristine[f])
-    # Corrupt the largest file for real and resume: checkpoint 5 is used, the replay is exact.
-    largest = max(files, key=lambda p: p.stat().st_size)
-    data = bytearray(pristine[largest])
-    data[len(data) // 2] ^= 0x01
-    largest.write_bytes(bytes(data))
-    resumed = loop.train_run(steps, feed, tr, va, tmp_path / "cut", config=config, seed=0)
-    assert "skipping checkpoint" in capsys.readouterr().out
-    _assert_same(full.final_state, resumed.final_state)
-    assert full.history == resumed.history
-
-
-@pytest.mark.slow
-def test_damaged_bookkeeping_leaves_a_checkpoint_unverified(toy, tmp_path, capsys):
-    """Checksum records and orbax's metadata files unreadable, truncated or altered: that
-    checkpoint is skipped with one line, never a traceback, and the resumed run equals the
-    uninterrupted one."""
-    config, _, steps, feed, tr, va = _setup(toy, tmp_path, num_epochs=3, checkpoint_every_steps=0)
-    full = loop.train_run(steps, feed, tr, va, tmp_path / "full", config=config, seed=0)
-    with pytest.raises(_Stop):
-        loop.train_run(
-            steps, feed, tr, va, tmp_path / "cut", config=config, seed=0, hooks=_stop_after(10)
-        )
-    root = tmp_path / "cut" / "checkpoints"
-    record = root / "checksums" / "latest_10.json"
-    pristine = record.read_bytes()
-    digest = json.loads(pristine)["files"]
-    name, value = next(iter(digest.items()))
-    altered = dict(digest, **{name: ("0" if value[0] != "0" else "1") + value[1:]})
-    damages = {
-        "not UTF-8": b"\xff\xfe" + pristine[2:],
-        "truncated": pristine[: len(pristine) // 2],
-        "not JSON": b"{" * len(pristine),
-        "no file list": json.dumps({"other": 1}).encode(),
-        "a list, not a mapping": json.dumps({"files": list(digest)}).encode(),
-        "a digest altered": json.dumps({"files": altered}).encode(),
-    }
-    for what, data in damages.items():
-        record.write_bytes(data)
-        ckpt = Checkpoints(root, asynchronous=False)
-        with pytest.raises(CheckpointError) as err:
-            ckpt.verify("latest", 10)
-        assert "\n" not in str(err.value), what
-        ckpt.close()
-    record.write_bytes(pristine)
-    # orbax's own small files (checkpoint and array metadata): damaged, only a failed verify.
-    step = root / "latest" / "10"
-    small = [f for f in step.rglob("*") if f.is_file() and f.stat().st_size < 4096]
-    assert small
-    for f in small:
-        kept = f.read_bytes()
-        f.write_bytes(b"\xff" * max(1, len(kept) // 2))
-        ckpt = Checkpoints(root, asynchronous=False)
-        assert 10 in ckpt.steps("latest")
-        with pytest.raises(CheckpointError, match="mismatch|added or missing"):
-            ckpt.verify("latest", 10)
-        ckpt.close()
-        f.write_bytes(kept)
-    # Resume with the record not UTF-8: checkpoint 5 is used, the replay is exact.
-    record.write_bytes(b"\xff" * len(pristine))
-    resumed = loop.train_run(steps, feed, tr, va, tmp_path / "cut", config=config, seed=0)
-    out = capsys.readouterr().out
-    assert "skipping checkpoint" in out and "unreadable (UnicodeDecodeError)" in out
-    _assert_same(full.final_state, resumed.final_state)
-    assert full.history == resumed.history
-
-
-@pytest.mark.slow
-def test_best_is_kept_until_its_successor_is_committed(toy, tmp_path):
-    config, _, steps, feed, tr, va = _setup(toy, tmp_path, num_epochs=4, checkpoint_every_steps=0)
-    loop.train_run(steps, feed, tr, va, tmp_path / "run", config=config, seed=0)
-    ckpt = Checkpoints(tmp_path / "run" / "checkpoints", asynchronous=False)
-    best = ckpt.verified_steps("best")
-    assert best and set(best) <= set(ckpt.steps("best"))
-    # Every kept periodic checkpoint's best is on disk and verifies.
-    for step in ckpt.verified_steps("latest"):
-        meta = json.loads((ckpt.directory / "latest" / str(step) / "meta" / "metadata").read_text())
-        ckpt.verify("best", meta["best"]["step"])
-    ckpt.close()
-
-
-def test_non_finite_loss_stops_and_rolls_back(toy, tmp_path, monkeypatch):
-    config, split, steps, feed, tr, va = _setup(
-        toy, tmp_path, num_epochs=1, checkpoint_every_steps=0
-    )
-    loop.train_run(steps, feed, tr, va, tmp_path / "run", config=config, seed=0)
-    config.num_epochs = 3
-    # Resume with a loss that is NaN from the first new step (6) on.
-    monkeypatch.setattr(losses, "get", lambda name: lambda lg, lb: jnp.full(lg.shape[:1], jnp.nan))
-    broken = Steps(config, 2, split.input_shape)
-    feed.steps = broken
-    with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss at step 6 .*step 5"):
-        loop.train_run(broken, feed, tr, va, tmp_path / "run", seed=0)
-    ckpt = Checkpoints(tmp_path / "run" / "checkpoints", asynchronous=False)
-    assert ckpt.verified_steps("latest") == [5]
-    state, meta, _ = ckpt.restore(broken.init_state(0))
-    ckpt.close()
-    assert meta["epoch"] == 1 and int(state.step) == 5
-    chex.assert_tree_all_finite(state.params)
-
-
-def test_labels_are_checked_through_the_api(toy, tmp_path):
-    config, split, steps, *_ = _setup(toy, tmp_path)
-    with pytest.raises(ValueError, match=r"label 1, outside \[0, 1\)"):
-        feeds.DeviceFeed(steps, split.source, 1)
-    bad = [dict(split.source[i]) for i in range(len(split.source))]
-    bad[7]["label"] = -1
-    with pytest.raises(ValueError, match=r"example id \d+ has label -1"):
-        feeds.DeviceFeed(steps, bad, 2)
-    grain_feed = feeds.GrainFeed(steps, bad, 2)
-    with pytest.raises(ValueError, match="has label -1"):
-        grain_feed.train(steps.init_state(0), Sums.zeros(), np.full((1, 8), 7), 0, 1)
 
 
 def _train_cli(config_path, workdir, *extra):
@@ -278,96 +48,99 @@ def _train_cli(config_path, workdir, *extra):
 
 
 def _final(workdir, steps):
-    ckpt = Checkpoints(workdir / "toy" / "seed0_fold2" / "checkpoints", asynchronous=False)
-    state, meta, _ = ckpt.restore(steps.init_state(0))
+    ckpt = Checkpoints(workdir / "programs" / "toy" / "checkpoints", asynchronous=False)
+    state, best, meta = ckpt.restore(steps.abstract_state(2))
     ckpt.close()
-    return state, meta
+    return state, best, meta
 
 
-_KILL_DURING_SAVE = """
-import os, sys, threading
-import orbax.checkpoint as ocp
+# Dies on the n-th checkpoint save: "during" right after orbax started writing in the
+# background, "before_checksum" once orbax finalised it but before its checksum record.
+_DIE_IN_SAVE = """
+import os, sys
 from train import checkpointing, __main__ as cli
-original = checkpointing.Checkpoints._write
-calls, lock = [], threading.Lock()  # runs side by side save from two threads
-def write(self, kind, step, state, meta):
-    with lock:
-        calls.append(kind)
-        nth = calls.count("latest")
-    # The n-th periodic save: orbax finalises it, then the process dies before the checksum.
-    if nth == {n} and kind == "latest":
-        manager = self.managers[kind]
-        manager.reload()
-        if step in manager.all_steps():  # left by the SIGKILL, as _write would clear it
-            manager.delete(step)
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        manager.save(step, args=args, force=True)
-        manager.wait_until_finished()
+save, wait, calls = checkpointing.Checkpoints.save, checkpointing.Checkpoints.wait, []
+def dying_save(self, *args):
+    save(self, *args)
+    calls.append(1)
+    if len(calls) == {n} and "{when}" == "during":
         os._exit(9)
-    return original(self, kind, step, state, meta)
-checkpointing.Checkpoints._write = write
+def dying_wait(self):
+    if len(calls) == {n} and "{when}" == "before_checksum" and self._unsealed is not None:
+        self.manager.wait_until_finished()
+        os._exit(9)
+    wait(self)
+checkpointing.Checkpoints.save, checkpointing.Checkpoints.wait = dying_save, dying_wait
 sys.exit(cli.main(sys.argv[1:]))
 """
 
 
 @pytest.mark.slow
 def test_killed_runs_restart_to_the_same_result(toy, tmp_path):
-    """SIGKILL at an arbitrary moment, and a death on the save thread after orbax finalised a
-    checkpoint but before its checksum was committed: each rerun of the same command ends
-    bit-identical to an uninterrupted run."""
+    """SIGKILL at an arbitrary moment, a death while orbax writes a checkpoint in the
+    background, and one after orbax finalised a checkpoint but before its checksum record:
+    each rerun of the same command ends bit-identical to an uninterrupted run."""
     cfg = tiny_config(tmp_path / "cfg.py", toy, num_epochs=3, checkpoint_every_steps=3)
     steps = Steps(config_lib.load(cfg), 2, (4, 16))
     reference = _train_cli(cfg, tmp_path / "ref")
     assert reference.wait(timeout=300) == 0, reference.stdout.read().decode()
-    ref_state, ref_meta = _final(tmp_path / "ref", steps)
+    ref_state, ref_best, ref_meta = _final(tmp_path / "ref", steps)
     ref_results = json.loads((tmp_path / "ref" / "results.json").read_text())
 
     victim = _train_cli(cfg, tmp_path / "cut")
-    # Kill it while it trains the second fold, at an arbitrary moment after a checkpoint.
+    # Kill it at an arbitrary moment after its first checkpoint.
     deadline = time.time() + 240
-    fold2 = tmp_path / "cut" / "toy" / "seed0_fold2" / "checkpoints" / "latest"
-    while time.time() < deadline and not (fold2.exists() and any(fold2.iterdir())):
+    sums = tmp_path / "cut" / "programs" / "toy" / "checkpoints" / "checksums"
+    while time.time() < deadline and not (sums.exists() and any(sums.iterdir())):
         time.sleep(0.02)
     time.sleep(0.1)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert not (tmp_path / "cut" / "results.json").exists(), "the run finished before the kill"
 
-    # Resume the killed run, and die this time on the save thread after orbax finalised a
-    # checkpoint but before its checksum was committed.
-    script = tmp_path / "kill.py"
-    script.write_text(_KILL_DURING_SAVE.replace("{n}", "2"))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     args = ["--config", str(cfg), "--no-progress", "--workdir", str(tmp_path / "cut")]
-    died = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=env,
-                          capture_output=True)  # fmt: skip
-    assert died.returncode == 9, died.stderr.decode()[-2000:]
+    for when in ("during", "before_checksum"):
+        script = tmp_path / f"die_{when}.py"
+        script.write_text(_DIE_IN_SAVE.replace("{n}", "2").replace("{when}", when))
+        died = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=env,
+                              capture_output=True)  # fmt: skip
+        assert died.returncode == 9, died.stderr.decode()[-2000:]
 
     again = _train_cli(cfg, tmp_path / "cut")
     out = again.communicate(timeout=300)[0].decode()
     assert again.returncode == 0, out
     assert "no committed checksum" in out
-    state, meta = _final(tmp_path / "cut", steps)
+    state, best, meta = _final(tmp_path / "cut", steps)
     _assert_same(ref_state, state)
+    _assert_same(ref_best, best)
     assert ref_meta["history"] == meta["history"]
     assert ref_results == json.loads((tmp_path / "cut" / "results.json").read_text())
+    for run in ("seed0_fold1", "seed0_fold2"):
+        metrics = [
+            (tmp_path / w / "toy" / run / "metrics.jsonl").read_bytes() for w in ("ref", "cut")
+        ]
+        assert metrics[0] == metrics[1]
 
 
 @pytest.mark.slow
-def test_runs_side_by_side_equal_runs_one_at_a_time(toy, tmp_path):
-    """Two runs trained at once compute exactly what they compute one at a time; an error in
-    one stops both, and the same command then resumes to the same results."""
-    from train import validate
+def test_a_program_equals_its_runs_one_at_a_time(toy, tmp_path):
+    """Two runs as one program or as programs of one run: the same table (accuracies are
+    identical; parameters agree to float rounding, tests/test_loop.py); an error stops the
+    program and the same command then resumes to the same results."""
 
-    def train(workdir, concurrent, hooks=None):
-        cfg = tiny_config(tmp_path / f"cfg{concurrent}.py", toy, num_epochs=3,
-                          concurrent_runs=concurrent)  # fmt: skip
+    def train(workdir, per_program, hooks=None):
+        cfg = tiny_config(tmp_path / f"cfg{per_program}.py", toy, num_epochs=3,
+                          runs_per_program=per_program)  # fmt: skip
         config = config_lib.load(cfg)
-        splits = validate.prepare(config, workdir)
-        return cross_validation.run(config, workdir, splits=splits, progress=False, hooks=hooks)
+        datasets = validate.prepare(config, workdir)
+        return cross_validation.run(config, workdir, datasets=datasets, progress=False,
+                                    hooks=hooks)  # fmt: skip
 
     alone = train(tmp_path / "alone", 1)
+    assert sorted(p.name for p in (tmp_path / "alone" / "programs").iterdir()) == [
+        "toy-1of2", "toy-2of2"
+    ]  # fmt: skip
     failed = []
 
     def fail_once(step):
@@ -376,31 +149,23 @@ def test_runs_side_by_side_equal_runs_one_at_a_time(toy, tmp_path):
             raise _Stop
 
     with pytest.raises(_Stop):
-        train(tmp_path / "both", 2, loop.Hooks(after_fetch=fail_once))
-    assert alone == train(tmp_path / "both", 2)
-    for run in ("seed0_fold1", "seed0_fold2"):
-        metrics = [
-            (tmp_path / w / "toy" / run / "metrics.jsonl").read_text() for w in ("alone", "both")
-        ]
-        assert metrics[0] == metrics[1]
-    config = config_lib.load(tiny_config(tmp_path / "cfg.py", toy, concurrent_runs=2))
-    with config.unlocked():
-        config.mesh = {"data": -1}
-    with pytest.raises(config_lib.ConfigError, match="cannot be combined with a mesh"):
-        validate.check_values(config)
+        train(tmp_path / "both", 0, loop.Hooks(after_fetch=fail_once))
+    both = train(tmp_path / "both", 0)
+    for a, b in zip(alone["records"], both["records"], strict=True):
+        assert a["best_accuracy"] == b["best_accuracy"] and a["best_epoch"] == b["best_epoch"]
+        assert a["final_accuracy"] == b["final_accuracy"]
+    assert alone["best"] == both["best"] and alone["final"] == both["final"]
 
 
 @pytest.mark.slow
 def test_predictor_reads_the_recorded_config_and_exports(toy, tmp_path):
     cfg = tiny_config(tmp_path / "cfg.py", toy, num_epochs=1)
     config = config_lib.load(cfg)
-    from train import validate
-
-    splits = validate.prepare(config, tmp_path / "w")
-    cross_validation.run(config, tmp_path / "w", splits=splits, progress=False)
+    datasets = validate.prepare(config, tmp_path / "w")
+    cross_validation.run(config, tmp_path / "w", datasets=datasets, progress=False)
     run_dir = tmp_path / "w" / "toy" / "seed0_fold1"
     predictor = Predictor.from_run(run_dir)
-    source = splits[0].source
+    source = datasets[0].source
     x = np.stack([source[i]["features"] for i in range(12)])
     path = predictor.export(tmp_path / "model.jaxexport")
     chex.assert_trees_all_close(load_exported(path)(x), predictor.logits(x), atol=1e-6)
@@ -417,6 +182,12 @@ def test_predictor_reads_the_recorded_config_and_exports(toy, tmp_path):
     assert predictor.predict(x).shape == (12,)
     with pytest.raises(FileNotFoundError, match="records no run"):
         Predictor.from_run(tmp_path / "w")
+    best = run_dir / "best_state.msgpack"
+    data = bytearray(best.read_bytes())
+    data[len(data) // 2] ^= 1
+    best.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its digest"):
+        Predictor.from_run(run_dir)
 
 
 def test_report_table():
@@ -453,34 +224,25 @@ def test_focal_loss_and_plateau():
 def test_frozen_parameters_are_never_updated(toy, tmp_path):
     config = config_lib.load(tiny_config(tmp_path / "cfg.py", toy, num_epochs=2),
                              ["optimizer.frozen=('^attention/',)"])  # fmt: skip
-    split = cross_validation.open_split(config, "toy")
-    steps = Steps(config, 2, split.input_shape)
-    first = steps.init_state(0)
+    data = open_folds(config, "toy")
+    steps = Steps(config, 2, data.input_shape)
+    first = steps.init_state([0])
     first_conv = np.asarray(first.params["conv1"]["kernel"])
-    feed = feeds.DeviceFeed(steps, split.source, 2)
-    out = loop.train_run(steps, feed, *split.folds[0], tmp_path / "run", seed=0)
+    feed = feeds.DeviceFeed(steps, data.source, 2)
+    plan = feeds.Plan((data.folds[0][0],), (data.folds[0][1],), (0,))
+    (out,) = loop.train_program(steps, feed, plan, tmp_path / "run")
     params = out.final_state.params
     np.testing.assert_array_equal(params["attention"]["delta"], 0.0)
     np.testing.assert_array_equal(params["attention"]["xi"], 2.0)
-    assert not np.array_equal(params["conv1"]["kernel"], first_conv)
+    assert not np.array_equal(params["conv1"]["kernel"], first_conv[0])
 
 
 def test_init_compiled_at_o1_is_bit_identical():
-    """The initial state, compiled at -O1 on CPU to save a second per process, equals the
+    """The initial states, compiled at -O1 on CPU to save a second per process, equal the
     default (-O3) compile bit for bit (so results do not depend on the option)."""
     config = config_lib.load("configs/default.py")
     steps = Steps(config, 2, (6, 384))
-    lowered = steps._create.lower(jnp.uint32(0))
+    seeds = np.array([0, 1, 12345], np.uint32)
+    lowered = jax.jit(jax.vmap(steps._create)).lower(seeds)
     default = lowered.compile(compiler_options={"xla_backend_optimization_level": 3})
-    for seed in (0, 1, 12345):
-        _assert_same(steps.init_state(seed), default(jnp.uint32(seed)))
-
-
-def test_one_compile_serves_every_seed(toy, tmp_path):
-    config, _, steps, feed, tr, va = _setup(toy, tmp_path, num_epochs=1)
-    loop.train_run(steps, feed, tr, va, tmp_path / "a", config=config, seed=0)
-    before = steps.train_steps._cache_size()
-    loop.train_run(steps, feed, tr, va, tmp_path / "b", config=config, seed=1)
-    assert steps.train_steps._cache_size() == before
-    a, b = steps.init_state(0), steps.init_state(1)
-    assert not np.array_equal(a.params["conv1"]["kernel"], b.params["conv1"]["kernel"])
+    _assert_same(steps.init_state(seeds), default(seeds))

@@ -65,7 +65,7 @@ def tiny_config(path: pathlib.Path, dataset: pathlib.Path, **overrides) -> pathl
     values = dict(
         num_epochs=4, batch_size=8, checkpoint_every_epochs=1, checkpoint_every_steps=0,
         learning_rate=3e-3, k=2, front="gaam", loss="cross_entropy", data_on_device="auto",
-        concurrent_runs=0,
+        runs_per_program=0,
     )  # fmt: skip
     values.update(overrides)
     path.write_text(
@@ -95,9 +95,43 @@ def tiny_config(path: pathlib.Path, dataset: pathlib.Path, **overrides) -> pathl
                 c.log_every_steps = 0
                 c.max_to_keep = 2
                 c.data_on_device = {values["data_on_device"]!r}
-                c.concurrent_runs = {values["concurrent_runs"]}
+                c.runs_per_program = {values["runs_per_program"]}
                 return c
             """
         )
     )
     return path
+
+
+_STEPS: dict = {}
+
+
+def toy_program(toy, tmp_path, *, folds=(0,), seeds=None, on_device=True, mesh=None, **overrides):
+    """The toy config, a plan of some of its folds, compiled steps and a feed.
+
+    Steps are shared by calls whose model, optimiser, loss and batch sizes agree (the loop's
+    schedule is passed to ``train_program`` as ``config``).
+
+    Returns:
+      ``(config, dataset, steps, feed, plan)``.
+    """
+    from train import config as config_lib
+    from train import feeds
+    from train.splits import open_folds
+    from train.steps import Steps
+
+    config = config_lib.load(tiny_config(tmp_path / "cfg.py", toy, **overrides))
+    dataset = open_folds(config, "toy")
+    key = repr((config.model, config.optimizer, config.loss, config.batch_size, mesh))
+    if key not in _STEPS:
+        _STEPS[key] = Steps(config, dataset.num_classes, dataset.input_shape, mesh=mesh)
+    steps = _STEPS[key]
+    feed = (feeds.DeviceFeed if on_device else feeds.GrainFeed)(steps, dataset.source, 2)
+    seeds = tuple(seeds) if seeds is not None else (0,) * len(folds)
+    plan = feeds.Plan(
+        train=tuple(dataset.folds[f][0] for f in folds),
+        val=tuple(dataset.folds[f][1] for f in folds),
+        seeds=seeds,
+        names=tuple(f"toy seed {s} fold {f + 1}" for s, f in zip(seeds, folds, strict=True)),
+    )
+    return config, dataset, steps, feed, plan

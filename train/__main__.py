@@ -75,13 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             jax.distributed.initialize()
         from train import cross_validation, validate
 
-        splits = validate.prepare(config, args.workdir)
-        cross_validation.run(config, args.workdir, splits=splits, progress=not args.no_progress)
+        datasets = validate.prepare(config, args.workdir)
+        progress = not args.no_progress
+        cross_validation.run(config, args.workdir, datasets=datasets, progress=progress)
     except KeyboardInterrupt:
         if args.debug:
             raise
         print(
-            "interrupted: the same command resumes from each run's last checkpoint.",
+            "interrupted: the same command resumes from the last checkpoint.",
             file=sys.stderr,
         )
         return 130

@@ -1,28 +1,28 @@
-"""Orbax checkpoints that prove their bytes, saved in the background.
+"""Orbax checkpoints of a training program, saved asynchronously, that prove their bytes.
 
 No other module imports orbax.
 
-Layout of a run's ``checkpoints/`` folder::
+Layout of a program's ``checkpoints/`` folder::
 
-    latest/<step>/          periodic checkpoints (orbax: ``state`` pytree + JSON ``meta``)
-    best/<step>/            the best state by validation accuracy, as of some periodic save
-    checksums/<kind>_<step>.json   SHA-256 of every file of that checkpoint
+    steps/<step>/              orbax: the ``state`` and ``best`` pytrees (every run's, stacked)
+                               and the JSON ``meta`` (the loop's progress and every run's history)
+    checksums/<step>.json      SHA-256 of every file of that checkpoint
 
 A checkpoint counts only once orbax has finalised it (orbax writes into a temporary folder and
-renames it when complete) *and* its checksum file has been committed (written to a temporary
-file, fsynced, renamed). Restoring verifies every file against the checksum and the restored
-state for finiteness; a checkpoint that fails either is skipped with one line and the next older
-one is tried. Nothing is deleted until its successor is committed: a periodic checkpoint
-beyond ``max_to_keep``, or a best checkpoint that no kept periodic checkpoint refers to.
+renames it when complete) *and* its checksum record has been committed (written to a temporary
+file, fsynced, renamed). Restoring verifies every file against the record and the restored
+state for finiteness; a checkpoint that fails either (its record unreadable or altered
+included) is skipped with one line and the next older one is tried. Nothing is deleted until a
+newer checkpoint is committed.
 
-Saves run on one background thread: :meth:`Checkpoints.save` snapshots the state on device
-(an async copy, so the next donated step cannot clobber it) and returns; the thread writes,
-hashes, commits and rotates. An error on the thread (a full disk) is raised by the next call.
+Saves are orbax's own asynchronous saves: :meth:`Checkpoints.save` copies the state on device
+(so the next donated step cannot clobber it) and returns while orbax writes. The checksum
+record is the thin layer on top: it is written as soon as orbax reports the save finished
+(:meth:`Checkpoints.poll`, called by the loop at every fetch point, or :meth:`wait`).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import pathlib
@@ -33,8 +33,6 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from train.runs import write_json_atomic
-
-KINDS = ("latest", "best")
 
 
 def file_digests(folder: pathlib.Path) -> dict[str, str]:
@@ -88,12 +86,13 @@ def _read_checksums(path: pathlib.Path) -> dict[str, str]:
 
 
 class Checkpoints:
-    """Periodic and best checkpoints of one training run.
+    """The periodic checkpoints of one training program (its state and its best states).
 
     Args:
-      directory: the run's checkpoint folder.
-      max_to_keep: how many verified periodic checkpoints to keep.
-      asynchronous: write on a background thread (False: every save blocks until committed).
+      directory: the program's checkpoint folder.
+      max_to_keep: how many committed checkpoints to keep.
+      asynchronous: let orbax write in the background (False: every save blocks until
+        committed).
     """
 
     def __init__(
@@ -101,110 +100,85 @@ class Checkpoints:
     ):
         self.directory = pathlib.Path(directory).absolute()
         self.max_to_keep = max_to_keep
+        self.asynchronous = asynchronous
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=None, create=True, enable_async_checkpointing=False
-        )
-        self.managers = {
-            k: ocp.CheckpointManager(self.directory / k, options=options) for k in KINDS
-        }
+            max_to_keep=None, create=True, enable_async_checkpointing=asynchronous,
+            cleanup_tmp_directories=True,  # a save killed midway leaves a temporary folder
+        )  # fmt: skip
+        self.manager = ocp.CheckpointManager(self.directory / "steps", options=options)
         self.sums_dir = self.directory / "checksums"
-        self._pool = concurrent.futures.ThreadPoolExecutor(1) if asynchronous else None
-        self._pending: concurrent.futures.Future | None = None
+        self._unsealed: int | None = None  # saved by orbax, checksum record not yet written
 
     # -- writing -------------------------------------------------------------------------------
 
-    def save(
-        self,
-        step: int,
-        state: Any,
-        meta: dict,
-        best: tuple[int, Any, dict] | None = None,
-    ) -> None:
-        """Commits ``best`` (if given: ``(step, state, meta)``), then the periodic checkpoint.
+    def save(self, step: int, state: Any, best: Any, meta: dict) -> None:
+        """Starts saving ``state``, ``best`` and ``meta`` as checkpoint ``step``.
 
-        The best comes first, so a periodic checkpoint never refers to a best that is not on
-        disk. Returns once the state is snapshotted; the write continues in the background.
+        Returns once the arrays are copied on device; orbax writes in the background and the
+        checkpoint counts once :meth:`poll` or :meth:`wait` has committed its checksum record.
         """
         self.wait()
-        jobs = []
-        if best is not None:
-            jobs.append(("best", best[0], snapshot(best[1]), best[2]))
-        jobs.append(("latest", step, snapshot(state), meta))
-        if self._pool is None:
-            self._write_all(jobs)
-        else:
-            self._pending = self._pool.submit(self._write_all, jobs)
+        if step in self.steps():  # a replayed step after a resume: write it again
+            self._delete(step)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(snapshot(state)),
+            best=ocp.args.StandardSave(snapshot(best)),
+            meta=ocp.args.JsonSave(meta),
+        )
+        self.manager.save(step, args=args, force=True)
+        self._unsealed = step
+        if not self.asynchronous:
+            self.wait()
+
+    def poll(self) -> None:
+        """Commits the checksum record of a save orbax has finished (never waits)."""
+        if self._unsealed is not None and not self.manager.is_saving_in_progress():
+            self.wait()
 
     def wait(self) -> None:
-        """Blocks until the background write is committed; re-raises its error."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-
-    def _write_all(self, jobs: list) -> None:
-        for kind, step, state, meta in jobs:
-            self._write(kind, step, state, meta)
-        self._rotate()
-
-    def _write(self, kind: str, step: int, state: Any, meta: dict) -> None:
-        manager = self.managers[kind]
-        manager.reload()
-        if step in manager.all_steps():  # a replayed step after a resume: write it again
-            self._sum_path(kind, step).unlink(missing_ok=True)
-            manager.delete(step)
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        manager.save(step, args=args, force=True)
-        manager.wait_until_finished()
+        """Blocks until the last save is committed (record written, old ones rotated)."""
+        self.manager.wait_until_finished()
+        if self._unsealed is None:
+            return
+        step, self._unsealed = self._unsealed, None
         if jax.process_index() == 0:
             self.sums_dir.mkdir(exist_ok=True)
-            digests = file_digests(self.directory / kind / str(step))
-            write_json_atomic(self._sum_path(kind, step), {"files": digests})
+            digests = file_digests(self.directory / "steps" / str(step))
+            write_json_atomic(self._sum_path(step), {"files": digests})
+        kept = self.verified_steps()
+        for old in kept[: -self.max_to_keep]:
+            self._delete(old)
 
-    def _rotate(self) -> None:
-        latest = self.verified_steps("latest")
-        keep = set(latest[-self.max_to_keep :])
-        for step in latest[: -self.max_to_keep]:
-            self._delete("latest", step)
-        referenced = set()
-        for step in keep:
-            meta = self._read_meta("latest", step)
-            if meta and meta.get("best"):
-                referenced.add(meta["best"]["step"])
-        best = self.verified_steps("best")
-        for step in best[:-1]:
-            if step not in referenced:
-                self._delete("best", step)
-
-    def _delete(self, kind: str, step: int) -> None:
+    def _delete(self, step: int) -> None:
         if jax.process_index() == 0:
-            self._sum_path(kind, step).unlink(missing_ok=True)
-        self.managers[kind].delete(step)
+            self._sum_path(step).unlink(missing_ok=True)
+        self.manager.delete(step)
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _sum_path(self, kind: str, step: int) -> pathlib.Path:
-        return self.sums_dir / f"{kind}_{step}.json"
+    def _sum_path(self, step: int) -> pathlib.Path:
+        return self.sums_dir / f"{step}.json"
 
-    def steps(self, kind: str) -> list[int]:
-        """Finalised checkpoint steps of ``kind``, oldest first."""
-        self.managers[kind].reload()
-        return sorted(self.managers[kind].all_steps())
+    def steps(self) -> list[int]:
+        """Finalised checkpoint steps, oldest first."""
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
 
-    def verified_steps(self, kind: str) -> list[int]:
-        """Steps of ``kind`` whose checksum file is committed (contents not re-read)."""
-        return [s for s in self.steps(kind) if self._sum_path(kind, s).exists()]
+    def verified_steps(self) -> list[int]:
+        """Steps whose checksum record is committed (contents not re-read)."""
+        return [s for s in self.steps() if self._sum_path(s).exists()]
 
-    def verify(self, kind: str, step: int) -> None:
-        """Checks every file of a checkpoint against its committed checksum.
+    def verify(self, step: int) -> None:
+        """Checks every file of a checkpoint against its committed checksum record.
 
         Raises:
-          CheckpointError: no checksum, a missing or extra file, or changed bytes.
+          CheckpointError: no record, a damaged record, a missing or extra file, changed bytes.
         """
-        path = self._sum_path(kind, step)
+        path = self._sum_path(step)
         if not path.exists():
             raise CheckpointError("no committed checksum (the save did not finish)")
         expected = _read_checksums(path)
-        actual = file_digests(self.directory / kind / str(step))
+        actual = file_digests(self.directory / "steps" / str(step))
         if actual.keys() != expected.keys():
             diff = sorted(actual.keys() ^ expected.keys())
             raise CheckpointError(f"files added or missing since it was written: {diff[:3]}")
@@ -212,78 +186,41 @@ class Checkpoints:
         if changed:
             raise CheckpointError(f"checksum mismatch in {changed[0]} (its bytes changed)")
 
-    def _read_meta(self, kind: str, step: int) -> dict | None:
-        path = self.directory / kind / str(step) / "meta" / "metadata"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def _restore(self, kind: str, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        self.verify(kind, step)
+    def _restore(self, step: int, abstract_state: Any) -> tuple[Any, Any, dict]:
+        self.verify(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            state=ocp.args.StandardRestore(abstract),
+            best=ocp.args.StandardRestore(abstract),
+            meta=ocp.args.JsonRestore(),
         )
         try:
-            restored = self.managers[kind].restore(step, args=args)
+            restored = self.manager.restore(step, args=args)
         except Exception as err:  # noqa: BLE001 - any failure makes this checkpoint unusable
             raise CheckpointError(f"unreadable ({type(err).__name__})") from err
-        if not all_finite(restored["state"]):
+        if not (all_finite(restored["state"]) and all_finite(restored["best"])):
             raise CheckpointError("its state holds NaN or Inf")
-        return restored["state"], restored["meta"]
+        if not isinstance(restored["meta"], dict):
+            raise CheckpointError("its meta is not a JSON object")
+        return restored["state"], restored["best"], restored["meta"]
 
-    def _skip(self, kind: str, step: int, err: CheckpointError) -> None:
-        print(f"warning: skipping checkpoint {self.directory / kind / str(step)}: {err}")
-
-    def restore(self, abstract_state: Any) -> tuple[Any, dict, Any | None] | None:
-        """The newest good periodic checkpoint and the best state it refers to.
-
-        A periodic checkpoint is good when it and the best checkpoint its ``meta['best']``
-        names both verify and hold finite values.
+    def restore(self, abstract_state: Any) -> tuple[Any, Any, dict] | None:
+        """The newest good checkpoint: ``(state, best, meta)``, or None when there is none.
 
         Args:
           abstract_state: a pytree of arrays or ``jax.ShapeDtypeStruct`` (structure, shapes,
-            dtypes and shardings to restore into).
-
-        Returns:
-          ``(state, meta, best_state_or_None)``, or None when there is no good checkpoint.
+            dtypes and shardings to restore into); ``best`` has the same.
         """
-        for step in reversed(self.steps("latest")):
+        for step in reversed(self.steps()):
             try:
-                state, meta = self._restore("latest", step, abstract_state)
+                return self._restore(step, abstract_state)
             except CheckpointError as err:
-                self._skip("latest", step, err)
-                continue
-            best_state = None
-            if meta.get("best"):
-                best_step = meta["best"]["step"]
-                try:
-                    best_state, _ = self._restore("best", best_step, abstract_state)
-                except CheckpointError as err:
-                    self._skip("best", best_step, err)
-                    print(
-                        f"warning: so skipping checkpoint {self.directory / 'latest' / str(step)}"
-                    )
-                    continue
-            return state, meta, best_state
-        return None
-
-    def restore_best(self, abstract_state: Any) -> tuple[Any, dict] | None:
-        """The newest good best checkpoint, or None."""
-        for step in reversed(self.steps("best")):
-            try:
-                return self._restore("best", step, abstract_state)
-            except CheckpointError as err:
-                self._skip("best", step, err)
+                print(f"warning: skipping checkpoint {self.directory / 'steps' / str(step)}: {err}")
         return None
 
     def close(self) -> None:
-        """Waits for the background write, then releases resources."""
+        """Commits the last save, then releases orbax's resources."""
         try:
             self.wait()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-            for manager in self.managers.values():
-                manager.close()
+            self.manager.close()

@@ -1,21 +1,24 @@
-"""How batches reach the steps: from a dataset held in device memory, or through grain.
+"""How batches reach the programs: from a dataset held in device memory, or through grain.
 
-Both feeds take an epoch's order from :func:`data.pipeline.epoch_order` (a pure function of
-seed and epoch), so they train on the same batches in the same order, and a run resumed
-mid-epoch needs only its step number to continue.
+A feed serves every run of a program at once. The runs' epoch orders come from
+:func:`data.pipeline.epoch_order` (a pure function of seed and epoch), stacked as
+``[runs, steps, batch]`` with an ``active`` mask for runs whose fold has fewer batches; their
+validation sets are stacked the same way, padded, with a ``valid`` mask (:func:`eval_plan`).
+So both feeds train on the same batches in the same order, and a program resumed mid-epoch
+needs only its position to continue.
 
-* :class:`DeviceFeed` places every example of the dataset on the device once and runs a whole
-  stretch of steps (and a whole evaluation) per jitted call: the host never waits on a step.
-* :class:`GrainFeed` reads batches from the tfds source with grain (threads, prefetch) for data
-  larger than device memory; each process reads only its rows of every global batch.
+* :class:`DeviceFeed` places every example on the device once and runs a whole stretch of
+  positions (and a whole evaluation) per jitted call: the host never waits on a step.
+* :class:`GrainFeed` reads each position's batches from the tfds source with grain (threads,
+  prefetch) for data larger than device memory; each process reads only its rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from data import pipeline
@@ -52,28 +55,91 @@ def fits_on_device(source: Any, input_shape: tuple) -> bool:
     return len(source) * int(np.prod(input_shape)) * 4 <= AUTO_DEVICE_BYTES
 
 
-def _eval_order(
-    indices: np.ndarray, batch_size: int, multiple: int = 8
-) -> tuple[np.ndarray, np.ndarray]:
-    """``indices`` as ``[batches, rows]`` (padded with its first example) and the valid mask.
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The host-side facts of one program's runs that the feeds need.
 
-    The batches are as few as ``batch_size`` allows and as even as possible, each padded only
-    to a multiple of ``multiple`` (40 validation examples are one batch of 40, not of 64).
+    Attributes:
+      train: each run's training examples (indices into the feed's source).
+      val: each run's validation examples.
+      seeds: each run's data-order (and initialisation) seed.
+      names: each run's name in messages (``"toy seed 0 fold 2"``).
+      padding: how many of the last runs are padding (copies that never take a step), so
+        that the run axis divides the devices it is split over.
     """
-    batches = -(-len(indices) // batch_size)
-    rows = -(-len(indices) // batches)
+
+    train: tuple[np.ndarray, ...]
+    val: tuple[np.ndarray, ...]
+    seeds: tuple[int, ...]
+    names: tuple[str, ...] = ()
+    padding: int = 0
+
+    @property
+    def runs(self) -> int:
+        """The length of the run axis."""
+        return len(self.seeds)
+
+
+def pad(plan: Plan, multiple: int) -> Plan:
+    """``plan`` with padding runs appended so that its run axis is a multiple of ``multiple``."""
+    extra = -plan.runs % multiple
+    if not extra:
+        return plan
+    return dataclasses.replace(
+        plan,
+        train=plan.train + plan.train[-1:] * extra,
+        val=plan.val + plan.val[-1:] * extra,
+        seeds=plan.seeds + plan.seeds[-1:] * extra,
+        names=plan.names + ("padding",) * extra if plan.names else (),
+        padding=plan.padding + extra,
+    )
+
+
+def epoch_orders(plan: Plan, batch_size: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every run's batches of ``epoch``: int32 ``[runs, steps, batch]`` and bool ``active``.
+
+    ``steps`` is the largest run's; a shorter run's missing positions repeat its last batch
+    and are inactive (the step leaves that run unchanged).
+    """
+    orders = [
+        pipeline.epoch_order(idx, batch_size=batch_size, seed=seed, epoch=epoch)
+        for idx, seed in zip(plan.train, plan.seeds, strict=True)
+    ]
+    steps = max(len(o) for o in orders)
+    order = np.stack([np.concatenate([o, np.repeat(o[-1:], steps - len(o), 0)]) for o in orders])
+    active = np.arange(steps)[None, :] < np.array([len(o) for o in orders])[:, None]
+    active[plan.runs - plan.padding :] = False
+    return order.astype(np.int32), active
+
+
+def steps_per_epoch(plan: Plan, batch_size: int) -> np.ndarray:
+    """Each run's optimisation steps per epoch, int64 ``[runs]``."""
+    return np.array([len(idx) // batch_size for idx in plan.train])
+
+
+def eval_plan(plan: Plan, batch_size: int, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Every run's validation examples as int32 ``[runs, batches, rows]`` and bool ``valid``.
+
+    The batches are as few as ``batch_size`` allows for the largest set and as even as
+    possible, each padded only to a multiple of ``multiple`` (40 validation examples are one
+    batch of 40, not of 64); padding rows repeat a run's first example and are not valid.
+    """
+    longest = max(len(v) for v in plan.val)
+    batches = -(-longest // batch_size)
+    rows = -(-longest // batches)
     rows = -(-rows // multiple) * multiple
     padded = batches * rows
-    order = np.concatenate([indices, np.full(padded - len(indices), indices[0])])
-    valid = np.arange(padded) < len(indices)
-    return order.reshape(batches, rows), valid.reshape(batches, rows)
+    order = np.stack([np.concatenate([v, np.full(padded - len(v), v[0])]) for v in plan.val])
+    valid = np.arange(padded)[None, :] < np.array([len(v) for v in plan.val])[:, None]
+    shape = (plan.runs, batches, rows)
+    return order.astype(np.int32).reshape(shape), valid.reshape(shape)
 
 
 class DeviceFeed:
     """A dataset held in device memory (replicated over a mesh), batched there by indexing.
 
     Args:
-      steps: the compiled steps.
+      steps: the compiled programs.
       source: the data source (every example is loaded once).
       num_classes: labels must lie in ``[0, num_classes)``.
     """
@@ -87,44 +153,46 @@ class DeviceFeed:
         check_labels(arrays["label"], arrays["id"], num_classes)
         self.steps = steps
         self.data = self._put({"x": arrays["x"], "label": arrays["label"]})
+        self._eval: dict[int, tuple] = {}
 
-    def _put(self, tree: Any) -> Any:
+    def _put(self, tree: Any, runs_axis: str | None = None) -> Any:
         if self.steps.mesh is None:
             return jax.device_put(tree)
+        where = jax.sharding.NamedSharding(self.steps.mesh, jax.sharding.PartitionSpec(runs_axis))
         return jax.tree.map(
-            lambda a: jax.make_array_from_callback(a.shape, self.steps.replicated, lambda i: a[i]),
-            tree,
+            lambda a: jax.make_array_from_callback(a.shape, where, lambda i: a[i]), tree
         )
 
-    def order(self, indices: np.ndarray, *, seed: int, epoch: int) -> jax.Array:
-        """The epoch's ``[steps, batch]`` order, on device."""
-        order = pipeline.epoch_order(
-            indices, batch_size=self.steps.batch_size, seed=seed, epoch=epoch
-        )
-        return self._put(order.astype(np.int32))
+    def orders(self, plan: Plan, epoch: int) -> tuple[jax.Array, jax.Array]:
+        """:func:`epoch_orders` on the device (split over runs like the state)."""
+        host = epoch_orders(plan, self.steps.batch_size, epoch)
+        return self._put(host, self.steps.runs_axis(plan.runs))
 
     def train(
-        self, state: TrainState, sums: Sums, order: jax.Array, start: int, stop: int
+        self, state: TrainState, sums: Sums, orders: tuple, start: int, stop: int
     ) -> tuple[TrainState, Sums]:
-        """Steps ``start..stop-1`` of the epoch, in one jitted call (returns without waiting)."""
+        """Positions ``start..stop-1`` of the epoch, in one jitted call (returns at once)."""
+        order, active = orders
         return self.steps.train_steps(
-            state, sums, self.data, order, jnp.int32(start), jnp.int32(stop)
+            state, sums, self.data, order, active, np.int32(start), np.int32(stop)
         )
 
-    def evaluate(self, state: TrainState, indices: np.ndarray) -> dict:
-        """Metric (and gate) sums over ``indices``, in one jitted call; device arrays."""
-        multiple = 8 if self.steps.mesh is None else self.steps.mesh.shape["data"]
-        order, valid = _eval_order(np.asarray(indices), self.steps.config.eval_batch_size, multiple)
-        return self.steps.evaluate_on_device(
-            state, self.data, self._put(order.astype(np.int32)), self._put(valid)
-        )
+    def evaluate(self, state: TrainState, plan: Plan) -> dict:
+        """Every run's metric (and gate) sums over its validation set; device arrays."""
+        key = id(plan)
+        if key not in self._eval:
+            multiple = 8 if self.steps.mesh is None else self.steps.mesh.shape.get("data", 1)
+            host = eval_plan(plan, self.steps.config.eval_batch_size, multiple)
+            self._eval[key] = (plan, self._put(host, self.steps.runs_axis(plan.runs)))
+        order, valid = self._eval[key][1]
+        return self.steps.evaluate_on_device(state, self.data, order, valid)
 
 
 class GrainFeed:
     """Batches read from the tfds source by grain, for datasets too large for device memory.
 
     Args:
-      steps: the compiled steps.
+      steps: the compiled programs.
       source: the data source.
       num_classes: labels must lie in ``[0, num_classes)`` (checked per batch on the host).
       num_threads: grain read threads.
@@ -145,64 +213,64 @@ class GrainFeed:
         self.num_classes = num_classes
         self.read = dict(num_threads=num_threads, prefetch_buffer_size=prefetch)
 
-    def order(self, indices: np.ndarray, *, seed: int, epoch: int) -> np.ndarray:
-        """The epoch's ``[steps, batch]`` order (host)."""
-        return pipeline.epoch_order(
-            indices, batch_size=self.steps.batch_size, seed=seed, epoch=epoch
-        )
+    def orders(self, plan: Plan, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`epoch_orders` (host)."""
+        return epoch_orders(plan, self.steps.batch_size, epoch)
 
-    def _batches(self, rows: np.ndarray):
+    def _batches(self, rows: np.ndarray, keys: tuple[str, ...]):
+        """Grain-read batches of ``rows`` (``[positions, runs, batch]``), this process's rows."""
         import grain
 
-        local = rows[:, jax.process_index() :: jax.process_count()]
+        local = rows[..., jax.process_index() :: jax.process_count()]
+        shape = local.shape[1:]
         view = pipeline.FeatureSource(self.source, local.reshape(-1))
-        per = local.shape[1]
-        ds = grain.MapDataset.range(len(local)).map(
-            lambda i: {
-                k: np.stack([view[i * per + j][k] for j in range(per)])
-                for k in ("x", "label", "id")
-            }
-        )
+        per = int(np.prod(shape))
+
+        def read(i):
+            records = [view[i * per + j] for j in range(per)]
+            return {k: np.stack([r[k] for r in records]).reshape(*shape, *np.shape(records[0][k]))
+                    for k in keys}  # fmt: skip
+
+        ds = grain.MapDataset.range(len(local)).map(read)
         return ds.to_iter_dataset(grain.ReadOptions(**self.read))
 
     def _put(self, batch: dict) -> dict:
-        check_labels(batch["label"], batch["id"], self.num_classes)
+        check_labels(batch["label"].reshape(-1), batch["id"].reshape(-1), self.num_classes)
         batch = {k: v for k, v in batch.items() if k != "id"}
         if self.steps.mesh is None:
             return batch
-        return {
-            k: jax.make_array_from_process_local_data(self.steps.batch_sharding[k], np.asarray(v))
-            for k, v in batch.items()
-        }
+        runs, local = batch["x"].shape[:2]
+        spec = self.steps.batch_spec(runs, local * jax.process_count())
+        out = {}
+        for k, v in batch.items():
+            where = jax.sharding.NamedSharding(
+                self.steps.mesh, jax.sharding.PartitionSpec(*spec[: v.ndim])
+            )
+            global_shape = (runs, local * jax.process_count(), *v.shape[2:])
+            out[k] = jax.make_array_from_process_local_data(where, np.asarray(v), global_shape)
+        return out
 
     def train(
-        self, state: TrainState, sums: Sums, order: np.ndarray, start: int, stop: int
+        self, state: TrainState, sums: Sums, orders: tuple, start: int, stop: int
     ) -> tuple[TrainState, Sums]:
-        """Steps ``start..stop-1`` of the epoch; metrics stay on device."""
-        for batch in self._batches(order[start:stop]):
-            state, metrics = self.steps.train_step(state, self._put(batch))
-            sums = self.steps.accumulate(sums, metrics, state.step)
+        """Positions ``start..stop-1`` of the epoch; metrics stay on device."""
+        order, active = orders
+        rows = order[:, start:stop].transpose(1, 0, 2)  # [positions, runs, batch]
+        for p, batch in enumerate(self._batches(rows, ("x", "label", "id"))):
+            state, sums = self.steps.train_step(state, sums, self._put(batch), active[:, start + p])
         return state, sums
 
-    def evaluate(self, state: TrainState, indices: np.ndarray) -> dict:
-        """Metric (and gate) sums over ``indices``; device arrays."""
+    def evaluate(self, state: TrainState, plan: Plan) -> dict:
+        """Every run's metric (and gate) sums over its validation set; device arrays."""
+        multiple = 8 if self.steps.mesh is None else self.steps.mesh.shape.get("data", 1)
+        order, valid = eval_plan(plan, self.steps.config.eval_batch_size, multiple)
         totals = None
-        for batch in pipeline.eval_batches(
-            self.source,
-            indices,
-            batch_size=self.steps.config.eval_batch_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        ):
-            check_labels(batch["label"], batch["id"], self.num_classes)
-            put = {k: batch[k] for k in ("x", "label", "valid")}
-            if self.steps.mesh is not None:
-                put = {
-                    k: jax.make_array_from_process_local_data(self.steps.batch_sharding[k], v)
-                    for k, v in put.items()
-                }
+        batches = self._batches(order.transpose(1, 0, 2), ("x", "label", "id"))
+        for i, batch in enumerate(batches):
+            local = valid[:, i, jax.process_index() :: jax.process_count()]
+            put = self._put({**batch, "valid": local})
             out = self.steps.evaluate_batch(state, put)
-            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+            totals = out if totals is None else jax.tree.map(np.add, totals, out)
         return totals
 
 
@@ -210,7 +278,7 @@ def make_feed(steps: Steps, source: Any, num_classes: int, on_device: str | bool
     """A :class:`DeviceFeed` or :class:`GrainFeed` as ``config.data_on_device`` asks.
 
     Args:
-      steps: the compiled steps.
+      steps: the compiled programs.
       source: the data source.
       num_classes: labels must lie in ``[0, num_classes)``.
       on_device: True, False or ``"auto"`` (device memory when the features take at most

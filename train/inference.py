@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from train.checkpointing import Checkpoints
+from train import artefacts
 from train.runs import CONFIG
 from train.steps import Steps
 
@@ -30,24 +30,25 @@ class Predictor:
 
     Args:
       steps: supplies the model definition and the example shape.
-      state: a ``TrainState`` (its params and batch statistics are used).
+      variables: ``{'params', 'batch_stats'}`` of one run.
       pooling: the pooling of the training features, for :meth:`predict_text`.
     """
 
-    def __init__(self, steps: Steps, state: Any, pooling: str = "mean"):
+    def __init__(self, steps: Steps, variables: Any, pooling: str = "mean"):
         self.model = steps.model
         self.input_shape = steps.input_shape
-        self.variables = {"params": state.params, "batch_stats": state.batch_stats}
+        self.variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
         self.pooling = pooling
         self._logits = jax.jit(lambda v, x: self.model.apply(v, x))
         self._encoder = None
 
     @classmethod
     def from_run(cls, run_dir: str | pathlib.Path) -> Predictor:
-        """Loads the best checkpoint of a run folder, with the config and data shape it records.
+        """Loads a finished run's best state, with the config and data shape it records.
 
         Raises:
-          FileNotFoundError: the folder records no run, or has no good checkpoint.
+          FileNotFoundError: the folder records no run, or the run did not finish.
+          ValueError: the best state's bytes differ from the digest its record holds.
         """
         run_dir = pathlib.Path(run_dir)
         path = run_dir / CONFIG
@@ -60,14 +61,8 @@ class Predictor:
         config = ml_collections.ConfigDict(recorded["config"])
         data = recorded["data"]
         steps = Steps(config, data["num_classes"], tuple(data["input_shape"]))
-        ckpt = Checkpoints(run_dir / "checkpoints", asynchronous=False)
-        try:
-            restored = ckpt.restore_best(steps.init_state(0))
-        finally:
-            ckpt.close()
-        if restored is None:
-            raise FileNotFoundError(f"{run_dir} has no good best checkpoint.")
-        return cls(steps, restored[0], pooling=data.get("pooling", "mean"))
+        variables = artefacts.load_best_variables(run_dir)
+        return cls(steps, variables, pooling=data.get("pooling", "mean"))
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         """Float32 logits of ``[batch, N, d]`` features."""

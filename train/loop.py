@@ -1,48 +1,42 @@
-"""The epoch loop of one training run: steps, evaluation, plateau schedule, checkpoints.
+"""The epoch loop of one training program: every run of it at once, over a ``runs`` axis.
 
-The loop keeps the device busy: steps are dispatched a stretch at a time (see
-:mod:`train.feeds`) and the host fetches metrics only at *fetch points*: epoch ends, and the
-steps where a mid-epoch checkpoint is due (``checkpoint_every_steps``) or a log line is due
-(``log_every_steps``). The non-finite check happens at each fetch, before anything is saved, so
-no checkpoint ever holds a state past a non-finite loss.
+In big_vision's shape, read top to bottom: dispatch a stretch of steps, fetch the numbers at a
+*fetch point* (epoch ends, and the steps where a mid-epoch checkpoint or a log line is due),
+check them, checkpoint when due, log, go on. The non-finite check happens at each fetch,
+before anything is saved, so no checkpoint ever holds a state past a non-finite loss.
 
-Determinism: the data order is a pure function of ``(seed, epoch)`` and a step of
-``(state, batch)``, so a run resumed from any checkpoint replays exactly what an uninterrupted
-run computes (XLA on CPU is deterministic for a fixed program; the fetch points, which split
-the jitted stretches, depend only on the config).
+Determinism: each run's data order is a pure function of ``(seed, epoch)`` and a step of
+``(state, batch)``, so a program resumed from any checkpoint replays exactly what an
+uninterrupted one computes (XLA on CPU is deterministic for a fixed program; the fetch points,
+which split the jitted stretches, depend only on the config).
 
-The best state (by validation accuracy) is kept in device memory and committed together with
-the next periodic checkpoint, which records the best's step: a resume restores both.
+Every checkpoint holds the state, every run's best state so far (chosen on the device) and
+the loop's :class:`Progress`; a resume restores all three.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import pathlib
-import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from data import pipeline
-from train import plateau
-from train.checkpointing import Checkpoints
+from train import feeds, plateau
+from train.checkpointing import Checkpoints, snapshot
 from train.runs import write_atomic
-from train.steps import Steps, Sums, TrainState
+from train.steps import Steps, Sums, TrainState, select, stacked_zeros
+
+NO_BAD_STEP = np.iinfo(np.int32).max
 
 
 class NonFiniteLossError(RuntimeError):
     """A training step produced a NaN or infinite loss (the message says which and where)."""
-
-
-class StopRequested(Exception):
-    """A run stopped because :attr:`Hooks.stop` said so (another run failed, or Ctrl-C)."""
 
 
 @dataclasses.dataclass
@@ -50,319 +44,277 @@ class Hooks:
     """Callbacks of the loop; each optional.
 
     Attributes:
-      progress: ``(steps_done, steps_total, last_record_or_None)`` at every fetch point.
-      epoch_end: ``(record)`` after each epoch's evaluation, before its checkpoint.
-      after_fetch: ``(global_step)`` after every fetch point's saves (tests stop runs here).
-      dispatched: ``(epoch)`` once an epoch's programs are dispatched (and so compiled).
-      stop: ``() -> bool``, asked before each epoch; True raises :class:`StopRequested` (the
-        work since the last checkpoint is lost, as with a kill).
+      progress: ``(steps_done, steps_total, mean_val_accuracy_or_None)`` at every fetch point
+        (program steps: positions of the longest run).
+      epoch_end: ``(run, record)`` for each run after each epoch's evaluation.
+      after_fetch: ``(program_step)`` after every fetch point's saves (tests stop runs here).
     """
 
-    progress: Callable[[int, int, dict | None], None] | None = None
-    epoch_end: Callable[[dict], None] | None = None
+    progress: Callable[[int, int, float | None], None] | None = None
+    epoch_end: Callable[[int, dict], None] | None = None
     after_fetch: Callable[[int], None] | None = None
-    dispatched: Callable[[int], None] | None = None
-    stop: Callable[[], bool] | None = None
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a program stands: the JSON ``meta`` of every checkpoint.
+
+    Attributes:
+      epoch: epochs finished.
+      position: positions of the current epoch done (a mid-epoch checkpoint), else 0.
+      partial: each run's metric sums of the current epoch so far (mid-epoch), else None.
+      plateau: each run's plateau-schedule state (:func:`train.plateau.init`).
+      history: each run's epoch records.
+      best: each run's best epoch (``step``, ``epoch``, ``val_accuracy``) or None.
+    """
+
+    epoch: int
+    position: int
+    partial: list[dict] | None
+    plateau: list[dict]
+    history: list[list[dict]]
+    best: list[dict | None]
+
+    @classmethod
+    def start(cls, runs: int) -> Progress:
+        """Nothing done yet."""
+        return cls(0, 0, None, [plateau.init()] * runs, [[] for _ in range(runs)], [None] * runs)
+
+    @classmethod
+    def from_json(cls, meta: dict) -> Progress:
+        """The inverse of ``dataclasses.asdict``."""
+        return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass
 class RunResult:
-    """What :func:`train_run` returns.
+    """One run's outcome, as :func:`train_program` returns it.
 
     Attributes:
       history: one record per epoch.
-      best_state: the state of the best epoch.
-      final_state: the state after the last epoch.
       best_epoch: 1-based (the first among ties).
       best_accuracy: its validation accuracy.
       final_accuracy: the last epoch's validation accuracy.
+      best_state: the state of the best epoch (numpy leaves).
+      final_state: the state after the last epoch (numpy leaves).
       best_eval: the evaluation sums of the best state (``gate_total``/``gate_count`` for gated
         fronts: the Importance Factor's input), as numpy.
-      committed: when ``train_run`` was given a background executor, the future of the last
-        checkpoint's commit; else None (already committed).
     """
 
     history: list[dict]
-    best_state: TrainState
-    final_state: TrainState
     best_epoch: int
     best_accuracy: float
     final_accuracy: float
+    best_state: TrainState
+    final_state: TrainState
     best_eval: dict
-    committed: concurrent.futures.Future | None = None
 
 
 def fetch(tree: Any) -> Any:
-    """Device values -> numpy (replicated global arrays are read from this process's copy)."""
+    """Device values -> numpy (arrays split over processes are gathered first)."""
 
     def get(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(x.addressable_data(0))
+            if x.sharding.is_fully_replicated:
+                return np.asarray(x.addressable_data(0))
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
 
     return jax.tree.map(get, tree)
 
 
-def fetch_points(start: int, steps_per_epoch: int, first_step: int, every: tuple[int, ...]):
+def fetch_points(start: int, per_epoch: int, first_step: int, every: Sequence[int]) -> list[int]:
     """The in-epoch positions (exclusive ends) where the host fetches, after ``start``.
 
-    ``first_step`` is the global step of the epoch's position 0; a position ``p`` is a fetch
+    ``first_step`` is the program step of the epoch's position 0; a position ``p`` is a fetch
     point when ``first_step + p`` is a multiple of a positive interval in ``every``, and the
     epoch's end always is.
     """
-    points = {steps_per_epoch}
+    points = {per_epoch}
     for interval in every:
         if interval > 0:
             points.update(
-                p for p in range(start + 1, steps_per_epoch) if (first_step + p) % interval == 0
+                p for p in range(start + 1, per_epoch) if (first_step + p) % interval == 0
             )
     return sorted(p for p in points if p > start)
 
 
-def train_run(
+def _stack(trees: list) -> Any:
+    return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
+
+
+def train_program(
     steps: Steps,
     feed: Any,
-    train_idx: np.ndarray,
-    val_idx: np.ndarray,
-    workdir: str | pathlib.Path,
+    plan: feeds.Plan,
+    directory: str | pathlib.Path,
     *,
-    seed: int,
+    run_dirs: Sequence[pathlib.Path | None] | None = None,
     config: Any = None,
     hooks: Hooks | None = None,
-    background: concurrent.futures.Executor | None = None,
-) -> RunResult:
-    """Trains one model (one fold and seed), resuming from ``workdir``'s checkpoints.
-
-    Writes ``metrics.jsonl`` (one line per epoch, rewritten from the checkpointed history, so
-    it never disagrees with the checkpoints) and ``checkpoints/`` under ``workdir``.
+) -> list[RunResult]:
+    """Trains every run of ``plan`` as one program, resuming from ``directory``'s checkpoints.
 
     Args:
-      steps: the compiled steps.
+      steps: the compiled programs.
       feed: a :class:`~train.feeds.DeviceFeed` or :class:`~train.feeds.GrainFeed`.
-      train_idx: training examples (indices into the feed's source).
-      val_idx: validation examples.
-      workdir: the run's folder.
-      seed: initialisation and data-order seed.
+      plan: the runs (training and validation examples, seeds).
+      directory: the program's checkpoint folder.
+      run_dirs: a folder per run for its ``metrics.jsonl`` (rewritten from the checkpointed
+        history, so it never disagrees with the checkpoints), or None.
       config: the schedule (epochs, checkpoint and log intervals, plateau); default
         ``steps.config``. Its model, optimiser, loss and batch sizes must be those ``steps``
         was compiled for.
       hooks: progress, logging and test callbacks.
-      background: if given, the last checkpoint is committed (and the checkpoint managers
-        closed) there while the caller goes on; ``RunResult.committed`` says when. Otherwise
-        this call returns once everything is on disk.
+
+    Returns:
+      One :class:`RunResult` per run of ``plan``.
 
     Raises:
-      NonFiniteLossError: naming the first step with a non-finite loss; the newest checkpoint
-        on disk is the last good state.
+      NonFiniteLossError: naming the run and the first step with a non-finite loss; the newest
+        checkpoint on disk is the last good state.
     """
     cfg = config if config is not None else steps.config
     hooks = hooks or Hooks()
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    per_epoch = len(train_idx) // cfg.batch_size
-    total = per_epoch * cfg.num_epochs
+    runs = plan.runs
+    padded = feeds.pad(plan, steps.runs_multiple())
+    per_epoch = feeds.steps_per_epoch(padded, cfg.batch_size)
+    positions = int(per_epoch.max())  # the longest run's steps per epoch
+    total = positions * cfg.num_epochs
     every = (cfg.checkpoint_every_steps, cfg.get("log_every_steps", 0))
+    plateau_args = (cfg.optimizer.plateau_factor, cfg.optimizer.plateau_patience)
+    primary = jax.process_index() == 0
     ckpt = Checkpoints(
-        workdir / "checkpoints",
-        max_to_keep=cfg.max_to_keep,
-        asynchronous=cfg.get("async_checkpoints", True),
+        directory, max_to_keep=cfg.max_to_keep, asynchronous=cfg.get("async_checkpoints", True)
     )
-    committed = None
-    stop_orders, orders = threading.Event(), None
     try:
-        state = steps.init_state(seed)
-        meta = {"epoch": 0, "position": 0, "partial": None, "plateau": plateau.init(),
-                "history": [], "best": None}  # fmt: skip
-        best_state = None
-        restored = ckpt.restore(state)
+        state = steps.init_state(padded.seeds)
+        best = snapshot(state)  # its own buffers: the state's are donated to every step
+        progress = Progress.start(padded.runs)
+        restored = ckpt.restore(steps.abstract_state(padded.runs))
         if restored is not None:
-            state, meta, best_state = restored
-        # The epochs' orders are pure host work: compute them while the device compiles/trains.
-        epochs = range(meta["epoch"], cfg.num_epochs)
-        args = (np.asarray(train_idx), cfg.batch_size, seed, epochs)
-        orders = threading.Thread(target=_prepare_orders, args=(*args, stop_orders), daemon=True)
-        orders.start()
-        best_saved = True  # the best (if any) is on disk as of the restored checkpoint
-        next_order = None
-        tracker = plateau.to_device(meta["plateau"], meta["best"])
-        plateau_args = (cfg.optimizer.plateau_factor, cfg.optimizer.plateau_patience)
-        pending: list = []  # finished epochs whose numbers are still on the device
-        shown = time.monotonic()
-        for epoch in range(meta["epoch"], cfg.num_epochs):
-            if hooks.stop is not None and hooks.stop():
-                raise StopRequested(f"{workdir} stopped at epoch {epoch + 1}")
-            order = (
-                next_order
-                if next_order is not None
-                else feed.order(train_idx, seed=seed, epoch=epoch)
-            )
-            position, sums = 0, Sums.zeros()
-            if meta["partial"] is not None:  # resumed mid-epoch
-                position = meta["position"]
-                sums = Sums(**{k: jnp.asarray(v) for k, v in meta["partial"].items()})
-            first_step = epoch * per_epoch
-            for stop in fetch_points(position, per_epoch, first_step, every):
-                state, sums = feed.train(state, sums, order, position, stop)
+            state, best, meta = restored
+            progress = Progress.from_json(meta)
+        schedules = zip(progress.plateau, progress.best, strict=True)
+        tracker = _stack([plateau.to_device(p, b) for p, b in schedules])
+
+        def check(host_sums: Sums, upto: int, epoch: int) -> None:
+            bad = np.asarray(host_sums.first_bad_step)[:runs]
+            if (bad != NO_BAD_STEP).any():
+                first = int(np.argmax(bad != NO_BAD_STEP))
+                raise _non_finite(ckpt, directory, first, bad, upto, epoch, plan.names)
+
+        for epoch in range(progress.epoch, cfg.num_epochs):
+            orders = feed.orders(padded, epoch)
+            first_step = epoch * positions
+            position, sums = progress.position, stacked_zeros(padded.runs)
+            if progress.partial is not None:  # resumed mid-epoch
+                sums = _stack([Sums(**p) for p in progress.partial])
+            for stop in fetch_points(position, positions, first_step, every):
+                state, sums = feed.train(state, sums, orders, position, stop)
                 position = stop
-                if stop == per_epoch:
+                if stop == positions:
                     break  # the epoch end fetches together with the evaluation
-                if pending:  # earlier epochs' numbers, before anything of this one is saved
-                    meta, changed = _flush(pending, meta, cfg, per_epoch, ckpt, workdir, hooks)
-                    pending, best_saved = [], best_saved and not changed
                 host = fetch(sums)
-                _check_finite(host, first_step + stop, epoch, ckpt, workdir)
-                if (
-                    cfg.checkpoint_every_steps
-                    and (first_step + stop) % cfg.checkpoint_every_steps == 0
-                ):
-                    partial = {k: v.item() for k, v in dataclasses.asdict(host).items()}
-                    mid = dict(meta, epoch=epoch, position=stop, partial=partial)
-                    ckpt.save(first_step + stop, state, mid, _unsaved(best_state, meta, best_saved))
-                    best_saved = True
+                check(host, first_step + stop, epoch)
+                every_steps = cfg.checkpoint_every_steps
+                if every_steps and (first_step + stop) % every_steps == 0:
+                    partial = [
+                        {k: np.asarray(v)[r].item() for k, v in dataclasses.asdict(host).items()}
+                        for r in range(padded.runs)
+                    ]
+                    mid = dataclasses.replace(progress, epoch=epoch, position=stop, partial=partial)
+                    ckpt.save(first_step + stop, state, best, dataclasses.asdict(mid))
+                ckpt.poll()
                 if hooks.progress:
                     hooks.progress(first_step + stop, total, None)
                 if hooks.after_fetch:
                     hooks.after_fetch(first_step + stop)
-            evaluation = feed.evaluate(state, val_idx)
-            if epoch + 1 < cfg.num_epochs:  # on its way to the device while this epoch finishes
-                next_order = feed.order(train_idx, seed=seed, epoch=epoch + 1)
-            # The plateau schedule and the choice of the best state run on the device too, so
-            # the next epoch is dispatched without waiting for this one's numbers.
-            before = tracker
+
+            evaluation = feed.evaluate(state, padded)
+            scale = tracker["scale"]  # this epoch's learning-rate factor
             state, tracker, improved = steps.epoch_end(state, tracker, evaluation, plateau_args)
-            best_state = state_select(
-                improved, state, best_state if best_state is not None else state
+            best = select(improved, state, best)
+            host_sums, host_eval, scale, improved, host_tracker = fetch(
+                (sums, evaluation, scale, improved, tracker)
             )
-            pending.append((epoch, sums, evaluation, before, tracker, improved))
-            if hooks.dispatched:
-                hooks.dispatched(epoch)
+            check(host_sums, first_step + positions, epoch)
+            progress = _after_epoch(progress, epoch, per_epoch, host_sums, host_eval, scale,
+                                    improved, host_tracker, cfg)  # fmt: skip
+            step = first_step + positions
             due = (epoch + 1) % cfg.checkpoint_every_epochs == 0 or epoch + 1 == cfg.num_epochs
-            if due or hooks.after_fetch:
-                ready = len(pending)  # wait for the device: a checkpoint or a test's hook
-            elif hooks.progress is not None and time.monotonic() - shown > 0.25:
-                # The progress bar takes only epochs the device has finished, so showing
-                # progress never drains the queue of dispatched work.
-                ready = _ready_prefix(pending)
-            else:
-                ready = 0
-            if not ready:
-                continue
-            meta, changed = _flush(pending[:ready], meta, cfg, per_epoch, ckpt, workdir, hooks)
-            pending = pending[ready:]
-            best_saved = best_saved and not changed
             if due:
-                ckpt.save(meta["history"][-1]["step"], state, meta,
-                          _unsaved(best_state, meta, best_saved))  # fmt: skip
-                best_saved = True
-            if jax.process_index() == 0:  # durable (fsynced) when a checkpoint was just taken
-                text = "".join(json.dumps(r) + "\n" for r in meta["history"])
-                write_atomic(workdir / "metrics.jsonl", text, durable=due)
+                ckpt.save(step, state, best, dataclasses.asdict(progress))
+            ckpt.poll()
+            for r in range(runs):
+                if hooks.epoch_end:
+                    hooks.epoch_end(r, progress.history[r][-1])
+                if primary and run_dirs is not None and run_dirs[r] is not None:
+                    text = "".join(json.dumps(h) + "\n" for h in progress.history[r])
+                    write_atomic(pathlib.Path(run_dirs[r]) / "metrics.jsonl", text, durable=due)
             if hooks.progress:
-                hooks.progress(meta["history"][-1]["step"], total, meta["history"][-1])
-                shown = time.monotonic()
+                mean_val = float(np.mean([h[-1]["val_accuracy"] for h in progress.history[:runs]]))
+                hooks.progress(step, total, mean_val)
             if hooks.after_fetch:
-                hooks.after_fetch(meta["history"][-1]["step"])
-        if background is not None:
-            committed = background.submit(ckpt.close)
+                hooks.after_fetch(step)
     finally:
-        if orders is not None:  # an error must not leave it inside grain at interpreter exit
-            stop_orders.set()
-            orders.join()
-        if committed is None:
-            ckpt.close()
-    history = meta["history"]
-    best = meta["best"]
-    best_eval = fetch(feed.evaluate(best_state, val_idx))
-    return RunResult(
-        history=history,
-        best_state=best_state,
-        final_state=state,
-        best_epoch=best["epoch"],
-        best_accuracy=best["val_accuracy"],
-        final_accuracy=history[-1]["val_accuracy"],
-        best_eval=best_eval,
-        committed=committed,
-    )
+        ckpt.close()
+    best_eval = fetch(feed.evaluate(best, padded))
+    best_host, final_host = fetch(best), fetch(state)
+    results = []
+    for r in range(runs):
+        history, chosen = progress.history[r], progress.best[r]
+        results.append(
+            RunResult(
+                history=history,
+                best_epoch=chosen["epoch"],
+                best_accuracy=chosen["val_accuracy"],
+                final_accuracy=history[-1]["val_accuracy"],
+                best_state=jax.tree.map(lambda x, r=r: x[r], best_host),
+                final_state=jax.tree.map(lambda x, r=r: x[r], final_host),
+                best_eval={k: v[r] for k, v in best_eval.items()},
+            )
+        )
+    return results
 
 
-def _ready_prefix(pending: list) -> int:
-    """How many of the oldest ``pending`` epochs the device has finished (no waiting)."""
-    for i, entry in enumerate(pending):
-        if not all(x.is_ready() for x in jax.tree.leaves(entry) if isinstance(x, jax.Array)):
-            return i
-    return len(pending)
-
-
-def _prepare_orders(
-    indices: np.ndarray, batch_size: int, seed: int, epochs: range, stop: threading.Event
-) -> None:
-    """Fills :func:`data.pipeline.epoch_order`'s permutation cache for ``epochs``."""
-    for epoch in epochs:
-        if stop.is_set():
-            return
-        pipeline.epoch_order(indices, batch_size=batch_size, seed=seed, epoch=epoch)
-
-
-@jax.jit
-def state_select(take_new: jax.Array, new: Any, old: Any) -> Any:
-    """``new`` where ``take_new`` else ``old``, leaf by leaf, on the device."""
-    return jax.tree.map(lambda a, b: jnp.where(take_new, a, b), new, old)
-
-
-def _flush(
-    pending: list, meta: dict, cfg: Any, per_epoch: int, ckpt: Checkpoints,
-    workdir: pathlib.Path, hooks: Hooks,
-) -> tuple[dict, bool]:  # fmt: skip
-    """Fetches the finished epochs' numbers in one transfer and turns them into records.
-
-    Returns:
-      The updated ``meta`` and whether the best epoch changed.
-
-    Raises:
-      NonFiniteLossError: an epoch had a non-finite loss (before anything of it is saved).
-    """
-    changed = False
-    for epoch, sums, ev, before, after, improved in fetch(pending):
-        epoch = int(epoch)
-        step = (epoch + 1) * per_epoch
-        _check_finite(sums, step, epoch, ckpt, workdir)
-        val_acc = float(ev["correct"] / ev["count"])
+def _after_epoch(
+    progress: Progress, epoch: int, per_epoch: np.ndarray, sums: Sums, ev: dict,
+    scale: np.ndarray, improved: np.ndarray, tracker: dict, cfg: Any,
+) -> Progress:  # fmt: skip
+    """The progress after an epoch: every run's record, best epoch and schedule state."""
+    history, best, schedules = [], [], []
+    for r in range(len(progress.history)):
+        step = (epoch + 1) * int(per_epoch[r])
+        val_acc = float(ev["correct"][r] / ev["count"][r])
         record = {
             "epoch": epoch + 1,
             "step": step,
-            "train_loss": float(sums.loss / sums.count),
-            "train_accuracy": float(sums.correct / sums.count),
-            "val_loss": float(ev["loss"] / ev["count"]),
+            "train_loss": float(sums.loss[r] / sums.count[r]),
+            "train_accuracy": float(sums.correct[r] / sums.count[r]),
+            "val_loss": float(ev["loss"][r] / ev["count"][r]),
             "val_accuracy": val_acc,
-            "learning_rate": cfg.optimizer.learning_rate * float(before["scale"]),
+            "learning_rate": cfg.optimizer.learning_rate * float(scale[r]),
         }
-        best = meta["best"]
-        if bool(improved):
-            best, changed = {"step": step, "epoch": epoch + 1, "val_accuracy": val_acc}, True
-        meta = {"epoch": epoch + 1, "position": 0, "partial": None,
-                "plateau": plateau.to_host(after), "history": [*meta["history"], record],
-                "best": best}  # fmt: skip
-        if hooks.epoch_end:
-            hooks.epoch_end(record)
-    return meta, changed
+        history.append([*progress.history[r], record])
+        chosen = progress.best[r]
+        if bool(improved[r]):
+            chosen = {"step": step, "epoch": epoch + 1, "val_accuracy": val_acc}
+        best.append(chosen)
+        schedules.append(plateau.to_host({k: v[r] for k, v in tracker.items()}))
+    return Progress(epoch + 1, 0, None, schedules, history, best)
 
 
-def _unsaved(best_state: Any, meta: dict, saved: bool) -> tuple[int, Any, dict] | None:
-    """The best checkpoint to commit with the next periodic one, if it is not on disk yet."""
-    if saved or best_state is None:
-        return None
-    return meta["best"]["step"], best_state, dict(meta["best"])
-
-
-def _check_finite(host: Sums, step: int, epoch: int, ckpt: Checkpoints, workdir: pathlib.Path):
-    bad = int(host.first_bad_step)
-    if bad == np.iinfo(np.int32).max:
-        return
+def _non_finite(
+    ckpt: Checkpoints, directory: Any, run: int, bad: np.ndarray, upto: int, epoch: int,
+    names: Sequence[str],
+) -> NonFiniteLossError:  # fmt: skip
+    name = f"{run} ({names[run]})" if names else str(run)
     ckpt.wait()
-    good = ckpt.verified_steps("latest")
+    good = ckpt.verified_steps()
     where = f"the newest checkpoint (step {good[-1]})" if good else "the start (no checkpoint yet)"
-    raise NonFiniteLossError(
-        f"non-finite loss at step {bad} (found when fetching steps up to {step}, epoch "
-        f"{epoch + 1}) in {workdir}; training stopped and rolled back: nothing after {where} "
-        "was saved, so a rerun resumes there."
+    return NonFiniteLossError(
+        f"non-finite loss in run {name} at its step {int(bad[run])} (found when fetching program "
+        f"steps up to {upto}, epoch {epoch + 1}) in {directory}; training stopped and rolled "
+        f"back: nothing after {where} was saved, so a rerun resumes there."
     )

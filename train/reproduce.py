@@ -13,13 +13,12 @@ Steps, each resumable (a finished run keeps its ``result.json`` and is not redon
 The config file defines ``get_config(variant)``, ``VARIANTS`` (names), ``ABLATION``
 (``sources``, ``num_layers``, ``overrides``) and optionally ``HEATMAPS``.
 
-Jobs (one variant on one dataset) run in ``--jobs`` worker processes: on a 2-core machine two
-processes train 1.6x faster than one, because a step of these small models is mostly
-single-threaded Python and dispatch.
+Jobs (one variant on one dataset) run one after another in this process; within a job every
+seed and fold trains as one vmapped program (:mod:`train.cross_validation`).
 
 Usage::
 
-    python -m train.reproduce --workdir out/reproduce --docs docs/results.md [--jobs 2]
+    python -m train.reproduce --workdir out/reproduce --docs docs/results.md
         [--config configs/reproduce.py] [--config.<key>=<value> ...]
 
 ``--config.*`` overrides apply to every variant (e.g. ``--config.num_epochs=2`` for a trial).
@@ -28,9 +27,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import multiprocessing
 import pathlib
 import sys
 import time
@@ -50,7 +47,7 @@ def run_job(
     overrides: Sequence[str],
     workdir: str,
 ) -> dict:
-    """Trains ``variant`` on ``dataset`` (all seeds and folds); runs in a worker process.
+    """Trains ``variant`` on ``dataset`` (all seeds and folds).
 
     Returns:
       ``{'results': cross_validation.run's results, 'seconds': this call's time, 'fresh':
@@ -67,8 +64,8 @@ def run_job(
                 del config.dataset_paths[name]
     fresh = not (pathlib.Path(workdir) / "results.json").exists()
     start = time.perf_counter()
-    splits = validate.prepare(config, workdir)
-    results = cross_validation.run(config, workdir, splits=splits, progress=False)
+    datasets = validate.prepare(config, workdir)
+    results = cross_validation.run(config, workdir, datasets=datasets, progress=False)
     seconds = time.perf_counter() - start
     print(f"[reproduce] {variant} on {dataset}: {seconds:.0f} s", flush=True)
     return {"results": results, "seconds": seconds, "fresh": fresh}
@@ -92,7 +89,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/reproduce.py", help="experiment config")
     parser.add_argument("--workdir", default="out/reproduce", help="runs and results")
     parser.add_argument("--docs", default="docs/results.md", help="the report to write")
-    parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     args, rest = parser.parse_known_args(argv)
     for item in rest:
         if not item.startswith("--config."):
@@ -113,33 +109,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = pathlib.Path(args.workdir)
     ablation = dict(module.ABLATION)
     start = time.perf_counter()
-    context = multiprocessing.get_context("spawn")  # JAX in forked children is unsafe
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        # The worker processes already fill the cores: each trains its runs one at a time
-        # unless the command line says otherwise.
-        own = [] if any(o.startswith("concurrent_runs=") for o in overrides) else [
-            f"concurrent_runs={1 if args.jobs > 1 else 0}"
-        ]  # fmt: skip
+    def job(variant, dataset, name, extra=()):
+        path = str(job_dir(workdir, name, dataset))
+        return run_job(args.config, variant, dataset, [*overrides, *extra], path)
 
-        def submit(variant, dataset, name, extra=()):
-            path = str(job_dir(workdir, name, dataset))
-            job_overrides = [*own, *overrides, *extra]
-            return pool.submit(run_job, args.config, variant, dataset, job_overrides, path)
-
-        jobs = {(v, d): submit(v, d, v) for v in variants for d in datasets}
-        done = {key: job.result() for key, job in jobs.items()}
-        chosen, jobs = {}, {}
-        for source in ablation["sources"]:
-            for d in datasets:
-                gate = mean_gate(job_dir(workdir, source, d))
-                high, low = pick_layers(gate, ablation["num_layers"])
-                chosen.setdefault(source, {})[d] = {"high": high, "low": low}
-                for which, layers in chosen[source][d].items():
-                    extra = [f"model.layers={layers}", *ablation["overrides"]]
-                    jobs[(f"{source}_{which}_if", d)] = submit(
-                        source, d, f"{source}_{which}_if", extra
-                    )
-        done.update({key: job.result() for key, job in jobs.items()})
+    done = {(v, d): job(v, d, v) for v in variants for d in datasets}
+    chosen = {}
+    for source in ablation["sources"]:
+        for d in datasets:
+            gate = mean_gate(job_dir(workdir, source, d))
+            high, low = pick_layers(gate, ablation["num_layers"])
+            chosen.setdefault(source, {})[d] = {"high": high, "low": low}
+            for which, layers in chosen[source][d].items():
+                extra = [f"model.layers={layers}", *ablation["overrides"]]
+                done[(f"{source}_{which}_if", d)] = job(source, d, f"{source}_{which}_if", extra)
     # Job times, kept from the invocation that trained each job (a resumed job costs ~0 s).
     timings_path = workdir / "job_seconds.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
@@ -153,7 +136,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "variants": variants,
         "datasets": datasets,
         "seeds": list(base.seeds),
-        "jobs": args.jobs,
         "ablation": {**ablation, "layers": chosen},
         "heatmaps": list(getattr(module, "HEATMAPS", ablation["sources"])),
         "wall_seconds": time.perf_counter() - start,

@@ -27,15 +27,13 @@ RECORD = "record.json"  # one run's outcome
 CONFIG = "config.json"  # a workdir's (or a run's) identity
 
 # Keys that cannot change a run's results: how often state is saved or logged (a resumed run
-# replays bit-identically whatever the interval), how many old checkpoints are kept, and how
-# many runs train side by side.
+# replays bit-identically whatever the interval) and how many old checkpoints are kept.
 IGNORED_KEYS = frozenset({
     "checkpoint_every_epochs", "checkpoint_every_steps", "max_to_keep", "log_every_steps",
-    "concurrent_runs",
 })  # fmt: skip
 
 
-def write_atomic(path: str | pathlib.Path, text: str, *, durable: bool = True) -> None:
+def write_atomic(path: str | pathlib.Path, text: str | bytes, *, durable: bool = True) -> None:
     """Writes ``text`` to ``path`` so that a crash leaves either the old or the new file.
 
     ``durable=False`` skips the fsyncs: a kill still leaves a whole file, a power cut may leave
@@ -43,7 +41,7 @@ def write_atomic(path: str | pathlib.Path, text: str, *, durable: bool = True) -
     """
     path = pathlib.Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
+    with tmp.open("wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
         f.flush()
         if durable:
@@ -56,6 +54,11 @@ def write_atomic(path: str | pathlib.Path, text: str, *, durable: bool = True) -
         os.fsync(fd)  # the rename itself
     finally:
         os.close(fd)
+
+
+def write_bytes_atomic(path: str | pathlib.Path, data: bytes) -> None:
+    """:func:`write_atomic` of bytes."""
+    write_atomic(path, data)
 
 
 def write_json_atomic(path: str | pathlib.Path, obj: Any) -> None:
@@ -80,6 +83,7 @@ class RunRecord:
       gaussian_parameters: ranges of the learned GAAM parameters of the best state.
       layer_contribution_percent: per-layer share of the best state's mean gate, or None.
       gate_mean: file name (in the run folder) of the mean gate map ``[N, d]``, or None.
+      best_state_sha256: SHA-256 of the run folder's ``best_state.msgpack``.
     """
 
     dataset: str
@@ -94,6 +98,7 @@ class RunRecord:
     gaussian_parameters: dict
     layer_contribution_percent: list | None = None
     gate_mean: str | None = None
+    best_state_sha256: str | None = None
 
     def __post_init__(self):
         # JSON's own types (lists, not tuples), so a record computed now equals the same

@@ -1,26 +1,28 @@
-"""The pure pieces of training: model, optimiser, train state, and the jitted steps.
+"""The pure pieces of training: model, optimiser, train state, and the jitted programs.
 
 Nothing here touches files, the host clock or Python-side state: a step is a function of
 ``(state, batch)``. The paper's decoders have no stochastic layer (no dropout), so a step takes
 no RNG; the seed enters only through the initial parameters (:func:`create_state`) and the data
-order, so one compiled step serves every seed and fold of a config.
+order.
 
-Two ways to drive the step, with the same arithmetic:
+The programs (:class:`Steps`) work on a leading ``runs`` axis: the many small runs of a config
+(seeds x folds x datasets of one shape) train as one vmapped program, each with its own state,
+data order, plateau schedule and best epoch. Two ways to feed them, with the same arithmetic:
 
-* :meth:`Steps.train_step`: one jitted, state-donating step on a batch held by the host (the
-  grain path for datasets too large for device memory);
-* :meth:`Steps.train_steps`: steps ``[start, stop)`` of an epoch in one jitted call, gathering
-  each batch on device from a dataset placed there once and an ``[steps, batch]`` order.
+* :meth:`Steps.train_steps`: positions ``[start, stop)`` of an epoch in one jitted call,
+  gathering each run's batch on device from a dataset placed there once and an
+  ``[runs, steps, batch]`` order;
+* :meth:`Steps.train_step`: one position on a batch read by the host (the grain path, for
+  datasets too large for device memory).
 
-Both accumulate the epoch's metric sums on device (:class:`Sums`); the host fetches them only
-at log points.
+Both accumulate the epoch's metric sums per run on device (:class:`Sums`); the host fetches
+them only at log points.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from gaam_jax import GaussianAdaptiveTransformer, importance, sharding
 from train import losses, plateau
@@ -197,17 +200,6 @@ def train_step(
     return new_state, {"loss": loss.astype(jnp.float32), "correct": correct}
 
 
-def accumulate(sums: Sums, metrics: dict, step: jax.Array, batch_size: int) -> Sums:
-    """Adds one step's metrics; remembers the first step whose loss is not finite."""
-    bad = ~jnp.isfinite(metrics["loss"])
-    return Sums(
-        loss=sums.loss + metrics["loss"] * batch_size,
-        correct=sums.correct + metrics["correct"],
-        count=sums.count + batch_size,
-        first_bad_step=jnp.where(bad, jnp.minimum(sums.first_bad_step, step), sums.first_bad_step),
-    )
-
-
 def eval_batch(
     state: TrainState, batch: dict, *, model: Any, loss_fn: Callable, gated: bool
 ) -> dict:
@@ -258,51 +250,60 @@ def epoch_end(
     return state.replace(lr_scale=new["scale"]), new, improved
 
 
-def state_shardings(
-    abstract: TrainState,
-    model: Any,
-    input_shape: tuple,
-    tx: optax.GradientTransformation,
-    mesh: jax.sharding.Mesh,
-    rules: sharding.Rules = sharding.DEFAULT_RULES,
-) -> TrainState:
-    """Shardings of a train state.
+def _where(take_new: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``take_new`` (a scalar bool) else ``old``, leaf by leaf."""
+    return jax.tree.map(lambda a, b: jnp.where(take_new, a, b), new, old)
 
-    Parameters follow the logical axes annotated where the model creates them, resolved by the
-    rules, and so do their optimiser moments; the rest (step, counts, BatchNorm statistics, LR
-    scale) is replicated.
+
+def masked_step(
+    state: TrainState, batch: dict, active: jax.Array, *, step: Callable
+) -> tuple[TrainState, dict]:
+    """``step``, or no change at all where ``active`` is False (a fold with fewer batches).
+
+    The metrics of an inactive step are zeros with a finite loss, so the sums do not move.
     """
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    example = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    params = sharding.param_shardings(sharding.abstract_params(model, example), mesh, rules)
-    opt_state = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        abstract.opt_state,
-        params,
-        transform_non_params=lambda _: replicated,
+    new, metrics = step(state, batch)
+    zeros = {"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.float32)}
+    return _where(active, new, state), _where(active, metrics, zeros)
+
+
+def accumulate(
+    sums: Sums, metrics: dict, step: jax.Array, active: jax.Array | bool = True, *, batch_size: int
+) -> Sums:
+    """Adds one step's metrics; remembers the first step whose loss is not finite."""
+    bad = ~jnp.isfinite(metrics["loss"])
+    return Sums(
+        loss=sums.loss + metrics["loss"] * batch_size,
+        correct=sums.correct + metrics["correct"],
+        count=sums.count + jnp.where(active, batch_size, 0).astype(jnp.float32),
+        first_bad_step=jnp.where(bad, jnp.minimum(sums.first_bad_step, step), sums.first_bad_step),
     )
-    return TrainState(
-        step=replicated,
-        params=params,
-        opt_state=opt_state,
-        batch_stats=jax.tree.map(lambda _: replicated, abstract.batch_stats),
-        lr_scale=replicated,
-    )
+
+
+def stacked_zeros(runs: int) -> Sums:
+    """:meth:`Sums.zeros` for ``runs`` runs (each leaf ``[runs]``)."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (runs,)), Sums.zeros())
 
 
 class Steps:
-    """The compiled steps of one model/optimiser configuration, shared by every seed and fold.
+    """The compiled programs of one model/optimiser configuration over a leading ``runs`` axis.
 
-    With a ``mesh``, the state is created directly sharded (parameters by the logical-axis
-    rules of :mod:`gaam_jax.sharding`), and batches are laid out with the batch over ``data``
-    and the GAAM head groups of the layer axis over ``model``.
+    Every array of the state (:class:`TrainState`), the metric sums (:class:`Sums`), the data
+    orders and the evaluation sums has a leading axis of ``runs``: the independent runs (seeds,
+    folds, datasets of one shape) that train together as one vmapped program. A run's
+    arithmetic does not depend on the others (they share no value), and a step that is masked
+    off for a run (its fold has fewer batches) leaves that run's state unchanged. A run axis of
+    1 is the single-run case through the same code.
+
+    With a ``mesh``, the logical axis ``runs`` is resolved by the ``rules`` (for example to a
+    mesh axis ``runs``: runs spread over devices); parameters keep their own logical axes
+    (``layers`` over ``model``) and batches their ``batch`` axis over ``data``.
 
     Args:
       config: the experiment config (``model``, ``optimizer``, ``loss``, ``batch_size``).
       num_classes: classes of the dataset.
       input_shape: ``(N, d)`` of one example.
-      mesh: optional device mesh with axes ``data`` and ``model``.
+      mesh: optional device mesh.
       rules: logical-to-mesh axis rules.
     """
 
@@ -323,74 +324,111 @@ class Steps:
         self.loss_fn = losses.get(config.loss)
         self.gated = config.model.front in GATED_FRONTS
         self.mesh = mesh
+        self.rules = rules
         self.batch_size = config.batch_size
-        step = functools.partial(train_step, model=self.model, tx=self.tx, loss_fn=self.loss_fn)
-        evaluate = functools.partial(
+        self._step = functools.partial(
+            train_step, model=self.model, tx=self.tx, loss_fn=self.loss_fn
+        )
+        self._evaluate = functools.partial(
             eval_batch, model=self.model, loss_fn=self.loss_fn, gated=self.gated
         )
-        self._step, self._evaluate = step, evaluate
-        self._create_compiled = None
-        self._create_lock = threading.Lock()
-        create = functools.partial(create_state, self.model, self.tx, input_shape=self.input_shape)
-        if mesh is None:
-            self.state_sharding = self.batch_sharding = self.replicated = None
-            self._create = jax.jit(create)
-            self.train_step = jax.jit(step, donate_argnums=0)
-        else:
-            abstract = jax.eval_shape(create, 0)
-            self.state_sharding = state_shardings(
-                abstract, self.model, self.input_shape, self.tx, mesh, rules
-            )
-            self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            x_spec = sharding.logical_to_spec(
-                ("batch", "layers", "embed"), (config.batch_size, *self.input_shape), mesh, rules
-            )
-            rows = jax.sharding.PartitionSpec(x_spec[0])
-            self.batch_sharding = {
-                "x": jax.sharding.NamedSharding(mesh, x_spec),
-                "label": jax.sharding.NamedSharding(mesh, rows),
-                "valid": jax.sharding.NamedSharding(mesh, rows),
-            }
-            self._create = jax.jit(create, out_shardings=self.state_sharding)
-            train_batch = {k: self.batch_sharding[k] for k in ("x", "label")}
-            self.train_step = jax.jit(
-                step,
-                in_shardings=(self.state_sharding, train_batch),
-                out_shardings=(self.state_sharding, self.replicated),
-                donate_argnums=0,
-            )
-        # Metrics come back replicated, so every process can read them.
-        metrics = self.replicated
-        state_metrics = None if mesh is None else (self.state_sharding, metrics)
-        add = functools.partial(accumulate, batch_size=self.batch_size)
-        self.accumulate = jax.jit(add, out_shardings=metrics)
-        self.train_steps = jax.jit(
-            self._train_steps, donate_argnums=(0, 1), out_shardings=state_metrics
+        self._create = functools.partial(
+            create_state, self.model, self.tx, input_shape=self.input_shape
         )
-        self.evaluate_on_device = jax.jit(self._evaluate_on_device, out_shardings=metrics)
-        self.epoch_end = jax.jit(
-            epoch_end,
-            out_shardings=None if mesh is None else (self.state_sharding, metrics, metrics),
-        )
-        self.evaluate_batch = jax.jit(evaluate, out_shardings=metrics)
+        self._init_compiled: dict[int, Any] = {}
+        self.train_steps = jax.jit(self._train_steps, donate_argnums=(0, 1))
+        self.train_step = jax.jit(self._train_step_host, donate_argnums=(0, 1))
+        self.evaluate_on_device = jax.jit(self._evaluate_on_device)
+        self.evaluate_batch = jax.jit(lambda s, b: self._replicate(jax.vmap(self._evaluate)(s, b)))
+        self.epoch_end = jax.jit(self._epoch_end, static_argnums=3)
 
-    def init_state(self, seed: int) -> TrainState:
-        """A fresh state for ``seed`` (created directly sharded when there is a mesh)."""
-        if isinstance(seed, jax.core.Tracer):  # traced (jax.eval_shape): nothing to compile
-            return self._create(seed)
-        with self._create_lock:  # runs trained side by side compile it once
-            if self._create_compiled is None:
-                options = INIT_COMPILER_OPTIONS.get(jax.default_backend())
-                lowered = self._create.lower(jnp.asarray(0, jnp.uint32))
-                self._create_compiled = lowered.compile(compiler_options=options)
-        return self._create_compiled(jnp.asarray(seed, jnp.uint32))
+    # -- shapes and shardings ------------------------------------------------------------------
+
+    def abstract_state(self, runs: int = 1) -> TrainState:
+        """The state of ``runs`` runs as ``jax.ShapeDtypeStruct`` s (no computation)."""
+        seeds = jax.ShapeDtypeStruct((runs,), jnp.uint32)
+        abstract = jax.eval_shape(jax.vmap(self._create), seeds)
+        if self.mesh is None:
+            return abstract
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract,
+            self.state_sharding(runs),
+        )
+
+    def runs_multiple(self) -> int:
+        """The number of devices the run axis is split over (a run axis must divide it)."""
+        axis = dict(self.rules).get("runs")
+        if self.mesh is None or axis not in self.mesh.shape:
+            return 1
+        return int(self.mesh.shape[axis])
+
+    def runs_axis(self, runs: int) -> str | None:
+        """The mesh axis the run axis is split over (None: replicated, or no mesh)."""
+        if self.mesh is None:
+            return None
+        return sharding.logical_to_spec(("runs",), (runs,), self.mesh, self.rules)[0]
+
+    def state_sharding(self, runs: int) -> TrainState:
+        """``NamedSharding`` s of a state of ``runs`` runs (needs a mesh).
+
+        Parameters follow the logical axes annotated where the model creates them, behind the
+        run axis, and so do their optimiser moments; the rest is split over runs only.
+        """
+        mesh, axis = self.mesh, self.runs_axis(runs)
+        example = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
+        params = sharding.param_shardings(
+            sharding.abstract_params(self.model, example), mesh, self.rules
+        )
+        params = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, P(axis, *s.spec)), params)
+        per_run = jax.sharding.NamedSharding(mesh, P(axis))
+        single = jax.eval_shape(self._create, 0)
+        opt_state = optax.tree_map_params(
+            self.tx, lambda _, s: s, single.opt_state, params,
+            transform_non_params=lambda _: per_run,
+        )  # fmt: skip
+        return TrainState(
+            step=per_run,
+            params=params,
+            opt_state=opt_state,
+            batch_stats=jax.tree.map(lambda _: per_run, single.batch_stats),
+            lr_scale=per_run,
+        )
+
+    def batch_spec(self, runs: int, rows: int) -> P:
+        """The PartitionSpec of examples ``[runs, rows, N, d]`` (needs a mesh)."""
+        return sharding.logical_to_spec(
+            ("runs", "batch", "layers", "embed"), (runs, rows, *self.input_shape), self.mesh,
+            self.rules,
+        )  # fmt: skip
 
     def _constrain(self, batch: dict) -> dict:
-        if self.batch_sharding is None:
+        if self.mesh is None:
             return batch
+        spec = self.batch_spec(*batch["x"].shape[:2])
         return {
-            k: jax.lax.with_sharding_constraint(v, self.batch_sharding[k]) for k, v in batch.items()
+            k: jax.lax.with_sharding_constraint(
+                v, jax.sharding.NamedSharding(self.mesh, P(*spec[: v.ndim]))
+            )
+            for k, v in batch.items()
         }
+
+    # -- programs ------------------------------------------------------------------------------
+
+    def init_state(self, seeds: Any) -> TrainState:
+        """Fresh states for ``seeds`` (``[runs]``), created directly sharded over a mesh."""
+        seeds = np.asarray(seeds, np.uint32)
+        runs = len(seeds)
+        if runs not in self._init_compiled:
+            out = None if self.mesh is None else self.state_sharding(runs)
+            lowered = jax.jit(jax.vmap(self._create), out_shardings=out).lower(seeds)
+            options = INIT_COMPILER_OPTIONS.get(jax.default_backend())
+            self._init_compiled[runs] = lowered.compile(compiler_options=options)
+        return self._init_compiled[runs](seeds)
+
+    def _gather(self, data: dict, rows: jax.Array) -> dict:
+        """Examples ``rows`` (``[runs, batch]`` indices) of the device dataset."""
+        return self._constrain({"x": data["x"][rows], "label": data["label"][rows]})
 
     def _train_steps(
         self,
@@ -398,31 +436,81 @@ class Steps:
         sums: Sums,
         data: dict,
         order: jax.Array,
+        active: jax.Array,
         start: jax.Array,
         stop: jax.Array,
     ) -> tuple[TrainState, Sums]:
-        """Rows ``start..stop-1`` of ``order`` (``[steps, batch]`` indices into ``data``)."""
+        """Positions ``start..stop-1`` of the epoch, every run at once.
+
+        Args:
+          state: ``[runs]`` states (donated).
+          sums: ``[runs]`` metric sums (donated).
+          data: ``x [n, N, d]``, ``label [n]`` on device (every run's examples).
+          order: int32 ``[runs, steps, batch]`` indices into ``data``.
+          active: bool ``[runs, steps]``: whether the run takes that step.
+          start: first position.
+          stop: end position (exclusive).
+        """
+        step = jax.vmap(functools.partial(masked_step, step=self._step))
+        add = jax.vmap(functools.partial(accumulate, batch_size=self.batch_size))
 
         def body(i, carry):
             state, sums = carry
-            rows = order[i]
-            batch = self._constrain({"x": data["x"][rows], "label": data["label"][rows]})
-            state, metrics = self._step(state, batch)
-            return state, accumulate(sums, metrics, state.step, self.batch_size)
+            on = active[:, i]
+            state, metrics = step(state, self._gather(data, order[:, i]), on)
+            return state, add(sums, metrics, state.step, on)
 
-        return jax.lax.fori_loop(start, stop, body, (state, sums))
+        state, sums = jax.lax.fori_loop(start, stop, body, (state, sums))
+        return self._keep(state), self._replicate(sums)
+
+    def _keep(self, state: TrainState) -> TrainState:
+        """``state`` pinned to its sharding (so donated buffers are reused in place)."""
+        if self.mesh is None:
+            return state
+        runs = state.step.shape[0]
+        return jax.lax.with_sharding_constraint(state, self.state_sharding(runs))
+
+    def _replicate(self, tree: Any) -> Any:
+        """Metrics replicated over the mesh, so that every process can read them."""
+        if self.mesh is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, jax.sharding.NamedSharding(self.mesh, P()))
+
+    def _epoch_end(
+        self, state: TrainState, tracker: dict, evaluation: dict, plateau_args: tuple
+    ) -> tuple[TrainState, dict, jax.Array]:
+        state, tracker, improved = jax.vmap(epoch_end, in_axes=(0, 0, 0, None))(
+            state, tracker, evaluation, plateau_args
+        )
+        return self._keep(state), self._replicate(tracker), self._replicate(improved)
+
+    def _train_step_host(
+        self, state: TrainState, sums: Sums, batch: dict, active: jax.Array
+    ) -> tuple[TrainState, Sums]:
+        """One position of every run on a batch the host read (``x [runs, batch, N, d]``)."""
+        step = jax.vmap(functools.partial(masked_step, step=self._step))
+        state, metrics = step(state, self._constrain(batch), active)
+        add = jax.vmap(functools.partial(accumulate, batch_size=self.batch_size))
+        return self._keep(state), self._replicate(add(sums, metrics, state.step, active))
 
     def _evaluate_on_device(
         self, state: TrainState, data: dict, order: jax.Array, valid: jax.Array
     ) -> dict:
-        """Evaluation over ``order`` (``[batches, eval_batch]``, padded; ``valid`` masks)."""
+        """Evaluation sums per run over ``order`` (``[runs, batches, rows]``; ``valid`` masks)."""
+        evaluate = jax.vmap(self._evaluate)
+
+        def batch(i):
+            rows = self._gather(data, order[:, i])
+            return {**rows, "valid": valid[:, i]}
 
         def body(i, totals):
-            rows = order[i]
-            batch = {"x": data["x"][rows], "label": data["label"][rows], "valid": valid[i]}
-            out = self._evaluate(state, self._constrain(batch))
-            return jax.tree.map(jnp.add, totals, out)
+            return jax.tree.map(jnp.add, totals, evaluate(state, batch(i)))
 
-        first = {"x": data["x"][order[0]], "label": data["label"][order[0]], "valid": valid[0]}
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(self._evaluate, state, first))
-        return jax.lax.fori_loop(0, order.shape[0], body, zeros)
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(evaluate, state, batch(0)))
+        return self._replicate(jax.lax.fori_loop(0, order.shape[1], body, zeros))
+
+
+@jax.jit
+def select(take_new: jax.Array, new: Any, old: Any) -> Any:
+    """Per run: ``new`` where ``take_new`` (bool ``[runs]``) else ``old``, on the device."""
+    return jax.vmap(_where)(take_new, new, old)

@@ -20,7 +20,7 @@ import numpy as np
 
 from train import feeds, losses, runs
 from train.config import ConfigError, one_line
-from train.cross_validation import CV_KINDS, Split, open_split
+from train.splits import CV_KINDS, DatasetFolds, open_folds
 from train.steps import DTYPES, Steps
 
 FRONTS = ("gaam", "gqgaam", "mixture", "mha", "mha_bn", "none")
@@ -39,7 +39,7 @@ MINIMUM = {
     "checkpoint_every_steps": 0, "log_every_steps": 0, "max_to_keep": 1,
     "model.num_heads": 1, "model.num_gaussians": 1, "model.conv_features": 1,
     "model.attention_dim": 1, "model.query_heads": 1, "model.kv_heads": 1,
-    "optimizer.plateau_patience": 0, "optimizer.weight_decay": 0.0, "concurrent_runs": 0,
+    "optimizer.plateau_patience": 0, "optimizer.weight_decay": 0.0, "runs_per_program": 0,
 }  # fmt: skip
 
 
@@ -74,11 +74,6 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"cv.k must be at least 2 folds, got {config.cv.k}.")
     if not config.dataset_paths:
         raise ConfigError("dataset_paths is empty: name at least one dataset.")
-    if config.get("concurrent_runs", 0) > 1 and "mesh" in config:
-        raise ConfigError(
-            "concurrent_runs > 1 cannot be combined with a mesh (sharded runs go one at a "
-            "time); use --config.concurrent_runs=1 or 0 (auto)."
-        )
 
 
 def check_workdir(workdir: str | pathlib.Path) -> None:
@@ -93,7 +88,7 @@ def check_workdir(workdir: str | pathlib.Path) -> None:
         raise ConfigError(f"workdir {path}: {existing} is not writable; choose another folder.")
 
 
-def check_data(config: ml_collections.ConfigDict, split: Split) -> None:
+def check_data(config: ml_collections.ConfigDict, split: DatasetFolds) -> None:
     """Checks the config against one opened dataset."""
     name = split.name
     train_sizes = [len(tr) for tr, _ in split.folds]
@@ -118,7 +113,7 @@ def check_data(config: ml_collections.ConfigDict, split: Split) -> None:
                 )
     try:
         steps = Steps(config, split.num_classes, split.input_shape)
-        jax.eval_shape(steps._create, 0)
+        steps.abstract_state()
     except (ValueError, TypeError) as err:
         if one_line(err).startswith("optimizer.frozen"):  # the parameter paths are listed
             raise ConfigError(one_line(err)) from err
@@ -140,7 +135,7 @@ def check_mesh(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"mesh {dict(config.mesh)}: {one_line(err)}") from err
 
 
-def check(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[Split]:
+def check(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[DatasetFolds]:
     """Validates everything; returns the opened datasets (so they are opened once).
 
     Raises:
@@ -152,7 +147,7 @@ def check(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> lis
     splits = []
     for name in config.dataset_paths:
         try:
-            split = open_split(config, name)
+            split = open_folds(config, name)
         except FileNotFoundError as err:
             raise ConfigError(one_line(err)) from err
         except ValueError as err:
@@ -162,7 +157,7 @@ def check(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> lis
     return splits
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[Split]:
+def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[DatasetFolds]:
     """:func:`check`, then claims ``workdir`` for this config (or confirms it already is).
 
     The workdir's ``config.json`` records the resolved config and the data fingerprints; a

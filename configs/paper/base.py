@@ -107,7 +107,7 @@ def config(
     c.log_every_steps = 0
     c.max_to_keep = 2
     c.data_on_device = "auto"  # CIFAR-100 and AG News features exceed 1 GiB: grain reads them
-    c.concurrent_runs = 0  # runs trained side by side; 0 = auto (2 on one CPU process, else 1)
+    c.runs_per_program = 0  # runs vmapped into one program (same shape); 0 = all of them
     if local:
         c.num_epochs = 1
         c.batch_size = 2
