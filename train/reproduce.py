@@ -109,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = pathlib.Path(args.workdir)
     ablation = dict(module.ABLATION)
     start = time.perf_counter()
+
     def job(variant, dataset, name, extra=()):
         path = str(job_dir(workdir, name, dataset))
         return run_job(args.config, variant, dataset, [*overrides, *extra], path)
