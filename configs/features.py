@@ -6,8 +6,8 @@ Import ``[N, layers, d]`` features as ``<data_dir>/encoder_features/<dataset>/1.
         --config.dataset=my_features --config.data_dir=out/data
 
 ``dataset`` and ``data_dir`` name the imported dataset (defaults: ``digits`` in ``out/data``,
-the README's worked example); ``dataset_paths.features`` follows them. Stratified k-fold
-cross-validation (``cv.k`` folds, default 5); with groups imported,
+the worked example in docs/data_and_encoders.md); ``dataset_paths.features`` follows them.
+Stratified k-fold cross-validation (``cv.k`` folds, default 5); with groups imported,
 ``--config.cv.kind=leave_one_group_out`` holds out one group per fold instead. The model is
 the paper's decoder with one GAAM head (g = 1, which divides any number of layers; the paper's
 DAAMv1 uses ``--config.model.num_heads=8`` on 24 or 40 layers), the optimiser and schedule are
