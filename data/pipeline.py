@@ -5,10 +5,6 @@ Guarantees (each tested in tests/test_data_pipeline.py):
 * **Training** batches come from a seeded shuffle that differs per epoch and replays exactly
   (the order is a pure function of ``(seed, epoch)``), with ``drop_remainder``; a run resumed
   mid-epoch needs only its position in the epoch.
-* **Evaluation** batches cover every example exactly once: the last batch is padded with
-  copies of a real example and a ``valid`` mask says which rows count.
-* **Several JAX processes**: each process reads only its share of every global batch
-  (``process_index``/``process_count``); together they form exactly the single-process batch.
 * **Cross-validation**: stratified k-fold and leave-one-group-out (e.g. IEMOCAP sessions),
   deterministic for a seed.
 """
@@ -17,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +22,6 @@ __all__ = [
     "ConcatSource",
     "FeatureSource",
     "epoch_order",
-    "eval_batches",
     "leave_one_group_out",
     "load_features",
     "stratified_kfold",
@@ -103,16 +98,6 @@ class FeatureSource:
         return {"x": x, "label": np.int32(record["label"]), "id": np.int64(record["id"])}
 
 
-def _check_batch(batch_size: int, process_count: int, process_index: int) -> None:
-    if batch_size <= 0 or batch_size % process_count:
-        raise ValueError(
-            f"the global batch size {batch_size} must be a positive multiple of the "
-            f"{process_count} processes."
-        )
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
-
-
 def epoch_order(indices: Sequence[int], *, batch_size: int, seed: int, epoch: int) -> np.ndarray:
     """The global training batches of one epoch as example indices: int64 ``[steps, batch]``.
 
@@ -128,40 +113,6 @@ def epoch_order(indices: Sequence[int], *, batch_size: int, seed: int, epoch: in
     # numpy versions (numpy's stream compatibility policy for Generator.permutation).
     perm = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
     return indices[perm.permutation(len(indices))[: steps * batch_size]].reshape(steps, batch_size)
-
-
-def eval_batches(
-    source: Any,
-    indices: Sequence[int],
-    *,
-    batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Evaluation batches in order; every example appears exactly once.
-
-    The example list is padded (with its first example) to a multiple of ``batch_size``; the
-    batch's ``valid`` mask is False on padding rows, which metrics must ignore.
-
-    Yields:
-      dicts ``x [b, N, d]``, ``label [b]``, ``id [b]``, ``valid [b]`` (bool).
-    """
-    _check_batch(batch_size, process_count, process_index)
-    indices = np.asarray(indices)
-    if len(indices) == 0:
-        raise ValueError("the evaluation split is empty.")
-    padded = -(-len(indices) // batch_size) * batch_size
-    order = np.concatenate([indices, np.full(padded - len(indices), indices[0])])
-    valid = np.arange(padded) < len(indices)
-    local = batch_size // process_count
-    view = FeatureSource(source, order)
-    for start in range(0, padded, batch_size):
-        rows = range(start + process_index, start + batch_size, process_count)
-        records = [view[i] for i in rows]
-        batch = {k: np.stack([r[k] for r in records]) for k in records[0]}
-        batch["valid"] = valid[list(rows)]
-        assert len(batch["valid"]) == local
-        yield batch
 
 
 def stratified_kfold(

@@ -16,7 +16,7 @@ the heads are concatenated back along the layer axis by construction.
 Typical use::
 
     state = importance.init_state((24, 1024))
-    for batch in eval_batches:
+    for batch in evaluation_batches:  # x [b, N, d] and a valid mask [b]
         _, inter = model.apply(variables, batch["x"], mutable=["intermediates"])
         state = update(state, importance.find_gate(inter), batch["valid"])   # jitted
     if_map = importance.importance_factor(importance.mean_gate(state))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import flax.linen as nn
 import jax
@@ -20,7 +20,7 @@ from gaam_jax.sharding import AnnotatedInit, with_logical_axes
 
 Dtype = Any
 Front = Literal["gaam", "gqgaam", "mixture", "mha", "mha_bn", "none"]
-FRONTS = ("gaam", "gqgaam", "mixture", "mha", "mha_bn", "none")
+FRONTS: tuple[str, ...] = get_args(Front)
 
 
 def square_map_shape(width: int) -> tuple[int, int]:

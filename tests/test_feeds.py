@@ -25,6 +25,19 @@ def test_epoch_orders_stack_runs_and_mask_the_short_ones():
     assert ev.shape == (2, 1, 8) and valid.sum(axis=(1, 2)).tolist() == [3, 5]
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_evaluation_sees_every_example_exactly_once(processes):
+    """The padded plan, split by rows over processes as the grain feed reads it."""
+    plan = feeds.Plan((np.arange(40),) * 2, (np.arange(21), np.arange(30, 35)), (0, 1))
+    order, valid = feeds.eval_plan(plan, 8, multiple=8)
+    for r, expected in enumerate(plan.val):
+        seen = []
+        for p in range(processes):
+            rows, ok = order[r, :, p::processes], valid[r, :, p::processes]
+            seen += rows[ok].tolist()
+        assert sorted(seen) == expected.tolist()
+
+
 def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
     idx = np.arange(3, 77)
     a = pipeline.epoch_order(idx, batch_size=8, seed=5, epoch=2)

@@ -18,14 +18,14 @@ import jax
 import ml_collections
 import numpy as np
 
+from gaam_jax.transformer import FRONTS
 from train import feeds, losses, runs
 from train.config import ConfigError, one_line
 from train.splits import CV_KINDS, DatasetFolds, open_folds
 from train.steps import DTYPES, Steps
 
-FRONTS = ("gaam", "gqgaam", "mixture", "mha", "mha_bn", "none")
 CHOICES = {
-    "model.front": FRONTS,
+    "model.front": FRONTS,  # typing.get_args of the model's Front
     "model.dtype": tuple(DTYPES),
     "model.gqa": ("paper_code", "textbook"),
     "model.variance": ("shifted", "one_pass"),
