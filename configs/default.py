@@ -65,10 +65,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seeds = (0,)
     c.checkpoint_every_epochs = 35  # a run takes ~1 s and a save ~0.1 s: once per run (its end)
     c.checkpoint_every_steps = 0  # 0 = only at epoch ends
-    c.log_every_steps = 0  # 0 = fetch metrics at epoch ends only
+    c.log_every_steps = 0  # training lines in metrics.jsonl every N steps; 0 = epoch lines only
     c.max_to_keep = 2
     c.data_on_device = "auto"  # True | False | "auto" (device memory when under 1 GiB)
-    c.runs_per_program = 0  # runs vmapped into one program (same shape); 0 = all of them
+    c.runs_per_program = 0  # runs trained as one program (same shape); 0 = all of them
+    c.runs_vectorized = "auto"  # runs vmapped at a time inside it; 0 = all; auto: 1 on CPU
     if arg == "runlocal":
         runlocal(c)
     return c

@@ -59,10 +59,10 @@ def test_training_learns_the_toy_task(toy, tmp_path):
 def test_each_run_of_a_program_equals_the_run_alone(toy, tmp_path):
     """Three runs (two folds, one cut to fewer batches, two seeds) vmapped as one program: each
     equals the same run trained alone, to float rounding; the short run's masked steps change
-    nothing."""
+    nothing. (All three vmapped together, as on an accelerator; CPU's default loops them.)"""
     folds, seeds = (0, 1, 0), (0, 0, 7)
     config, data, steps, feed, plan = toy_program(toy, tmp_path, folds=folds, seeds=seeds,
-                                                  num_epochs=3)  # fmt: skip
+                                                  num_epochs=3, runs_vectorized=0)  # fmt: skip
     plan = feeds.Plan((plan.train[0], plan.train[1][:37], plan.train[2]), plan.val, seeds)
     assert [len(t) // 8 for t in plan.train] == [5, 4, 5]
     together = loop.train_program(steps, feed, plan, tmp_path / "together", config=config)
@@ -178,3 +178,21 @@ def test_ten_runs_split_over_eight_devices_equal_the_unsharded_program(toy, tmp_
             np.testing.assert_allclose(ha["train_loss"], hb["train_loss"], rtol=VMAP_RTOL)
         for x, y in zip(_leaves(a.final_state), _leaves(b.final_state), strict=True):
             np.testing.assert_allclose(x, y, rtol=VMAP_RTOL, atol=VMAP_RTOL * np.abs(y).max())
+
+
+def test_log_every_steps_writes_training_lines(toy, tmp_path):
+    """Training lines at the global steps ``log_every_steps`` divides (the epoch's running means),
+    epoch lines after each evaluation; a resume keeps the lines it had checkpointed."""
+    config, _, steps, feed, plan = toy_program(toy, tmp_path, num_epochs=2, log_every_steps=2)
+    seen = []
+    hooks = loop.Hooks(record=lambda r, line: seen.append(line))
+    (out,) = loop.train_program(steps, feed, plan, tmp_path / "c", run_dirs=[tmp_path],
+                                config=config, hooks=hooks)  # fmt: skip
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == seen
+    assert [(x["step"], "val_accuracy" in x) for x in lines] == [
+        (2, False), (4, False), (5, True), (6, False), (8, False), (10, True)
+    ]  # fmt: skip
+    assert lines[0]["steps_per_second"] is None and lines[1]["steps_per_second"] > 0
+    assert lines[1]["learning_rate"] == config.optimizer.learning_rate
+    assert out.history == [x for x in lines if "val_accuracy" in x]

@@ -21,6 +21,7 @@ def _config(toy, tmp_path, *overrides):
         ("runs_per_program=-1", "runs_per_program must be at least 0"),
         ("optimizer.plateau_factor=1.5", "plateau_factor must be in"),
         ("seeds=()", "seeds is empty"),
+        ("runs_vectorized=all", "runs_vectorized must be 'auto' or a count"),
         ("model.front=foo", "model.front must be one of ['gaam', 'gqgaam', 'mixture'"),
     ],
 )

@@ -65,7 +65,7 @@ def tiny_config(path: pathlib.Path, dataset: pathlib.Path, **overrides) -> pathl
     values = dict(
         num_epochs=4, batch_size=8, checkpoint_every_epochs=1, checkpoint_every_steps=0,
         learning_rate=3e-3, k=2, front="gaam", loss="cross_entropy", data_on_device="auto",
-        runs_per_program=0,
+        log_every_steps=0, runs_per_program=0, runs_vectorized="auto",
     )  # fmt: skip
     values.update(overrides)
     path.write_text(
@@ -92,10 +92,11 @@ def tiny_config(path: pathlib.Path, dataset: pathlib.Path, **overrides) -> pathl
                 c.seeds = (0,)
                 c.checkpoint_every_epochs = {values["checkpoint_every_epochs"]}
                 c.checkpoint_every_steps = {values["checkpoint_every_steps"]}
-                c.log_every_steps = 0
+                c.log_every_steps = {values["log_every_steps"]}
                 c.max_to_keep = 2
                 c.data_on_device = {values["data_on_device"]!r}
                 c.runs_per_program = {values["runs_per_program"]}
+                c.runs_vectorized = {values["runs_vectorized"]!r}
                 return c
             """
         )
@@ -122,7 +123,8 @@ def toy_program(toy, tmp_path, *, folds=(0,), seeds=None, on_device=True, mesh=N
 
     config = config_lib.load(tiny_config(tmp_path / "cfg.py", toy, **overrides))
     dataset = open_folds(config, "toy")
-    key = repr((config.model, config.optimizer, config.loss, config.batch_size, mesh))
+    key = repr((config.model, config.optimizer, config.loss, config.batch_size, mesh,
+                config.runs_vectorized))  # fmt: skip
     if key not in _STEPS:
         _STEPS[key] = Steps(config, dataset.num_classes, dataset.input_shape, mesh=mesh)
     steps = _STEPS[key]

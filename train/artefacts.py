@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import pathlib
 from typing import Any
 
@@ -47,9 +48,14 @@ def run_config(config: ml_collections.ConfigDict, dataset: DatasetFolds) -> dict
 
 
 class TensorBoard:
-    """A run's TensorBoard events (nothing when tensorboardX is not installed)."""
+    """A run's TensorBoard events (nothing when tensorboardX is not installed).
 
-    def __init__(self, run_dir: pathlib.Path):
+    Every line of ``metrics.jsonl`` against the run's global step; when the run finishes, the
+    resolved config as hyperparameters with its best and final accuracy.
+    """
+
+    def __init__(self, run_dir: pathlib.Path, config: ml_collections.ConfigDict):
+        self.config = config
         try:
             from tensorboardX import SummaryWriter
         except ImportError:  # TensorBoard logging is optional
@@ -57,17 +63,32 @@ class TensorBoard:
         else:
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
-    def epoch(self, record: dict) -> None:
-        """Every number of an epoch's record, against the epoch."""
+    def add(self, line: dict) -> None:
+        """The numbers of a ``metrics.jsonl`` line, against its step."""
         if self.writer is not None:
-            for key, value in record.items():
-                if key not in ("epoch", "step"):
-                    self.writer.add_scalar(key, value, record["epoch"])
+            for key, value in line.items():
+                if key not in ("epoch", "step") and value is not None:
+                    self.writer.add_scalar(key, value, line["step"])
 
-    def close(self) -> None:
-        """Flushes the events."""
-        if self.writer is not None:
-            self.writer.close()
+    def close(self, metrics: dict | None = None) -> None:
+        """Writes the hyperparameters (with ``metrics``, when the run finished), then flushes."""
+        if self.writer is None:
+            return
+        if metrics is not None:
+            hparams = {k: v if isinstance(v, int | float | str | bool) else json.dumps(v)
+                       for k, v in _flat(plain(self.config)).items()}  # fmt: skip
+            self.writer.add_hparams(hparams, metrics, name="hparams")
+        self.writer.close()
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 @jax.jit

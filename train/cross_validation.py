@@ -202,12 +202,12 @@ def _train(
             write_json_atomic(d / CONFIG, artefacts.run_config(config, by_name[r.dataset]))
     feed = feeds.make_feed(steps, program.source(), steps.num_classes,
                            config.get("data_on_device", "auto"))  # fmt: skip
-    boards = [artefacts.TensorBoard(d) if primary else None for d in dirs]
+    boards = [artefacts.TensorBoard(d, config) if primary else None for d in dirs]
     bar = _progress_bar(f"{program.name} ({len(program.runs)} runs)", show)
 
-    def epoch_end(r: int, record: dict) -> None:
+    def record(r: int, line: dict) -> None:
         if boards[r] is not None:
-            boards[r].epoch(record)
+            boards[r].add(line)
 
     def shown(done: int, total: int, mean_val: float | None) -> None:
         bar.total, bar.n = total, done
@@ -217,7 +217,7 @@ def _train(
 
     hooks = dataclasses.replace(
         hooks or loop.Hooks(),
-        epoch_end=epoch_end,
+        record=record,
         progress=(hooks.progress if hooks else None) or (shown if show else None),
     )
     try:
@@ -225,11 +225,13 @@ def _train(
             steps, feed, program.plan(), workdir / "programs" / program.name / "checkpoints",
             run_dirs=dirs, hooks=hooks,
         )  # fmt: skip
-    finally:
-        bar.close()
+    except BaseException:
         for board in boards:
             if board is not None:
                 board.close()
+        raise
+    finally:
+        bar.close()
     records = []
     for r, result, d in zip(program.runs, results, dirs, strict=True):
         identity = {
@@ -241,6 +243,9 @@ def _train(
         }
         title = f"Importance Factor: {r.dataset}, seed {r.seed}, fold {r.fold}"
         records.append(artefacts.finish_run(identity, result, d, title))
+    for board, rec in zip(boards, records, strict=True):
+        if board is not None:
+            board.close({"best_accuracy": rec.best_accuracy, "final_accuracy": rec.final_accuracy})
     return records
 
 

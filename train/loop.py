@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,12 +47,13 @@ class Hooks:
     Attributes:
       progress: ``(steps_done, steps_total, mean_val_accuracy_or_None)`` at every fetch point
         (program steps: positions of the longest run).
-      epoch_end: ``(run, record)`` for each run after each epoch's evaluation.
+      record: ``(run, record)`` for each run's new line of ``metrics.jsonl``: a training line
+        every ``log_every_steps`` and an epoch line after each epoch's evaluation.
       after_fetch: ``(program_step)`` after every fetch point's saves (tests stop runs here).
     """
 
     progress: Callable[[int, int, float | None], None] | None = None
-    epoch_end: Callable[[int, dict], None] | None = None
+    record: Callable[[int, dict], None] | None = None
     after_fetch: Callable[[int], None] | None = None
 
 
@@ -66,6 +68,7 @@ class Progress:
       plateau: each run's plateau-schedule state (:func:`train.plateau.init`).
       history: each run's epoch records.
       best: each run's best epoch (``step``, ``epoch``, ``val_accuracy``) or None.
+      log: each run's training lines every ``log_every_steps`` (:func:`_train_line`).
     """
 
     epoch: int
@@ -74,16 +77,39 @@ class Progress:
     plateau: list[dict]
     history: list[list[dict]]
     best: list[dict | None]
+    log: list[list[dict]]
 
     @classmethod
     def start(cls, runs: int) -> Progress:
         """Nothing done yet."""
-        return cls(0, 0, None, [plateau.init()] * runs, [[] for _ in range(runs)], [None] * runs)
+        empty = [[] for _ in range(runs)]
+        return cls(0, 0, None, [plateau.init()] * runs, empty, [None] * runs, [[] for _ in empty])
+
+    def lines(self, run: int) -> list[dict]:
+        """A run's ``metrics.jsonl``: training and epoch lines by step (epoch lines last)."""
+        both = self.log[run] + self.history[run]
+        return sorted(both, key=lambda line: (line["step"], "val_accuracy" in line))
 
     @classmethod
     def from_json(cls, meta: dict) -> Progress:
         """The inverse of ``dataclasses.asdict``."""
         return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls)})
+
+
+def _train_line(sums: Sums, r: int, step: int, lr: float, per_second: float | None) -> dict:
+    """A training line of ``metrics.jsonl``: the epoch's running means up to ``step``.
+
+    ``steps_per_second`` is the host's wall-clock rate since the previous line (None for the
+    first in a process), the only number of a run that a resume does not replay exactly.
+    """
+    count = float(sums.count[r])
+    return {
+        "step": step,
+        "train_loss": float(sums.loss[r]) / count,
+        "train_accuracy": float(sums.correct[r]) / count,
+        "learning_rate": lr,
+        "steps_per_second": per_second,
+    }
 
 
 @dataclasses.dataclass
@@ -204,6 +230,14 @@ def train_program(
                 first = int(np.argmax(bad != NO_BAD_STEP))
                 raise _non_finite(ckpt, directory, first, bad, upto, epoch, plan.names)
 
+        log_every = cfg.get("log_every_steps", 0)
+        logged = None  # (program step, wall time) of the last training line in this process
+
+        def write_metrics(r: int, durable: bool) -> None:
+            if primary and run_dirs is not None and run_dirs[r] is not None:
+                text = "".join(json.dumps(line) + "\n" for line in progress.lines(r))
+                write_atomic(pathlib.Path(run_dirs[r]) / "metrics.jsonl", text, durable=durable)
+
         for epoch in range(progress.epoch, cfg.num_epochs):
             orders = feed.orders(padded, epoch)
             first_step = epoch * positions
@@ -217,6 +251,22 @@ def train_program(
                     break  # the epoch end fetches together with the evaluation
                 host = fetch(sums)
                 check(host, first_step + stop, epoch)
+                if log_every and (first_step + stop) % log_every == 0:
+                    now, scale = time.perf_counter(), fetch(tracker["scale"])
+                    rate = None if logged is None else (first_step + stop - logged[0]) / (
+                        now - logged[1])  # fmt: skip
+                    logged = (first_step + stop, now)
+                    lines = []
+                    for r in range(runs):
+                        step_r = epoch * int(per_epoch[r]) + min(stop, int(per_epoch[r]))
+                        lr = cfg.optimizer.learning_rate * float(scale[r])
+                        lines.append(_train_line(host, r, step_r, lr, rate))
+                    log = [[*old, line] for old, line in zip(progress.log, lines, strict=False)]
+                    progress = dataclasses.replace(progress, log=log + progress.log[runs:])
+                    for r, line in enumerate(lines):
+                        if hooks.record:
+                            hooks.record(r, line)
+                        write_metrics(r, durable=False)
                 every_steps = cfg.checkpoint_every_steps
                 if every_steps and (first_step + stop) % every_steps == 0:
                     partial = [
@@ -247,11 +297,9 @@ def train_program(
                 ckpt.save(step, state, best, dataclasses.asdict(progress))
             ckpt.poll()
             for r in range(runs):
-                if hooks.epoch_end:
-                    hooks.epoch_end(r, progress.history[r][-1])
-                if primary and run_dirs is not None and run_dirs[r] is not None:
-                    text = "".join(json.dumps(h) + "\n" for h in progress.history[r])
-                    write_atomic(pathlib.Path(run_dirs[r]) / "metrics.jsonl", text, durable=due)
+                if hooks.record:
+                    hooks.record(r, progress.history[r][-1])
+                write_metrics(r, durable=due)
             if hooks.progress:
                 mean_val = float(np.mean([h[-1]["val_accuracy"] for h in progress.history[:runs]]))
                 hooks.progress(step, total, mean_val)
@@ -302,7 +350,7 @@ def _after_epoch(
             chosen = {"step": step, "epoch": epoch + 1, "val_accuracy": val_acc}
         best.append(chosen)
         schedules.append(plateau.to_host({k: v[r] for k, v in tracker.items()}))
-    return Progress(epoch + 1, 0, None, schedules, history, best)
+    return Progress(epoch + 1, 0, None, schedules, history, best, progress.log)
 
 
 def _non_finite(

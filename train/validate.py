@@ -68,6 +68,9 @@ def check_values(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"optimizer.{key} must be positive, got {opt[key]!r}.")
     if not 0 < opt.plateau_factor < 1:
         raise ConfigError(f"optimizer.plateau_factor must be in (0, 1), got {opt.plateau_factor}.")
+    per = config.get("runs_vectorized", "auto")
+    if per != "auto" and not (isinstance(per, int) and per >= 0):
+        raise ConfigError(f"runs_vectorized must be 'auto' or a count >= 0, got {per!r}.")
     if not config.seeds:
         raise ConfigError("seeds is empty: give at least one, e.g. --config.seeds=(0,).")
     if config.cv.kind == "stratified_kfold" and config.cv.k < 2:

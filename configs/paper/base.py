@@ -107,7 +107,8 @@ def config(
     c.log_every_steps = 0
     c.max_to_keep = 2
     c.data_on_device = "auto"  # CIFAR-100 and AG News features exceed 1 GiB: grain reads them
-    c.runs_per_program = 0  # runs vmapped into one program (same shape); 0 = all of them
+    c.runs_per_program = 0  # runs trained as one program (same shape); 0 = all of them
+    c.runs_vectorized = "auto"  # runs vmapped at a time inside it; 0 = all; auto: 1 on CPU
     if local:
         c.num_epochs = 1
         c.batch_size = 2
