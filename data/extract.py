@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.datasets import encoder_features, registry
-from gaam_jax import sharding
+from gaam_jax import cli, sharding
 from gaam_jax.encoders import checkpoint
 
 POOLINGS = ("mean", "mean_with_padding")
@@ -647,16 +647,9 @@ def extract(
     return pathlib.Path(builder.data_dir)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line ``error: ...`` with exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see python -m data.extract --help)\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: exit 0, or 2 with ``error: <cause and fix>`` for user errors."""
-    parser = _Parser(prog="python -m data.extract", description=__doc__.split("\n")[0])
+    parser = cli.Parser("python -m data.extract", __doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True, help=", ".join(registry.MODALITY))
     parser.add_argument("--data-dir", required=True, help="tfds data folder")
     parser.add_argument("--split", default="train")
@@ -690,19 +683,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="one extractor per host: calls jax.distributed.initialize() (TPU pods, SLURM, ...); "
         "each process computes its shards on its own devices into the shared --data-dir",
     )  # fmt: skip
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit:  # usage errors (one line, see _Parser) and --help
+        args, _ = parser.parse(argv)
+    except SystemExit as exit:  # usage errors (one line) and --help
         return int(exit.code or 0)
-    try:
-        return _run(args)
-    except USER_ERRORS as err:
-        if args.debug:
-            raise
-        message = " ".join(str(err).split())  # one line
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+
+    def user_error(err: BaseException) -> str | None:
+        return str(err) if isinstance(err, USER_ERRORS) else None
+
+    return cli.run(lambda: _run(args), debug=args.debug, user_error=user_error)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -28,7 +28,6 @@ exits with code 2 (``--debug`` shows tracebacks).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -42,6 +41,8 @@ import zipfile
 from collections.abc import Sequence
 
 import numpy as np
+
+from gaam_jax import cli
 
 VERSION = "1.0.0"
 REQUIRED_KEYS = ("features", "label")
@@ -327,39 +328,29 @@ def import_features(
     return pathlib.Path(builder.data_dir)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line ``error: ...`` with exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see python -m data.import_features --help)\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: exit 0, or 2 with ``error: <cause and fix>`` for user errors."""
-    parser = _Parser(prog="python -m data.import_features", description=__doc__.split("\n")[0])
+    """Command-line entry point (the convention of :mod:`gaam_jax.cli`)."""
+    parser = cli.Parser("python -m data.import_features", __doc__.split("\n")[0])
     parser.add_argument("--npz", required=True, help="features [N, layers, d], label [N], ...")
     parser.add_argument("--name", required=True, help="dataset name, e.g. my_features")
     parser.add_argument("--data-dir", required=True, help="tfds data folder, e.g. out/data")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
-    try:
-        path = import_features(args.npz, args.name, args.data_dir)
-    except FeatureImportError as err:
-        if args.debug:
-            raise
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    except OSError as err:  # disk full, permissions while writing
-        if args.debug:
-            raise
-        print(
-            f"error: writing the dataset failed ({' '.join(str(err).split())}); free space or "
-            "fix permissions in --data-dir and rerun.",
-            file=sys.stderr,
-        )
-        return 2
-    print(path)
-    return 0
+    args, _ = parser.parse(argv)
+
+    def work() -> int:
+        print(import_features(args.npz, args.name, args.data_dir))
+        return 0
+
+    def user_error(err: BaseException) -> str | None:
+        if isinstance(err, FeatureImportError):
+            return str(err)
+        if isinstance(err, OSError):  # disk full, permissions while writing
+            return (
+                f"writing the dataset failed ({cli.one_line(err)}); free space or fix "
+                "permissions in --data-dir and rerun."
+            )
+        return None
+
+    return cli.run(work, debug=args.debug, user_error=user_error)
 
 
 if __name__ == "__main__":

@@ -143,3 +143,41 @@ def test_ctrl_c_is_one_line_and_exit_130(toy, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err.strip() == (
         "interrupted: the same command resumes from the last checkpoint."
     )
+
+
+def _exit_code(main, argv):
+    try:
+        return main(argv)
+    except SystemExit as exit_info:
+        return exit_info.code
+
+
+@pytest.mark.parametrize(
+    "module", ["train.__main__", "train.reproduce", "data.extract", "data.import_features",
+               "gaam_jax.encoders.convert"],
+)  # fmt: skip
+def test_every_cli_has_one_convention(module, capsys):
+    """A bad flag is one line ``error: ...`` with exit 2 in every command, and --debug exists."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    assert _exit_code(main, ["--no-such-flag", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--help" in err[0], err
+    assert _exit_code(main, ["--help"]) == 0
+    assert "--debug" in capsys.readouterr().out
+
+
+def test_config_overrides_take_either_form(toy, tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "cfg.py", toy)
+    # "--config.key value" as absl and big_vision accept it: the value is checked like "=".
+    assert cli.main(["--config", str(cfg), "--workdir", str(tmp_path / "w"),
+                     "--config.num_epochs", "0"]) == 2  # fmt: skip
+    assert "num_epochs must be at least 1" in _error_line(capsys)
+    assert (
+        _exit_code(cli.main, ["--config", str(cfg), "--workdir", "w", "--config.num_epochs"]) == 2
+    )
+    assert "needs a value" in _error_line(capsys)
+    assert cli.main(["--config", str(cfg), "--workdir", str(tmp_path / "w"), "--mesh", "data"]) == 2
+    assert "is not axis=size" in _error_line(capsys)
+    assert not (tmp_path / "w").exists()

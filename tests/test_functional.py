@@ -8,11 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from arrays import bernoulli, normal
 from tolerances import BF16, F32, scaled_atol
 
 from gaam_jax import functional as F
-
-KEY = jax.random.key(0)
 
 # The functions under test, compiled. Eagerly every call runs (and compiles) dozens of single
 # ops, which made this the slowest file of the suite; test_jit_vmap_grad checks that the
@@ -31,8 +30,7 @@ mixture_gate = _compiled(F.mixture_gate)
 mixture_gaam = _compiled(F.mixture_gaussian_adaptive_attention)
 
 
-def _normal(shape, seed=0, scale=1.0, shift=0.0):
-    return scale * jax.random.normal(jax.random.key(seed), shape) + shift
+_normal = normal  # numpy draws: eager jax.random would compile a program for every shape
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,8 +138,8 @@ def test_mixture_eps_floor_applies_when_sum_is_tiny():
 @pytest.mark.parametrize("heads", [1, 2, 3, 6])
 def test_paper_multihead_equals_per_head_loop(heads):
     x = _normal((4, 6, 5), seed=2)
-    delta = 0.1 * _normal((heads, 5), seed=3)
-    xi = 2.0 + 0.1 * _normal((heads, 5), seed=4)
+    delta = _normal((heads, 5), seed=3, scale=0.1)
+    xi = _normal((heads, 5), seed=4, scale=0.1, shift=2.0)
     y = gaam(x, delta, xi, axis=1)
     g = 6 // heads
     loop = jnp.concatenate(
@@ -157,8 +155,8 @@ def test_paper_multihead_equals_per_head_loop(heads):
 def test_paper_form_axis_and_feature_axis_are_general():
     # Statistics over axis 3 of a [B, T, d, N] layout must equal the [B, T, N, d] result.
     x = _normal((2, 3, 4, 6), seed=5)  # [B, T, N=4... no: B, T, d=4, N=6]
-    delta = 0.2 * _normal((3, 4), seed=6)
-    xi = 1.5 + 0.1 * _normal((3, 4), seed=7)
+    delta = _normal((3, 4), seed=6, scale=0.2)
+    xi = _normal((3, 4), seed=7, scale=0.1, shift=1.5)
     y = gaam(x, delta, xi, axis=3, feature_axis=2)
     xt = jnp.swapaxes(x, 2, 3)  # [B, T, N, d]
     yt = gaam(xt, delta, xi, axis=2, feature_axis=3)
@@ -182,23 +180,23 @@ def test_paper_form_scalar_parameters_per_head():
 
 
 def _mask(shape, seed, p=0.7):
-    return jax.random.bernoulli(jax.random.key(seed), p, shape)
+    return bernoulli(shape, seed, p)
 
 
 @pytest.mark.parametrize("form", ["paper", "mixture"])
 def test_masked_values_do_not_affect_valid_outputs_or_gradients(form):
     x = _normal((3, 12, 4), seed=10)
     mask = _mask((3, 12, 1), seed=11)  # broadcast over features
-    garbage = jnp.where(mask, x, 1e6 * _normal(x.shape, seed=12))
+    garbage = jnp.where(mask, x, _normal(x.shape, seed=12, scale=1e6))
     garbage_nan = jnp.where(mask, x, jnp.nan)
 
     if form == "paper":
-        p = (0.1 * _normal((4, 4), seed=13), 2.0 + 0.1 * _normal((4, 4), seed=14))
+        p = (_normal((4, 4), seed=13, scale=0.1), _normal((4, 4), seed=14, scale=0.1, shift=2.0))
 
         def f(x):
             return gaam(x, *p, axis=1, mask=mask)
     else:
-        p = (0.1 * _normal((4, 2), seed=13), 1.0 + 0.1 * _normal((4, 2), seed=14))
+        p = (_normal((4, 2), seed=13, scale=0.1), _normal((4, 2), seed=14, scale=0.1, shift=1.0))
 
         def f(x):
             return mixture_gaam(x, *p, axis=1, mask=mask)
@@ -259,13 +257,13 @@ def test_fully_masked_slice_is_finite(form):
 
 def test_jit_vmap_grad():
     x = _normal((5, 8, 6), seed=40)
-    delta, xi = 0.1 * _normal((4, 6), seed=41), 2.0 + 0.1 * _normal((4, 6), seed=42)
+    delta, xi = _normal((4, 6), seed=41, scale=0.1), _normal((4, 6), seed=42, scale=0.1, shift=2.0)
     f = jax.jit(lambda x, d, s: F.gaussian_adaptive_attention(x, d, s, axis=1))
     chex.assert_trees_all_close(
         f(x, delta, xi), F.gaussian_adaptive_attention(x, delta, xi, axis=1)
     )
     # vmap over the batch of a per-example function equals the batched call.
-    per_example = jax.vmap(lambda xe: F.gaussian_adaptive_attention(xe, delta, xi, axis=0))
+    per_example = jax.jit(jax.vmap(lambda xe: F.gaussian_adaptive_attention(xe, delta, xi, axis=0)))
     chex.assert_trees_all_close(per_example(x), f(x, delta, xi), rtol=F32, atol=1e-7)
     # grad against a central finite difference along a random direction. The forward pass is
     # float32, so the difference carries ~6e-8 * |loss| / h of rounding and O(h^2) truncation:
@@ -280,7 +278,7 @@ def test_jit_vmap_grad():
 
 def test_mixture_grad_matches_finite_differences():
     x = _normal((3, 9, 4), seed=44)
-    m, c = 0.2 * _normal((2, 3), seed=45), 1.0 + 0.2 * _normal((2, 3), seed=46)
+    m, c = _normal((2, 3), seed=45, scale=0.2), _normal((2, 3), seed=46, scale=0.2, shift=1.0)
     loss = jax.jit(  # compiled once for the four evaluations below
         lambda m, c: jnp.sum(mixture_gaam(x, m, c, axis=1) * x)
     )
@@ -302,7 +300,7 @@ def test_shard_map_over_batch_equals_unsharded():
     mesh = jax.sharding.Mesh(devices, ("data",))
     P = jax.sharding.PartitionSpec
     x = _normal((16, 8, 6), seed=50)
-    delta, xi = 0.1 * _normal((2, 6), seed=51), 2.0 + 0.1 * _normal((2, 6), seed=52)
+    delta, xi = _normal((2, 6), seed=51, scale=0.1), _normal((2, 6), seed=52, scale=0.1, shift=2.0)
 
     def f(x, d, s):
         return gaam(x, d, s, axis=1)
@@ -323,10 +321,10 @@ def test_bfloat16_input_is_finite_and_close_to_float32(form):
     x = _normal((4, 24, 16), seed=60, scale=3.0)
     xb = x.astype(jnp.bfloat16)
     if form == "paper":
-        p = (0.1 * _normal((8, 16), seed=61), 2.0 + 0.1 * _normal((8, 16), seed=62))
+        p = (_normal((8, 16), seed=61, scale=0.1), _normal((8, 16), seed=62, scale=0.1, shift=2.0))
         f = lambda x: gaam(x, *p, axis=1, return_gate=True)  # noqa: E731
     else:
-        p = (0.1 * _normal((8, 4), seed=61), 1.0 + 0.1 * _normal((8, 4), seed=62))
+        p = (_normal((8, 4), seed=61, scale=0.1), _normal((8, 4), seed=62, scale=0.1, shift=1.0))
         f = lambda x: mixture_gaam(  # noqa: E731
             x, *p, axis=1, return_gate=True
         )
@@ -352,7 +350,7 @@ def _paper_gate_float64(x, delta, xi, heads):
 def test_large_magnitude_inputs(dtype):
     # Llama-2 hidden states reach ~1e4 (float16 tops out at 65504, so it gets 1e3).
     shift = 1e3 if dtype == jnp.float16 else 1e4
-    x = (shift + 2.0 * _normal((2, 40, 8), seed=70)).astype(dtype)
+    x = _normal((2, 40, 8), seed=70, scale=2.0, shift=shift, dtype=dtype)
     delta, xi = jnp.full((8, 8), 0.1), jnp.full((8, 8), 2.0)
     y, gate = gaam(x, delta, xi, axis=1, return_gate=True)
     chex.assert_tree_all_finite((y, gate))
@@ -366,7 +364,7 @@ def test_large_magnitude_inputs(dtype):
 
 def test_one_pass_variance_loses_accuracy_at_large_magnitude():
     # Why shifted is the default: at 1e4 the experiment code's E[x^2] - E[x]^2 cancels.
-    x = 1e4 + _normal((2, 40, 8), seed=71)
+    x = _normal((2, 40, 8), seed=71, shift=1e4)
     delta, xi = jnp.zeros((8, 8)), jnp.full((8, 8), 2.0)
     exact = _paper_gate_float64(x, delta, xi, 8)
     err_two = np.max(np.abs(np.asarray(gaussian_gate(x, delta, xi, axis=1)) - exact))

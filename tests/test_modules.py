@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from arrays import init, normal
 from flax import nnx
 from tolerances import BF16, F32, scaled_atol
 
@@ -16,7 +17,7 @@ from gaam_jax import (
     functional,
 )
 
-X = jax.random.normal(jax.random.key(0), (4, 24, 32))
+X = normal((4, 24, 32))
 
 
 def test_paper_module_parameters_follow_the_paper():

@@ -7,11 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from arrays import init, normal
 
 from gaam_jax import GQGAAM, GaussianAdaptiveTransformer, decoder_param_counts, importance
 from gaam_jax.transformer import FRONTS, square_map_shape
 
-X = jax.random.normal(jax.random.key(0), (4, 8, 64))  # [batch, 8 layers, 64 features]
+X = normal((4, 8, 64))  # [batch, 8 layers, 64 features]
 
 
 def _small(front, **kw):
@@ -26,7 +27,7 @@ def _front(front):
     """A small decoder of ``front``, its variables and its compiled evaluation forward (shared
     by the tests below: initialising and compiling dominate their time)."""
     model = _small(front)
-    return model, model.init(jax.random.key(1), X), jax.jit(model.apply)
+    return model, init(model, 1, X), jax.jit(model.apply)
 
 
 @pytest.mark.parametrize("front", FRONTS)
@@ -95,20 +96,18 @@ def test_samples_are_independent_in_evaluation(front):
 
 
 def test_mha_bn_uses_batch_statistics_only_in_training():
-    model = _small("mha_bn")
-    variables = model.init(jax.random.key(3), X)
+    model, variables, apply = _front("mha_bn")
     stats0 = variables["batch_stats"]["batch_norm"]
     chex.assert_shape((stats0["mean"], stats0["var"]), (8,))  # one per layer channel
     # Training: batch statistics, so sample 0 depends on its batch-mates; running stats move.
-    y1, s1 = model.apply(variables, X, train=True, mutable=["batch_stats"])
-    y2, _ = model.apply(
-        variables, jnp.concatenate([X[:1], 3.0 * X[1:] + 1.0]), train=True, mutable=["batch_stats"]
-    )
+    train = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
+    y1, s1 = train(variables, X)
+    y2, _ = train(variables, jnp.concatenate([X[:1], 3.0 * X[1:] + 1.0]))
     assert float(jnp.max(jnp.abs(y1[0] - y2[0]))) > 1e-4
     assert float(jnp.max(jnp.abs(s1["batch_stats"]["batch_norm"]["mean"]))) > 0.0
     # Evaluation: running averages, which with a fresh model are mean 0, var 1.
-    y_eval = model.apply(variables, X)
-    y_eval_alone = model.apply(variables, X[:1])
+    y_eval = apply(variables, X)
+    y_eval_alone = apply(variables, X[:1])
     chex.assert_trees_all_close(y_eval[:1], y_eval_alone, rtol=1e-5, atol=1e-6)
     with pytest.raises(Exception, match="batch_stats"):  # flax refuses to update immutably
         model.apply(variables, X, train=True)
@@ -117,7 +116,7 @@ def test_mha_bn_uses_batch_statistics_only_in_training():
 @pytest.mark.parametrize("front", ["gaam", "gqgaam", "mixture"])
 def test_gate_is_sown_for_the_importance_factor(front):
     model, variables, _ = _front(front)
-    _, inter = model.apply(variables, X, mutable=["intermediates"])
+    _, inter = jax.jit(functools.partial(model.apply, mutable=["intermediates"]))(variables, X)
     gate = importance.find_gate(inter)
     chex.assert_shape(gate, X.shape)
     assert gate.dtype == jnp.float32
@@ -128,11 +127,11 @@ def test_variance_reaches_the_gaam_of_every_front(front):
     # Features of magnitude ~3000 (Llama-like hidden states): the one-pass estimator
     # E[x^2] - E[x]^2 cancels catastrophically in float32, the shifted one does not, so the
     # two must give different logits whenever the front really uses the configured estimator.
-    x = 3000.0 + jax.random.normal(jax.random.key(7), (4, 8, 64))
+    x = normal((4, 8, 64), seed=7, shift=3000.0)
     logits, attention = {}, {}
     for variance in ("shifted", "one_pass"):
         model = _small(front, variance=variance)
-        variables = model.init(jax.random.key(8), x)  # same key: same parameters
+        variables = init(model, 8, x)  # same key: same parameters
         logits[variance], inter = model.apply(
             variables, x, capture_intermediates=True, mutable=["intermediates"]
         )
@@ -149,7 +148,7 @@ def test_variance_reaches_the_gaam_of_every_front(front):
 
 def test_decoder_init_is_xavier_uniform_with_torch_default_biases():
     model = GaussianAdaptiveTransformer(num_classes=4, num_heads=8, conv_features=512)
-    params = model.init(jax.random.key(5), jnp.zeros((1, 24, 1024)))["params"]
+    params = init(model, 5, jnp.zeros((1, 24, 1024)))["params"]
     k1 = np.asarray(params["conv1"]["kernel"])  # [3, 3, 24, 512]
     bound = np.sqrt(6.0 / (24 * 9 + 512 * 9))
     assert np.abs(k1).max() <= bound and np.abs(k1).max() > 0.99 * bound
@@ -163,8 +162,7 @@ def test_decoder_init_is_xavier_uniform_with_torch_default_biases():
 
 def test_bfloat16_compute():
     model = _small("gaam", dtype=jnp.bfloat16)
-    variables = model.init(jax.random.key(6), X)
-    logits = model.apply(variables, X)
+    logits = jax.jit(model.apply)(init(model, 6, X), X)
     assert logits.dtype == jnp.bfloat16
     chex.assert_tree_all_finite(logits)
 
@@ -198,12 +196,13 @@ def test_bad_inputs():
 
 
 def test_layer_selection_keeps_the_named_layers():
-    x = jax.random.normal(jax.random.key(0), (3, 6, 64))
+    x = normal((3, 6, 64))
     picked = GaussianAdaptiveTransformer(2, num_heads=1, conv_features=4, layers=(4, 1, 2))
     plain = GaussianAdaptiveTransformer(2, num_heads=1, conv_features=4)
-    variables = picked.init(jax.random.key(1), x)
+    variables = init(picked, 1, x)
     chex.assert_trees_all_close(
-        picked.apply(variables, x), plain.apply(variables, x[:, jnp.array([4, 1, 2])])
+        jax.jit(picked.apply)(variables, x),
+        jax.jit(plain.apply)(variables, x[:, jnp.array([4, 1, 2])]),
     )  # the same computation on the same values: exact
     assert variables["params"]["attention"]["delta"].shape == (1, 64)
     with pytest.raises(ValueError, match="out of range for inputs with 6 layers"):

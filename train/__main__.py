@@ -1,4 +1,4 @@
-"""``python -m train --config configs/<name>.py --workdir DIR [--config.<key>=<value> ...]``.
+"""``python -m train --config configs/<name>.py --workdir DIR [--config.<key> <value> ...]``.
 
 Runs every fold and seed of the config, resuming whatever a previous invocation of the same
 command left unfinished, and prints the cross-validated results table. The config is validated
@@ -9,12 +9,12 @@ traceback instead).
 
 from __future__ import annotations
 
-import argparse
 import errno
 import sys
 import time
 from collections.abc import Sequence
 
+from gaam_jax import cli
 from train import config as config_lib
 
 
@@ -45,30 +45,34 @@ def user_error(err: BaseException, workdir: str) -> str | None:
     if isinstance(err, PermissionError):
         return f"permission denied: {err.filename or err}; choose a --workdir you can write."
     if isinstance(err, FileNotFoundError | NotADirectoryError | IsADirectoryError):
-        return config_lib.one_line(err)
+        return cli.one_line(err)
     return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
+    """Command-line entry point (the convention of :mod:`gaam_jax.cli`)."""
+    parser = cli.Parser("python -m train", __doc__.split("\n")[0], config_overrides=True)
     parser.add_argument("--config", required=True, help="configs/<name>.py[:variant]")
     parser.add_argument("--workdir", required=True, help="folder for checkpoints and results")
+    parser.add_argument("--mesh", default=None, help="device mesh, e.g. runs=-1 or data=-1,model=2")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--debug", action="store_true", help="tracebacks instead of one line")
     parser.add_argument(
         "--distributed",
         action="store_true",
         help="call jax.distributed.initialize() first (multi-host: TPU pods, SLURM, ...)",
     )
-    args, rest = parser.parse_known_args(argv)
-    for item in rest:
-        if not item.startswith("--config."):
-            parser.error(f"unrecognised argument {item!r} (overrides look like --config.key=value)")
-    overrides = [item.removeprefix("--config.") for item in rest]
+    args, overrides = parser.parse(argv)
     start = time.perf_counter()
-    try:
+
+    def work() -> int:
         config = config_lib.load(args.config, overrides)
+        if args.mesh is not None:
+            try:
+                mesh = cli.parse_mesh(args.mesh)
+            except ValueError as err:
+                raise config_lib.ConfigError(str(err)) from None
+            with config.unlocked():
+                config.mesh = mesh
         if args.distributed:
             import jax
 
@@ -78,22 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         datasets = validate.prepare(config, args.workdir)
         progress = not args.no_progress
         cross_validation.run(config, args.workdir, datasets=datasets, progress=progress)
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print(
-            "interrupted: the same command resumes from the last checkpoint.",
-            file=sys.stderr,
-        )
-        return 130
-    except Exception as err:  # noqa: BLE001 - sorted into user errors and bugs below
-        message = None if args.debug else user_error(err, args.workdir)
-        if message is None:
-            raise
-        print(f"error: {config_lib.one_line(message)}", file=sys.stderr)
-        return 2
-    print(f"wall time: {time.perf_counter() - start:.0f} s")
-    return 0
+        print(f"wall time: {time.perf_counter() - start:.0f} s")
+        return 0
+
+    return cli.run(work, debug=args.debug, user_error=lambda err: user_error(err, args.workdir))
 
 
 if __name__ == "__main__":

@@ -18,16 +18,13 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from gaam_jax.cli import one_line  # noqa: F401 - re-exported for train's modules
+
 REQUIRED = ("dataset_paths", "model", "optimizer", "cv", "batch_size", "num_epochs", "seeds")
 
 
 class ConfigError(ValueError):
     """A config that cannot be loaded or used; the message is one line naming cause and fix."""
-
-
-def one_line(text: object) -> str:
-    """``text`` with its whitespace (newlines included) collapsed."""
-    return " ".join(str(text).split())
 
 
 def split_arg(spec: str | pathlib.Path) -> tuple[pathlib.Path, str | None]:

@@ -26,15 +26,16 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+from gaam_jax import cli
 from train import config as config_lib
 from train.results_doc import job_root as job_dir
 from train.runs import mean_gate, write_atomic
@@ -46,6 +47,7 @@ def run_job(
     dataset: str,
     overrides: Sequence[str],
     workdir: str,
+    mesh: dict | None = None,
 ) -> dict:
     """Trains ``variant`` on ``dataset`` (all seeds and folds).
 
@@ -55,7 +57,7 @@ def run_job(
     """
     from train import cross_validation, validate
 
-    config = config_lib.load(f"{config_path}:{variant}", overrides)
+    config = _load(f"{config_path}:{variant}", overrides, mesh)
     if dataset not in config.dataset_paths:
         raise ValueError(f"{config_path}:{variant} has no dataset {dataset!r}.")
     with config.unlocked():
@@ -84,27 +86,49 @@ def pick_layers(gate: np.ndarray, num_layers: int) -> tuple[tuple[int, ...], tup
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m train.reproduce", description=__doc__)
+    """Command-line entry point (the convention of :mod:`gaam_jax.cli`)."""
+    parser = cli.Parser("python -m train.reproduce", __doc__.split("\n")[0], config_overrides=True)
     parser.add_argument("--config", default="configs/reproduce.py", help="experiment config")
     parser.add_argument("--workdir", default="out/reproduce", help="runs and results")
     parser.add_argument("--docs", default="docs/results.md", help="the report to write")
-    args, rest = parser.parse_known_args(argv)
-    for item in rest:
-        if not item.startswith("--config."):
-            parser.error(f"unrecognised argument {item!r} (overrides look like --config.key=value)")
-    overrides = [item.removeprefix("--config.") for item in rest]
-    try:  # fail before any work on a bad config, override or dataset
+    parser.add_argument("--mesh", default=None, help="device mesh, e.g. runs=-1")
+    args, overrides = parser.parse(argv)
+
+    def work() -> int:
+        try:
+            mesh = None if args.mesh is None else cli.parse_mesh(args.mesh)
+        except ValueError as err:
+            raise config_lib.ConfigError(str(err)) from None
+        return _reproduce(args, overrides, mesh)
+
+    def user_error(err: BaseException) -> str | None:
+        from train.__main__ import user_error as train_error
+
+        return train_error(err, args.workdir)
+
+    return cli.run(work, debug=args.debug, user_error=user_error)
+
+
+def _load(spec: str, overrides: Sequence[str], mesh: dict | None) -> Any:
+    config = config_lib.load(spec, overrides)
+    if mesh is not None:
+        with config.unlocked():
+            config.mesh = mesh
+    return config
+
+
+def _reproduce(args: Any, overrides: list[str], mesh: dict | None) -> int:
+    # Fail before any work on a bad config, override or dataset.
+    from train import validate
+
+    try:
         module = config_lib.load_module(args.config)
         variants = list(module.VARIANTS)
-        from train import validate
-
         for variant in variants:
-            base = config_lib.load(f"{args.config}:{variant}", overrides)
+            base = _load(f"{args.config}:{variant}", overrides, mesh)
             validate.check(base, args.workdir)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {config_lib.one_line(err)}", file=sys.stderr)
-        return 2
+    except ValueError as err:  # ConfigError included
+        raise config_lib.ConfigError(cli.one_line(err)) from err
     datasets = list(base.dataset_paths)
     workdir = pathlib.Path(args.workdir)
     ablation = dict(module.ABLATION)
@@ -112,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def job(variant, dataset, name, extra=()):
         path = str(job_dir(workdir, name, dataset))
-        return run_job(args.config, variant, dataset, [*overrides, *extra], path)
+        return run_job(args.config, variant, dataset, [*overrides, *extra], path, mesh)
 
     done = {(v, d): job(v, d, v) for v in variants for d in datasets}
     chosen = {}

@@ -14,11 +14,12 @@ of the project, so it also runs as a plain script in an environment without JAX.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 from collections.abc import Sequence
+
+from gaam_jax import cli
 
 BIN = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -96,29 +97,24 @@ def convert(folder: str | pathlib.Path) -> list[pathlib.Path]:
     return [*written, folder / SAFE_INDEX]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line ``error: ...`` with exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see python -m gaam_jax.encoders.convert --help)\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: exit 0, or 2 with one line ``error: ...`` for user errors."""
-    parser = _Parser(prog="python -m gaam_jax.encoders.convert", description=__doc__.split("\n")[0])
+    """Command-line entry point (the convention of :mod:`gaam_jax.cli`)."""
+    parser = cli.Parser("python -m gaam_jax.encoders.convert", __doc__.split("\n")[0])
     parser.add_argument("folder", help="Hugging Face model folder with PyTorch .bin weights")
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit:  # usage errors (one line, see _Parser) and --help
+        args, _ = parser.parse(argv)
+    except SystemExit as exit:  # usage errors (one line) and --help
         return int(exit.code or 0)
-    try:
-        written = convert(args.folder)
-    except (FileNotFoundError, ImportError, ValueError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    for path in written:
-        print(f"wrote {path}")
-    return 0
+
+    def work() -> int:
+        for path in convert(args.folder):
+            print(f"wrote {path}")
+        return 0
+
+    def user_error(err: BaseException) -> str | None:
+        return str(err) if isinstance(err, FileNotFoundError | ImportError | ValueError) else None
+
+    return cli.run(work, debug=args.debug, user_error=user_error)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,114 @@
+"""What every command line of the project shares: one-line errors, ``--debug``, overrides, meshes.
+
+The convention (``python -m train``, ``train.reproduce``, ``data.extract``,
+``data.import_features``, ``gaam_jax.encoders.convert``):
+
+* a user error, a bad flag included, is one line ``error: <cause and fix>`` on stderr, exit 2,
+  found before any work or any file is written; ``--debug`` shows the traceback instead;
+* Ctrl-C is one line, exit 130;
+* config overrides are ``--config.key=value`` or ``--config.key value`` (as absl and big_vision
+  accept them);
+* a device mesh is ``--mesh data=-1,model=2`` (axis sizes, one of them possibly -1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+INTERRUPTED = "interrupted: the same command resumes from the last checkpoint."
+
+
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines included) made one space."""
+    return " ".join(str(text).split())
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse`` with the project's conventions: one-line usage errors (exit 2), ``--debug``.
+
+    Args:
+      prog: the command, e.g. ``python -m train``.
+      description: one line.
+      config_overrides: accept ``--config.key value`` / ``--config.key=value`` (collected by
+        :meth:`parse`).
+    """
+
+    def __init__(self, prog: str, description: str, *, config_overrides: bool = False):
+        super().__init__(prog=prog, description=description)
+        self.add_argument("--debug", action="store_true", help="tracebacks instead of one line")
+        self.config_overrides = config_overrides
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
+
+    def parse(self, argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+        """The arguments and the config overrides (``key=value``); usage errors exit 2."""
+        args, rest = self.parse_known_args(argv)
+        overrides: list[str] = []
+        i = 0
+        while i < len(rest):
+            item = rest[i]
+            if not (self.config_overrides and item.startswith("--config.")):
+                self.error(f"unrecognised argument {item!r}")
+            key = item.removeprefix("--config.")
+            if "=" not in key:  # --config.key value
+                if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                    self.error(f"{item} needs a value: --config.{key}=VALUE or {item} VALUE")
+                key, i = f"{key}={rest[i + 1]}", i + 1
+            overrides.append(key)
+            i += 1
+        return args, overrides
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """``'data=-1,model=2'`` -> ``{'data': -1, 'model': 2}``.
+
+    Raises:
+      ValueError: naming the malformed entry.
+    """
+    mesh: dict[str, int] = {}
+    for entry in text.split(","):
+        name, sep, size = entry.strip().partition("=")
+        try:
+            if not sep or not name.isidentifier():
+                raise ValueError
+            mesh[name] = int(size)
+        except ValueError:
+            raise ValueError(
+                f"--mesh {text!r}: {entry!r} is not axis=size; e.g. --mesh data=-1,model=2."
+            ) from None
+    return mesh
+
+
+def run(
+    work: Callable[[], int | None],
+    *,
+    debug: bool,
+    user_error: Callable[[BaseException], str | None],
+) -> int:
+    """Runs a command's work with the convention's exits.
+
+    Args:
+      work: the command; returns its exit code (None: 0).
+      debug: re-raise instead of printing one line.
+      user_error: the one-line message for an exception that is the user's to fix, or None for
+        a bug (re-raised with its traceback).
+
+    Returns:
+      The exit code: ``work``'s, 2 for a user error, 130 for Ctrl-C.
+    """
+    try:
+        return work() or 0
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - sorted into user errors and bugs
+        message = None if debug else user_error(err)
+        if message is None:
+            raise
+        print(f"error: {one_line(message)}", file=sys.stderr)
+        return 2
