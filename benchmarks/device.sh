@@ -40,7 +40,7 @@ section() {  # name, timeout, command...
   [ "${PIPESTATUS[0]}" -eq 0 ] || echo "($name did not finish: exit ${PIPESTATUS[0]})"
 }
 section gaam 130 "$py" -m benchmarks.device_gaam
-section loop 100 "$py" -m benchmarks.loop_efficiency --synthetic --out "$out/loop.json"
+section loop 120 "$py" -m benchmarks.loop_efficiency --synthetic --runs 1,5,15 --out "$out/loop.json"
 section encoders 120 "$py" -m benchmarks.encoders --device --only llama-128,llama-2048,beit
 section encoders-blockwise 60 "$py" -m benchmarks.encoders --device --only llama-2048 --attention blockwise
 section attention 60 "$py" -m benchmarks.attention

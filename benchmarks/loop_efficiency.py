@@ -87,9 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--per-program", default="1,0", help="runs_per_program settings to time end to end"
     )
+    parser.add_argument(
+        "--runs", default="", help="steady state: program sizes, e.g. 1,5,15 (default: the folds)"
+    )
+    parser.add_argument(
+        "--vectorized", default="auto", help="runs_vectorized: auto, or runs vmapped at a time"
+    )
     args = parser.parse_args(argv)
     spec = f"{args.config}:runlocal" if args.quick else args.config
     config = config_lib.load(spec)
+    with config.unlocked():
+        config.runs_vectorized = (
+            args.vectorized if args.vectorized == "auto" else int(args.vectorized)
+        )
     if args.synthetic:
         source, classes, shape, folds = synthetic_source()
     else:
@@ -99,26 +109,32 @@ def main(argv: list[str] | None = None) -> int:
     n = 20 if args.quick else 100
     repeats = 1 if args.quick else 3
 
-    # Steady state: the dataset's folds as one program, trained again and again in this
-    # process (the first run compiles), each timed between two bare-step timings.
+    # Steady state: programs of the dataset's folds (repeated with new seeds up to each size),
+    # trained again and again in this process (the first run compiles), each timed between two
+    # bare-step timings.
     feed = feeds.make_feed(steps, source, classes, "auto")
-    plan = feeds.Plan(tuple(t for t, _ in folds), tuple(v for _, v in folds), (0,) * len(folds))
+    sizes = [int(r) for r in args.runs.split(",")] if args.runs else [len(folds)]
+    rows: dict = {}
     steady = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(repeats + 1):  # the first run compiles
-            before = bare_step_seconds(steps, shape, n) if i else 0.0
-            start = time.perf_counter()
-            out = loop.train_program(steps, feed, plan, pathlib.Path(tmp) / f"run{i}")
-            wall = time.perf_counter() - start
-            if i:
-                bare = (before + bare_step_seconds(steps, shape, n)) / 2
-                total = sum(r.history[-1]["step"] for r in out)
-                steady.append((total * bare / wall, wall, bare))
-    rows = {
-        "steady state: runs x steps": f"{len(out)} x {out[0].history[-1]['step']}",
-        "steady state: wall (s)": float(np.median([w for _, w, _ in steady])),
-        "steady state: efficiency": float(np.median([e for e, _, _ in steady])),
-    }
+    for size in sizes:
+        picked = [folds[i % len(folds)] for i in range(size)]
+        plan = feeds.Plan(tuple(t for t, _ in picked), tuple(v for _, v in picked),
+                          tuple(i // len(folds) for i in range(size)))  # fmt: skip
+        measured = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for i in range(repeats + 1):  # the first run compiles
+                before = bare_step_seconds(steps, shape, n) if i else 0.0
+                start = time.perf_counter()
+                out = loop.train_program(steps, feed, plan, pathlib.Path(tmp) / f"run{i}")
+                wall = time.perf_counter() - start
+                if i:
+                    bare = (before + bare_step_seconds(steps, shape, n)) / 2
+                    total = sum(r.history[-1]["step"] for r in out)
+                    measured.append((total * bare / wall, wall, bare))
+        steady += measured
+        label = f"steady state, {size} runs x {out[0].history[-1]['step']} steps"
+        rows[f"{label}: wall (s)"] = float(np.median([w for _, w, _ in measured]))
+        rows[f"{label}: efficiency"] = float(np.median([e for e, _, _ in measured]))
     timings = list(steady)
     if not args.synthetic:
         modes = {
@@ -138,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             rows[f"end to end, {mode}: CLI wall (s)"] = float(np.median([w for _, w, _ in runs]))
             rows[f"end to end, {mode}: efficiency"] = float(np.median([e for e, _, _ in runs]))
     rows["bare step (ms), mean of all timings"] = 1e3 * float(np.mean([b for *_, b in timings]))
-    print(f"Loop efficiency on {spec} ({jax.default_backend()}, {jax.device_count()} device(s))")
+    print(
+        f"Loop efficiency on {spec} ({jax.default_backend()}, {jax.device_count()} device(s), "
+        f"runs_vectorized={config.runs_vectorized})"
+    )
     print("| measure | value |\n|---|---|")
     for key, value in rows.items():
         print(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")

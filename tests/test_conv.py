@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import pytest
+from arrays import normal
 from tolerances import F32, scaled_atol
 
 from gaam_jax import GaussianAdaptiveTransformer
@@ -20,8 +21,8 @@ def _xla(x, w):
     "cin,cout,kernel", [(3, 16, (3, 3)), (16, 3, (3, 3)), (5, 5, (5, 3)), (12, 2, (1, 5))]
 )
 def test_values_and_gradients_equal_xla(cin, cout, kernel):
-    x = jax.random.normal(jax.random.key(0), (2, 6, 7, cin))
-    w = jax.random.normal(jax.random.key(1), (*kernel, cin, cout))
+    x = normal((2, 6, 7, cin), seed=0)
+    w = normal((*kernel, cin, cout), seed=1)
     # Sums of up to 144 products in another order: compare at float32 rounding of the scale.
     ref = _xla(x, w)
     chex.assert_trees_all_close(conv_same(x, w), ref, rtol=0, atol=scaled_atol(ref, F32))
@@ -36,7 +37,7 @@ def test_values_and_gradients_equal_xla(cin, cout, kernel):
 
 
 def test_decoder_is_the_same_with_either_implementation():
-    x = jax.random.normal(jax.random.key(2), (3, 4, 64))
+    x = normal((3, 4, 64), seed=2)
     gemm = GaussianAdaptiveTransformer(
         num_classes=3, num_heads=2, conv_features=8, conv_impl="gemm"
     )

@@ -9,12 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from arrays import init, normal
 from tolerances import F32
 
 from gaam_jax import GroupedQueryAttention, PaperCodeGroupedQueryAttention, count_params
 from gaam_jax.gqa import grouped_query_attention
 
-X = jax.random.normal(jax.random.key(0), (3, 6, 16))
+X = normal((3, 6, 16))
 
 
 def _reference_gqa(params, x, mask=None):
@@ -106,12 +107,12 @@ def _reference_paper_block(p, x, query_heads=8, kv_heads=2):
 
 
 def test_paper_code_block_reproduces_the_authors_code():
-    x = jax.random.normal(jax.random.key(4), (2, 24, 512))
+    x = normal((2, 24, 512), seed=4)
     block = PaperCodeGroupedQueryAttention(512, query_heads=8, kv_heads=2)
-    params = jax.jit(block.init)(jax.random.key(5), x)["params"]  # compiled: faster than eager
+    params = init(block, 5, x)["params"]
     assert count_params(params) == 460_288  # docs/design.md section 5
     assert params["out_proj"]["kernel"].shape == (128, 512)  # projected from the kv width
-    p = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(6), a.shape), params)
+    p = jax.tree.map(lambda a: a + normal(a.shape, seed=6, scale=0.01), params)
     apply = jax.jit(functools.partial(block.apply, return_weights=True))
     y, w = apply({"params": p}, x)
     chex.assert_shape(w, (2, 2, 24, 24))
@@ -122,7 +123,7 @@ def test_paper_code_block_reproduces_the_authors_code():
 
 def test_paper_code_block_differs_from_textbook_gqa():
     # Same projections, but summing a group's query heads and scaling twice changes the result.
-    x = jax.random.normal(jax.random.key(7), (1, 5, 16))
+    x = normal((1, 5, 16), seed=7)
     block = PaperCodeGroupedQueryAttention(16, query_heads=4, kv_heads=2)
     p = block.init(jax.random.key(8), x)["params"]
     _, w = block.apply({"params": p}, x, return_weights=True)

@@ -7,10 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from arrays import init, normal, uniform
 
 from gaam_jax import GaussianAdaptiveTransformer, importance
 
-GATES = jax.random.uniform(jax.random.key(0), (23, 6, 10))  # 23 samples of [N=6, d=10]
+GATES = uniform((23, 6, 10))  # 23 samples of [N=6, d=10]
 
 
 def test_streaming_mean_equals_mean_over_the_concatenated_set():
@@ -73,9 +74,9 @@ def test_heatmap_is_a_png_of_the_stated_size(tmp_path):
 
 
 def test_gaussian_parameter_summary_and_find_gate():
-    x = jax.random.normal(jax.random.key(1), (2, 8, 16))
+    x = normal((2, 8, 16), seed=1)
     model = GaussianAdaptiveTransformer(num_classes=2, num_heads=4, conv_features=8)
-    params = jax.jit(model.init)(jax.random.key(2), x)["params"]  # compiled: faster than eager
+    params = init(model, 2, x)["params"]
     params["attention"]["delta"] = params["attention"]["delta"].at[0, 0].set(-0.06)
     params["attention"]["xi"] = params["attention"]["xi"].at[1, 2].set(2.06)
     summary = importance.gaussian_parameter_summary(params)
@@ -85,7 +86,7 @@ def test_gaussian_parameter_summary_and_find_gate():
     mixture = GaussianAdaptiveTransformer(
         num_classes=2, front="mixture", num_heads=4, conv_features=8
     )
-    mp = jax.jit(mixture.init)(jax.random.key(3), x)["params"]
+    mp = init(mixture, 3, x)["params"]
     ms = importance.gaussian_parameter_summary(mp)
     assert set(ms) == {"attention/layer_0"} and set(ms["attention/layer_0"]) == {
         "mean_offset",

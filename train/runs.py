@@ -206,6 +206,45 @@ def check_identity(workdir: str | pathlib.Path, current: dict) -> bool:
     return True
 
 
+LOCK = ".lock"  # held by the job that trains in a workdir
+_HELD: dict = {}  # path -> open lock file: released when the process ends, however it ends
+
+
+def claim(workdir: str | pathlib.Path) -> None:
+    """Makes this process the one job training in ``workdir`` until it exits.
+
+    An exclusive ``flock`` on ``<workdir>/.lock`` (the kernel drops it when the process dies,
+    SIGKILL included, so a stale lock never blocks a rerun); the file names the holder.
+
+    Raises:
+      ValueError: in one line, when another live process holds the workdir.
+    """
+    import fcntl
+    import socket
+    import time
+
+    path = (pathlib.Path(workdir) / LOCK).absolute()
+    if path in _HELD:  # this process already holds it (a second run in one session)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = path.open("a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(
+            f"{workdir} is in use by {holder}; wait for that job to finish (then rerun the same "
+            "command to resume or read its results), or use another --workdir."
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}")
+    f.flush()
+    _HELD[path] = f
+
+
 def mean_gate(root: str | pathlib.Path) -> np.ndarray:
     """The mean gate map ``[N, d]`` averaged over every run recorded under ``root``.
 

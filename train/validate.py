@@ -164,7 +164,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> l
     """:func:`check`, then claims ``workdir`` for this config (or confirms it already is).
 
     The workdir's ``config.json`` records the resolved config and the data fingerprints; a
-    workdir recording another identity is refused before anything in it is touched.
+    workdir recording another identity is refused before anything in it is touched, and so is
+    one that another live job is training in (:func:`train.runs.claim`).
 
     Raises:
       ConfigError: from :func:`check`, or naming the keys that differ from the recorded run.
@@ -173,6 +174,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> l
     current = runs.identity(config)
     try:
         known = runs.check_identity(workdir, current)
+        if jax.process_index() == 0:  # one job per workdir (a multi-host job is one job)
+            runs.claim(workdir)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     if not known and jax.process_index() == 0:
