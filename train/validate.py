@@ -81,6 +81,11 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 
 def check_workdir(workdir: str | pathlib.Path) -> None:
     """The workdir is a folder (or can become one) that this process may write."""
+    if "://" in str(workdir):  # pathlib would turn gs://bkt/run into a local folder "gs:"
+        raise ConfigError(
+            f"workdir {workdir}: object-store URLs are not supported yet; give a local folder, "
+            "or mount the bucket (e.g. gcsfuse) and give the mount's path."
+        )
     path = pathlib.Path(workdir)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"workdir {path} is a file; give a folder.")
@@ -149,6 +154,11 @@ def check(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> lis
     check_mesh(config)
     splits = []
     for name in config.dataset_paths:
+        if "://" in str(config.dataset_paths[name]):
+            raise ConfigError(
+                f"dataset_paths.{name} {config.dataset_paths[name]}: object-store URLs are not "
+                "supported yet; copy the dataset folder locally or mount the bucket."
+            )
         try:
             split = open_folds(config, name)
         except FileNotFoundError as err:
