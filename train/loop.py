@@ -335,11 +335,12 @@ def _after_epoch(
     for r in range(len(progress.history)):
         step = (epoch + 1) * int(per_epoch[r])
         val_acc = float(ev["correct"][r] / ev["count"][r])
+        count = max(float(sums.count[r]), 1.0)  # a padding run takes no step
         record = {
             "epoch": epoch + 1,
             "step": step,
-            "train_loss": float(sums.loss[r] / sums.count[r]),
-            "train_accuracy": float(sums.correct[r] / sums.count[r]),
+            "train_loss": float(sums.loss[r]) / count,
+            "train_accuracy": float(sums.correct[r]) / count,
             "val_loss": float(ev["loss"][r] / ev["count"][r]),
             "val_accuracy": val_acc,
             "learning_rate": cfg.optimizer.learning_rate * float(scale[r]),
