@@ -7,7 +7,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from train_helpers import toy_program
+from train_helpers import Stop, stop_after, toy_program
 
 from train import loop
 from train.checkpointing import CheckpointError, Checkpoints
@@ -18,26 +18,14 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-class _Stop(Exception):
-    pass
-
-
-def _stop_after(step):
-    def hook(done):
-        if done >= step:
-            raise _Stop(done)
-
-    return loop.Hooks(after_fetch=hook)
-
-
 @pytest.fixture(scope="module")
 def program(toy, tmp_path_factory):
     """A program of two runs trained 3 epochs, and a copy stopped after its epoch-2 checkpoint."""
     tmp = tmp_path_factory.mktemp("ckpt")
     config, _, steps, feed, plan = toy_program(toy, tmp, folds=(0, 1), num_epochs=3)
     full = loop.train_program(steps, feed, plan, tmp / "full", config=config)
-    with pytest.raises(_Stop):
-        loop.train_program(steps, feed, plan, tmp / "cut", config=config, hooks=_stop_after(10))
+    with pytest.raises(Stop):
+        loop.train_program(steps, feed, plan, tmp / "cut", config=config, hooks=stop_after(10))
     return config, steps, feed, plan, full, tmp / "cut"
 
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_helpers import toy_program
+from train_helpers import Stop, stop_after, toy_program
 
 from gaam_jax import sharding
 from train import feeds, loop, losses
@@ -28,18 +28,6 @@ def _leaves(state):
 def _assert_same(a, b):
     for x, y in zip(_leaves(a), _leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
-
-
-class _Stop(Exception):
-    pass
-
-
-def _stop_after(step):
-    def hook(done):
-        if done >= step:
-            raise _Stop(done)
-
-    return loop.Hooks(after_fetch=hook)
 
 
 def test_training_learns_the_toy_task(toy, tmp_path):
@@ -108,10 +96,8 @@ def test_resume_mid_epoch_is_bit_exact(toy, tmp_path, on_device):
         toy, tmp_path, folds=folds, on_device=on_device, checkpoint_every_steps=3
     )
     full = loop.train_program(steps, feed, plan, tmp_path / "full", config=config)
-    with pytest.raises(_Stop):  # in epoch 3, right after the mid-epoch checkpoint at step 12
-        loop.train_program(
-            steps, feed, plan, tmp_path / "cut", config=config, hooks=_stop_after(12)
-        )
+    with pytest.raises(Stop):  # in epoch 3, right after the mid-epoch checkpoint at step 12
+        loop.train_program(steps, feed, plan, tmp_path / "cut", config=config, hooks=stop_after(12))
     resumed = loop.train_program(steps, feed, plan, tmp_path / "cut", config=config)
     for f, r in zip(full, resumed, strict=True):
         _assert_same(f.final_state, r.final_state)

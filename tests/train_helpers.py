@@ -137,3 +137,18 @@ def toy_program(toy, tmp_path, *, folds=(0,), seeds=None, on_device=True, mesh=N
         names=tuple(f"toy seed {s} fold {f + 1}" for s, f in zip(seeds, folds, strict=True)),
     )
     return config, dataset, steps, feed, plan
+
+
+class Stop(Exception):
+    """Raised by :func:`stop_after`'s hook: a training interrupted at a known step."""
+
+
+def stop_after(step: int):
+    """Loop hooks that stop training at the first fetch point at or after ``step``."""
+    from train import loop
+
+    def hook(done):
+        if done >= step:
+            raise Stop(done)
+
+    return loop.Hooks(after_fetch=hook)
