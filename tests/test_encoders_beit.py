@@ -9,6 +9,7 @@ BeitForImageClassification). Other layouts are derived from them in tmp_path.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
@@ -54,6 +55,15 @@ def _relative_errors(out: np.ndarray, ref: np.ndarray) -> list[float]:
     ]
 
 
+@functools.cache
+def _apply(config: beit.BeitConfig, dtype, attention: str):
+    # One compile per config, dtype and attention (and input shapes): eagerly, every call
+    # re-runs the scanned layers' compilation (~0.7 s each, more than the checks it feeds).
+    # block 4 < T: the blockwise path runs several query and key blocks, the last one padded.
+    options = EncoderOptions(attention=attention, block_size=4)
+    return jax.jit(beit.BeitEncoder(config, dtype=dtype, options=options).apply)
+
+
 def _run(
     config: beit.BeitConfig,
     params: dict,
@@ -61,11 +71,9 @@ def _run(
     dtype=jnp.float32,
     attention: str = "xla",
 ):
-    # block 4 < T: the blockwise path runs several query and key blocks, the last one padded.
-    options = EncoderOptions(attention=attention, block_size=4)
     # Stacked layers are lazy host views (StackedTensor): read them into arrays, dtype kept.
     params = jax.tree.map(np.asarray, params)
-    return beit.BeitEncoder(config, dtype=dtype, options=options).apply({"params": params}, pixels)
+    return _apply(config, dtype, attention)({"params": params}, pixels)
 
 
 def _write(folder: pathlib.Path, raw: dict, tensors: dict[str, np.ndarray], shards: int = 1):
@@ -180,7 +188,8 @@ def test_pooled_collect_equals_pooled_hidden_states():
     config, params = _load(FIXTURES / "cls_shared_abs")
     pixels, ref = _io("cls_shared_abs")
     params = jax.tree.map(np.asarray, params)
-    pooled = beit.BeitEncoder(config).apply({"params": params}, pixels, collect=pooling.mean)
+    apply = functools.partial(beit.BeitEncoder(config).apply, collect=pooling.mean)
+    pooled = jax.jit(apply)({"params": params}, pixels)
     assert pooled.shape == (ref.shape[0], ref.shape[1], ref.shape[3])
     errors = _relative_errors(pooled[:, :, None], ref.mean(axis=2, keepdims=True))
     assert max(errors) <= F32, errors
@@ -190,7 +199,9 @@ def test_pooled_collect_equals_pooled_hidden_states():
 def test_init_tree_equals_checkpoint_tree(variant):
     config, params = _load(FIXTURES / variant)
     pixels, _ = _io(variant)
-    init = nn.unbox(beit.BeitEncoder(config).init(jax.random.key(0), pixels)["params"])
+    # The tree init builds, abstractly: structure and shapes without drawing a value.
+    init = nn.unbox(jax.eval_shape(beit.BeitEncoder(config).init, jax.random.key(0), pixels))
+    init = init["params"]
     assert jax.tree.structure(init) == jax.tree.structure(params)
     shapes = lambda t: jax.tree.map(lambda a: tuple(a.shape), t)  # noqa: E731
     assert shapes(init) == shapes(params)

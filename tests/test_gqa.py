@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from arrays import init, normal
+from arrays import init, normal, random_params
 from tolerances import F32
 
 from gaam_jax import GroupedQueryAttention, PaperCodeGroupedQueryAttention, count_params
@@ -38,9 +38,9 @@ def _reference_gqa(params, x, mask=None):
 @pytest.mark.parametrize("hq,hkv", [(8, 2), (4, 4), (4, 1), (6, 3)])
 def test_gqa_matches_independent_reference(hq, hkv):
     layer = GroupedQueryAttention(num_query_heads=hq, num_kv_heads=hkv, head_dim=5)
-    params = layer.init(jax.random.key(1), X)["params"]
-    y, w = layer.apply({"params": params}, X, return_weights=True)
-    y_ref, w_ref = _reference_gqa(params, X)
+    params = random_params(layer, 1, X)
+    y, w = jax.jit(functools.partial(layer.apply, return_weights=True))({"params": params}, X)
+    y_ref, w_ref = jax.jit(_reference_gqa)(params, X)
     chex.assert_trees_all_close(y, y_ref, rtol=F32, atol=1e-6)
     chex.assert_trees_all_close(w, w_ref, rtol=F32, atol=1e-7)
     chex.assert_shape(w, (3, hq, 6, 6))
@@ -49,23 +49,25 @@ def test_gqa_matches_independent_reference(hq, hkv):
 
 def test_gqa_with_equal_heads_is_flax_multi_head_attention():
     layer = GroupedQueryAttention(num_query_heads=4, num_kv_heads=4, head_dim=4)
-    params = layer.init(jax.random.key(2), X)["params"]
+    params = random_params(layer, 2, X)
     mha = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=16, out_features=16)
-    y_mha = mha.apply({"params": params}, X, X)  # same parameter names and shapes
-    chex.assert_trees_all_close(layer.apply({"params": params}, X), y_mha, rtol=F32, atol=1e-6)
+    y_mha = jax.jit(mha.apply)({"params": params}, X, X)  # same parameter names and shapes
+    y = jax.jit(layer.apply)({"params": params}, X)
+    chex.assert_trees_all_close(y, y_mha, rtol=F32, atol=1e-6)
 
 
 def test_masked_keys_get_no_weight_and_do_not_matter():
     layer = GroupedQueryAttention(num_query_heads=4, num_kv_heads=2, head_dim=4)
-    params = layer.init(jax.random.key(3), X)["params"]
-    valid = jnp.array([True, True, True, False, True, False])
-    mask = valid[None, None, None, :]
-    y, w = layer.apply({"params": params}, X, mask=mask, return_weights=True)
-    assert float(jnp.max(w[..., ~valid])) == 0.0
-    x2 = X.at[:, ~valid].set(1e3)  # change the masked tokens (as keys and values)
-    kv_only = layer.apply({"params": params}, X, x2, mask=mask)
+    params = random_params(layer, 3, X)
+    valid = np.array([True, True, True, False, True, False])
+    mask = jnp.asarray(valid[None, None, None, :])
+    apply = jax.jit(layer.apply, static_argnames="return_weights")
+    y, w = apply({"params": params}, X, mask=mask, return_weights=True)
+    assert float(np.max(np.asarray(w)[..., ~valid])) == 0.0
+    x2 = jnp.asarray(np.where(valid[None, :, None], X, 1e3))  # the masked tokens (keys, values)
+    kv_only = apply({"params": params}, X, x2, mask=mask)
     chex.assert_trees_all_close(kv_only, y, rtol=F32, atol=1e-6)
-    y_ref, _ = _reference_gqa(params, X, mask)
+    y_ref, _ = jax.jit(_reference_gqa)(params, X, mask)
     chex.assert_trees_all_close(y, y_ref, rtol=F32, atol=1e-6)
 
 
@@ -125,15 +127,21 @@ def test_paper_code_block_differs_from_textbook_gqa():
     # Same projections, but summing a group's query heads and scaling twice changes the result.
     x = normal((1, 5, 16), seed=7)
     block = PaperCodeGroupedQueryAttention(16, query_heads=4, kv_heads=2)
-    p = block.init(jax.random.key(8), x)["params"]
-    _, w = block.apply({"params": p}, x, return_weights=True)
-    lin = lambda name: x @ p[name]["kernel"] + p[name]["bias"][None, None]  # noqa: E731
-    q = lin("q_proj").reshape(1, 5, 4, 4)
-    k = lin("k_proj").reshape(1, 5, 2, 4)
-    v = lin("v_proj").reshape(1, 5, 2, 4)
-    _, w_textbook = grouped_query_attention(q, k, v)
+    p = random_params(block, 8, x)
+    _, w = jax.jit(functools.partial(block.apply, return_weights=True))({"params": p}, x)
+
+    @jax.jit  # one program for the references below
+    def references(p, x):
+        lin = lambda name: x @ p[name]["kernel"] + p[name]["bias"][None, None]  # noqa: E731
+        q = lin("q_proj").reshape(1, 5, 4, 4)
+        k = lin("k_proj").reshape(1, 5, 2, 4)
+        v = lin("v_proj").reshape(1, 5, 2, 4)
+        _, w_textbook = grouped_query_attention(q, k, v)
+        logits_paper = (
+            jnp.einsum("bnhgd,bshd->bhns", q.reshape(1, 5, 2, 2, 4), k) / 4.0
+        )  # 1/sqrt(4), twice
+        return w_textbook, jax.nn.softmax(logits_paper, -1)
+
+    w_textbook, w_paper = references(p, x)
     assert w.shape == (1, 2, 5, 5) and w_textbook.shape == (1, 4, 5, 5)
-    logits_paper = (
-        jnp.einsum("bnhgd,bshd->bhns", q.reshape(1, 5, 2, 2, 4), k) / 4.0
-    )  # 1/sqrt(4), twice
-    chex.assert_trees_all_close(w, jax.nn.softmax(logits_paper, -1), rtol=F32, atol=1e-6)
+    chex.assert_trees_all_close(w, w_paper, rtol=F32, atol=1e-6)

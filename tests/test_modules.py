@@ -1,11 +1,14 @@
 """Linen modules: parameters, gates, dtypes, masks, errors, and use from flax.nnx."""
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from arrays import init
 from flax import nnx
 from tolerances import BF16, F32, scaled_atol
 
@@ -60,29 +63,39 @@ def test_mixture_module_parameters_and_init():
 
 def test_gaussian_block_is_a_residual_stack():
     block = GaussianBlock(norm_axes=(1, -1), num_heads=(4, 2), num_gaussians=(3, 2))
-    variables = block.init(jax.random.key(3), X)
-    y, gates = block.apply(variables, X, return_gates=True)
-    x = X
-    for i, axis in enumerate((1, -1)):
-        p = variables["params"][f"layer_{i}"]
-        layer_out, gate = functional.mixture_gaussian_adaptive_attention(
-            x, p["mean_offsets"], p["c"], axis=axis, return_gate=True
-        )
+    variables = init(block, 3, X)
+    y, gates = jax.jit(functools.partial(block.apply, return_gates=True))(variables, X)
+
+    @jax.jit  # the stack by hand, compiled as the block is
+    def by_hand(params, x):
+        layer_gates = []
+        for i, axis in enumerate((1, -1)):
+            p = params[f"layer_{i}"]
+            layer_out, gate = functional.mixture_gaussian_adaptive_attention(
+                x, p["mean_offsets"], p["c"], axis=axis, return_gate=True
+            )
+            layer_gates.append(gate)
+            x = layer_out + x
+        return x, layer_gates
+
+    x, layer_gates = by_hand(variables["params"], X)
+    for i, gate in enumerate(layer_gates):
         chex.assert_trees_all_close(gates[f"layer_{i}"], gate)
-        x = layer_out + x
     chex.assert_trees_all_close(y, x, rtol=F32)
 
 
 def test_gaussian_block_mask_passes_through_unchanged():
     block = GaussianBlock(norm_axes=(1, 1), num_heads=(2, 2), num_gaussians=(2, 2))
-    variables = block.init(jax.random.key(4), X)
+    variables = init(block, 4, X)
+    apply = jax.jit(block.apply)
     # The last two positions of each head's chunk of 12 are padding.
-    pos = jnp.arange(24)
+    pos = np.arange(24)
     valid = (pos % 12) < 10
-    y = block.apply(variables, X, valid[None, :, None])
-    chex.assert_trees_all_equal(y[:, ~valid], X[:, ~valid])
+    y = np.asarray(apply(variables, X, jnp.asarray(valid[None, :, None])))
+    x = np.asarray(X)
+    chex.assert_trees_all_equal(y[:, ~valid], x[:, ~valid])
     # The valid positions behave as if the padding were not there at all.
-    y_valid = block.apply(variables, X[:, valid])
+    y_valid = apply(variables, jnp.asarray(x[:, valid]))
     chex.assert_trees_all_close(y[:, valid], y_valid, rtol=F32, atol=1e-6)
 
 
@@ -139,7 +152,7 @@ def test_invalid_constructor_arguments(make, message):
 
 def test_indivisible_heads_error_names_the_sizes():
     with pytest.raises(ValueError, match="24 cannot be split into 5 equal heads"):
-        GaussianAdaptiveAttention(num_heads=5).init(jax.random.key(0), X)
+        jax.eval_shape(GaussianAdaptiveAttention(num_heads=5).init, jax.random.key(0), X)
 
 
 def test_nnx_bridge_example():
@@ -166,9 +179,9 @@ def test_linen_module_inside_a_linen_model():
             x = GaussianAdaptiveAttention(num_heads=4)(x)
             return nn.Dense(3)(x.reshape(x.shape[0], -1))
 
-    variables = Model().init(jax.random.key(7), X)
+    variables = init(Model(), 7, X)
     assert set(variables["params"]) == {"GaussianAdaptiveAttention_0", "Dense_0"}
-    chex.assert_shape(Model().apply(variables, X), (4, 3))
+    chex.assert_shape(jax.jit(Model().apply)(variables, X), (4, 3))
     np.testing.assert_equal(
         np.asarray(variables["params"]["GaussianAdaptiveAttention_0"]["xi"]), 2.0
     )

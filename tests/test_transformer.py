@@ -110,7 +110,7 @@ def test_mha_bn_uses_batch_statistics_only_in_training():
     y_eval_alone = apply(variables, X[:1])
     chex.assert_trees_all_close(y_eval[:1], y_eval_alone, rtol=1e-5, atol=1e-6)
     with pytest.raises(Exception, match="batch_stats"):  # flax refuses to update immutably
-        model.apply(variables, X, train=True)
+        jax.eval_shape(functools.partial(model.apply, train=True), variables, X)
 
 
 @pytest.mark.parametrize("front", ["gaam", "gqgaam", "mixture"])
@@ -190,11 +190,11 @@ def test_invalid_configs(make, message):
 def test_bad_inputs():
     model = _small("gaam", map_shape=(5, 5))
     with pytest.raises(ValueError, match=r"map_shape \(5, 5\) does not hold the 64"):
-        model.init(jax.random.key(0), X)
+        jax.eval_shape(model.init, jax.random.key(0), X)  # checked while tracing
     with pytest.raises(ValueError, match="batch, layers, features"):
-        _small("gaam").init(jax.random.key(0), X[0])
+        jax.eval_shape(_small("gaam").init, jax.random.key(0), X[0])
     with pytest.raises(ValueError, match="cannot be split into 3 equal heads"):
-        _small("gaam", num_heads=3).init(jax.random.key(0), X)
+        jax.eval_shape(_small("gaam", num_heads=3).init, jax.random.key(0), X)
 
 
 def test_layer_selection_keeps_the_named_layers():
@@ -208,6 +208,6 @@ def test_layer_selection_keeps_the_named_layers():
     )  # the same computation on the same values: exact
     assert variables["params"]["attention"]["delta"].shape == (1, 64)
     with pytest.raises(ValueError, match="out of range for inputs with 6 layers"):
-        GaussianAdaptiveTransformer(2, layers=(6,)).init(jax.random.key(1), x)
+        jax.eval_shape(GaussianAdaptiveTransformer(2, layers=(6,)).init, jax.random.key(1), x)
     with pytest.raises(ValueError, match="distinct"):
         GaussianAdaptiveTransformer(2, layers=(1, 1))
