@@ -26,7 +26,7 @@ import numpy as np
 
 from gaam_jax import importance
 from train.loop import RunResult
-from train.runs import RECORD, RunRecord, plain, write_bytes_atomic
+from train.runs import RECORD, RunRecord, flatten, plain, write_bytes_atomic
 from train.splits import DatasetFolds
 
 BEST_STATE = "best_state.msgpack"
@@ -76,19 +76,9 @@ class TensorBoard:
             return
         if metrics is not None:
             hparams = {k: v if isinstance(v, int | float | str | bool) else json.dumps(v)
-                       for k, v in _flat(plain(self.config)).items()}  # fmt: skip
+                       for k, v in flatten(plain(self.config)).items()}  # fmt: skip
             self.writer.add_hparams(hparams, metrics, name="hparams")
         self.writer.close()
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 @jax.jit

@@ -161,11 +161,12 @@ def identity(config: ml_collections.ConfigDict) -> dict:
     return {"config": plain(config), "data": data}
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as ``{'a.b.c': leaf}`` (an empty dict is a leaf)."""
     if isinstance(tree, dict) and tree:
         out = {}
         for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         return out
     return {prefix.rstrip("."): tree}
 
@@ -175,7 +176,7 @@ def differing_keys(recorded: dict, current: dict) -> list[str]:
 
     Keys in :data:`IGNORED_KEYS` are left out.
     """
-    a, b = _flatten(recorded), _flatten(current)
+    a, b = flatten(recorded), flatten(current)
     keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
     return [k for k in keys if k.split(".")[-1] not in IGNORED_KEYS]
 
