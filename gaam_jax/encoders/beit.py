@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gaam_jax import sharding
+from gaam_jax import adapters, sharding
+from gaam_jax.adapters import Adapters, lora
 from gaam_jax.encoders import pooling, stack
 from gaam_jax.encoders.attention import dot_product_attention
 
@@ -220,6 +221,7 @@ class _Layer(nn.Module):
     dtype: Dtype = jnp.float32
     options: stack.EncoderOptions = stack.EncoderOptions()
     collect: stack.Collect = pooling.identity
+    adapters: Adapters = Adapters()
 
     @nn.compact
     def __call__(
@@ -298,6 +300,7 @@ class _Layer(nn.Module):
         h = jax.nn.gelu(dense(cfg.intermediate_size, ("embed", "mlp"), "fc1")(h), approximate=False)
         h = dense(d, ("mlp", "embed"), "fc2")(h)
         x = x + scale("lambda_2") * h.astype(jnp.float32)
+        x = adapters.after_layer(self.adapters, x, None)
         return x, self.collect(x, pool_mask)
 
 
@@ -314,8 +317,10 @@ class BeitEncoder(nn.Module):
     config: BeitConfig
     dtype: Dtype = jnp.float32
     options: stack.EncoderOptions = stack.EncoderOptions()
+    adapters: Adapters = Adapters()
 
     @nn.compact
+    @lora.in_call
     def __call__(
         self,
         pixel_values: jax.Array,
@@ -385,7 +390,7 @@ class BeitEncoder(nn.Module):
             shared = _RelativePositionBias(cfg, name="shared_relative_position_bias")()[None]
         layers = stack.scanned(_Layer, cfg.num_hidden_layers, 2, self.options)
         first = collect(x, pool_mask)
-        _, emitted = layers(cfg, self.dtype, self.options, collect, name="layers")(
+        _, emitted = layers(cfg, self.dtype, self.options, collect, self.adapters, name="layers")(
             x, shared, pool_mask
         )
         return stack.with_layer_axis(first, emitted)

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gaam_jax import sharding
+from gaam_jax import adapters, sharding
+from gaam_jax.adapters import Adapters, lora
 from gaam_jax.encoders import pooling, stack
 from gaam_jax.encoders.attention import dot_product_attention
 
@@ -117,6 +118,7 @@ class BertLayer(nn.Module):
     dtype: Dtype = jnp.float32
     options: stack.EncoderOptions = stack.EncoderOptions()
     collect: stack.Collect = pooling.identity
+    adapters: Adapters = Adapters()
 
     @nn.compact
     def __call__(
@@ -175,6 +177,7 @@ class BertLayer(nn.Module):
         h = dense(cfg.intermediate_size, "intermediate", ("embed", "mlp"))(x)
         h = jax.nn.gelu(h, approximate=False)
         x = norm("output_norm")(x + dense(d, "output", ("mlp", None))(h)).astype(self.dtype)
+        x = adapters.after_layer(self.adapters, x, key_mask)
         return x, self.collect(x.astype(jnp.float32), pool_mask)
 
 
@@ -190,8 +193,10 @@ class BertEncoder(nn.Module):
     config: BertConfig
     dtype: Dtype = jnp.float32
     options: stack.EncoderOptions = stack.EncoderOptions()
+    adapters: Adapters = Adapters()
 
     @nn.compact
+    @lora.in_call
     def __call__(
         self,
         input_ids: jax.Array,
@@ -258,7 +263,7 @@ class BertEncoder(nn.Module):
         )(x)
         first = collect(x.astype(jnp.float32), pool_mask)
         layers = stack.scanned(BertLayer, cfg.num_hidden_layers, 2, self.options)
-        _, emitted = layers(cfg, self.dtype, self.options, collect, name="layers")(
+        _, emitted = layers(cfg, self.dtype, self.options, collect, self.adapters, name="layers")(
             x.astype(self.dtype), key_mask, pool_mask
         )
         return stack.with_layer_axis(first, emitted)

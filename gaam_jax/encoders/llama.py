@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gaam_jax import sharding
+from gaam_jax import adapters, sharding
+from gaam_jax.adapters import Adapters, lora
 from gaam_jax.encoders import pooling, stack
 from gaam_jax.encoders.attention import dot_product_attention
 
@@ -296,6 +297,7 @@ class LlamaDecoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
     options: stack.EncoderOptions = stack.EncoderOptions()
     collect: stack.Collect = pooling.identity
+    adapters: Adapters = Adapters()
 
     @nn.compact
     def __call__(
@@ -313,6 +315,7 @@ class LlamaDecoderLayer(nn.Module):
         x = x + attn(h, cos, sin, key_mask)
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
         x = x + LlamaMLP(self.config, self.dtype, name="mlp")(h).astype(jnp.float32)
+        x = adapters.after_layer(self.adapters, x, key_mask)
         return x, self.collect(x, pool_mask)
 
 
@@ -329,8 +332,10 @@ class LlamaEncoder(nn.Module):
     config: LlamaConfig
     dtype: Dtype = jnp.float32
     options: stack.EncoderOptions = stack.EncoderOptions()
+    adapters: Adapters = Adapters()
 
     @nn.compact
+    @lora.in_call
     def __call__(
         self,
         input_ids: jax.Array,
@@ -383,7 +388,7 @@ class LlamaEncoder(nn.Module):
 
         layers = stack.scanned(LlamaDecoderLayer, cfg.num_hidden_layers, 4, self.options)
         first = collect(x, pool_mask)
-        x, emitted = layers(cfg, self.dtype, self.options, collect, name="layers")(
+        x, emitted = layers(cfg, self.dtype, self.options, collect, self.adapters, name="layers")(
             x, cos, sin, key_mask, pool_mask
         )
         last = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x).astype(jnp.float32)

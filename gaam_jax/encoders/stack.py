@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from gaam_jax.adapters.lora import COLLECTION
 from gaam_jax.encoders.attention import BLOCK_SIZE, IMPLEMENTATIONS
 
 # (x float32 [B, T, H], pool_mask bool [B, T] or None) -> what a layer emits.
@@ -90,7 +91,8 @@ def scanned(layer: type[nn.Module], num_layers: int, num_args: int, options: Enc
         layer = nn.remat(layer, policy=REMAT_POLICIES[options.remat], prevent_cse=False)
     return nn.scan(
         layer,
-        variable_axes={"params": 0},
+        # The adapters (LoRA, DAAM) are per layer too, stacked like the parameters.
+        variable_axes={"params": 0, COLLECTION: 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast,) * num_args,
         length=num_layers,
