@@ -35,6 +35,8 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gaam_jax.adapters import COLLECTION as ADAPTERS
+from gaam_jax.adapters import Adapters, merge
 from gaam_jax.encoders import pooling as poolings
 from gaam_jax.encoders import stack
 from gaam_jax.encoders.checkpoint import SUPPORTED, open_tensors, read_config, resolve
@@ -87,12 +89,19 @@ def _example_inputs(model_type: str, raw: dict) -> dict[str, jax.ShapeDtypeStruc
     return {"input_values": jax.ShapeDtypeStruct((1, 16000), jnp.float32)}
 
 
-def _configured(raw: dict, dtype: Any = jnp.float32, options: Any = None) -> tuple[Any, Any, Any]:
+def _configured(
+    raw: dict, dtype: Any = jnp.float32, options: Any = None, adapters: Adapters | None = None
+) -> tuple[Any, Any, Any]:
     """``(architecture module, config, Flax module)`` of a parsed ``config.json``."""
     arch = _arch_module(raw["model_type"])
     config_cls, encoder_cls = (getattr(arch, name) for name in _CLASSES[raw["model_type"]])
     config = config_cls.from_hf(raw)
-    module = encoder_cls(config, dtype=dtype, options=options or stack.EncoderOptions())
+    module = encoder_cls(
+        config,
+        dtype=dtype,
+        options=options or stack.EncoderOptions(),
+        adapters=adapters or Adapters(),
+    )
     return arch, config, module
 
 
@@ -160,6 +169,9 @@ class Encoder:
       dtype: the compute dtype.
       mesh: the mesh the params are placed on, or None (one device).
       rules: the logical-axis rules used with ``mesh``.
+      adapters: the adapter collection (float32 LoRA / DAAM variables,
+        :mod:`gaam_jax.adapters`) when ``module.adapters`` adapts anything, else None.
+      config_json: the parsed ``config.json`` (for example inputs of the right size).
     """
 
     model_type: str
@@ -169,6 +181,8 @@ class Encoder:
     dtype: Any
     mesh: Mesh | None = None
     rules: Rules = DEFAULT_RULES
+    adapters: Any = None
+    config_json: dict | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
         signature = inspect.signature(type(self.module).__call__)
@@ -182,17 +196,70 @@ class Encoder:
         self.required_inputs = tuple(p.name for p in params if p.default is p.empty)
         out = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec("data"))
 
-        def apply(params, inputs, pool_mask, pooling_name):
+        if self.module.adapters.any and self.adapters is None:
+            raise ValueError(
+                f"{self.model_type} encoder: the module is adapted ({self.module.adapters}) but "
+                "no adapter variables were given; use Encoder.with_adapters."
+            )
+
+        def apply(params, adapters, inputs, pool_mask, pooling_name):
             collect = poolings.identity if pooling_name is None else poolings.pooling(pooling_name)
+            variables = {"params": params}
+            if adapters is not None:
+                variables[ADAPTERS] = adapters
             with nn.logical_axis_rules(list(self.rules)):
-                out = self.module.apply(
-                    {"params": params}, **inputs, collect=collect, pool_mask=pool_mask
-                )
+                out = self.module.apply(variables, **inputs, collect=collect, pool_mask=pool_mask)
             return out.astype(jnp.float32)
 
         # jit caches one compilation per input shape, set of input names and pooling; layers
         # are picked from its (small) output, so a new selection compiles nothing large.
-        self._apply = jax.jit(apply, static_argnums=3, out_shardings=out)
+        jitted = jax.jit(apply, static_argnums=4, out_shardings=out)
+        self._apply = lambda params, inputs, mask, pooling_name: jitted(
+            params, self.adapters, inputs, mask, pooling_name
+        )
+
+    def example_inputs(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """Abstract inputs of batch 1 (shapes only), for ``init`` and ``jax.eval_shape``."""
+        return _example_inputs(self.model_type, self.config_json or {})
+
+    def with_adapters(self, adapters: Adapters, seed: int = 0, variables: Any = None) -> Encoder:
+        """This encoder (same base parameters, not copied) adapted by ``adapters``.
+
+        Args:
+          adapters: what to adapt (:class:`gaam_jax.adapters.Adapters`).
+          seed: seeds the fresh adapters (LoRA's ``A``; ``B`` and the DAAM gates start at the
+            identity), unless ``variables`` is given.
+          variables: the adapter collection to use instead of fresh ones.
+
+        Returns:
+          An :class:`Encoder` whose ``adapters`` are float32 and replicated over the mesh.
+        """
+        module = self.module.clone(adapters=adapters)
+        if not adapters.any:
+            return dataclasses.replace(self, module=module, adapters=None)
+        if variables is None:
+            variables = init_adapters(module, self.example_inputs(), seed)
+        if self.mesh is not None:
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            variables = jax.device_put(variables, replicated)
+        return dataclasses.replace(self, module=module, adapters=variables)
+
+    def merged(self) -> Encoder:
+        """LoRA folded into the base kernels (jitted, same shardings); DAAM adapters kept."""
+        lora_cfg = self.module.adapters.lora
+        if lora_cfg is None:
+            return self
+        shardings = jax.tree.map(lambda a: a.sharding, self.params)
+        params = jax.jit(merge, static_argnums=2, out_shardings=shardings)(
+            self.params, self.adapters, lora_cfg
+        )
+        rest = Adapters(daam=self.module.adapters.daam)
+        kept = None
+        if rest.daam:
+            kept = _without_lora(self.adapters)
+        return dataclasses.replace(
+            self, module=self.module.clone(adapters=rest), params=params, adapters=kept
+        )
 
     @property
     def num_states(self) -> int:
@@ -377,6 +444,9 @@ def from_pretrained(
     attention: str = "auto",
     block_size: int = stack.BLOCK_SIZE,
     remat: str = "none",
+    adapters: Adapters | None = None,
+    adapter: str | pathlib.Path | None = None,
+    adapter_seed: int = 0,
 ) -> Encoder:
     """Loads a Hugging Face model folder, or a hub id, as a JAX encoder.
 
@@ -397,6 +467,12 @@ def from_pretrained(
       block_size: the blockwise attention's block length.
       remat: per-layer rematerialisation when differentiating through the encoder
         (``"none"``, ``"full"``, ``"dots"``).
+      adapters: LoRA and/or DAAM adapters to attach (:mod:`gaam_jax.adapters`), fresh (seeded
+        by ``adapter_seed``) unless ``adapter`` gives the LoRA.
+      adapter: a folder holding a LoRA adapter that Hugging Face peft wrote
+        (``adapter_config.json``, ``adapter_model.safetensors``): its targets, ``r``,
+        ``lora_alpha`` and ``use_rslora`` are honoured; other PEFT types are refused.
+      adapter_seed: seeds fresh adapters.
 
     Returns:
       The :class:`Encoder`.
@@ -414,7 +490,7 @@ def from_pretrained(
     raw = read_config(path)
     model_type = raw["model_type"]
     dtype = jnp.dtype(dtype)
-    arch, config, module = _configured(raw, dtype, options)
+    arch, config, module = _configured(raw, dtype, options)  # the base: adapters come last
     rules = DEFAULT_RULES if rules is None else tuple(tuple(r) for r in rules)
     validate_rules(rules)
     if mesh is not None and set(mesh.axis_names) != {"data", "model"}:
@@ -431,7 +507,45 @@ def from_pretrained(
     params = unflatten_dict(
         {k: _place(v, flat_shardings[k], dtype, release) for k, v in flatten_dict(host).items()}
     )
-    return Encoder(model_type, config, module, params, dtype, mesh, rules)
+    encoder = Encoder(model_type, config, module, params, dtype, mesh, rules, config_json=raw)
+    if adapter is not None:
+        from gaam_jax.adapters import peft  # noqa: PLC0415 - safetensors only when asked
+
+        lora_cfg, variables = peft.load(adapter, model_type, config)
+        if adapters is not None and adapters.lora is not None:
+            raise ValueError("from_pretrained: give adapters.lora or adapter, not both.")
+        adapters = Adapters(lora=lora_cfg, daam=adapters.daam if adapters else False)
+        return encoder.with_adapters(adapters, variables=_with_daam(adapters, variables, encoder))
+    if adapters is not None and adapters.any:
+        return encoder.with_adapters(adapters, seed=adapter_seed)
+    return encoder
+
+
+def init_adapters(module: nn.Module, example: Mapping[str, Any], seed: int = 0) -> Any:
+    """Fresh adapter variables of an adapted encoder module (float32, on the default device).
+
+    Only the adapters are computed: the base parameters' initialisers are traced away.
+    """
+
+    def init(key):
+        return module.init(key, **example)[ADAPTERS]
+
+    return jax.jit(init)(jax.random.key(seed))
+
+
+def _without_lora(tree: Any) -> Any:
+    flat = flatten_dict(tree)
+    return unflatten_dict({k: v for k, v in flat.items() if k[-1] not in ("lora_a", "lora_b")})
+
+
+def _with_daam(adapters: Adapters, lora_variables: Any, encoder: Encoder) -> Any:
+    """The LoRA variables peft wrote, plus fresh DAAM gates when ``adapters.daam``."""
+    if not adapters.daam:
+        return lora_variables
+    fresh = init_adapters(encoder.module.clone(adapters=adapters), encoder.example_inputs())
+    flat = dict(flatten_dict(fresh))
+    flat.update(flatten_dict(lora_variables))
+    return unflatten_dict(flat)
 
 
 def open_host_params(
