@@ -76,6 +76,32 @@ class ConcatSource:
         return np.arange(self.offsets[k], self.offsets[k + 1])
 
 
+class ArraySource:
+    """Examples held as arrays: preprocessed model inputs (fine-tuning), labels and ids.
+
+    ``arrays`` is what :class:`train.feeds.DeviceFeed` places on the device: ``x`` (a dict of
+    model inputs, each ``[n, ...]``), ``label`` int32 ``[n]``, ``id`` int64 ``[n]``. Indexing
+    gives ``{'label', 'id'}`` (what fold cutting and reports read).
+    """
+
+    def __init__(self, inputs: dict[str, np.ndarray], labels: np.ndarray, ids: np.ndarray):
+        n = len(labels)
+        bad = {k: v.shape for k, v in inputs.items() if len(v) != n}
+        if bad or len(ids) != n:
+            raise ValueError(f"inputs {bad} and {len(ids)} ids must all have {n} rows.")
+        self.arrays = {
+            "x": {k: np.asarray(v) for k, v in inputs.items()},
+            "label": np.asarray(labels, np.int32),
+            "id": np.asarray(ids, np.int64),
+        }
+
+    def __len__(self) -> int:
+        return len(self.arrays["label"])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"label": int(self.arrays["label"][i]), "id": int(self.arrays["id"][i])}
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureSource:
     """A random-access view of ``source`` restricted to ``indices``, yielding model inputs.

@@ -128,10 +128,10 @@ def test_non_finite_loss_stops_and_rolls_back(toy, tmp_path, monkeypatch):
 def test_one_compile_serves_every_seed_and_fold(toy, tmp_path):
     config, _, steps, feed, plan = toy_program(toy, tmp_path, folds=(0, 1), num_epochs=1)
     loop.train_program(steps, feed, plan, tmp_path / "a", config=config)
-    before = steps.train_steps._cache_size()
+    before = steps.programs["train_steps"]._cache_size()
     other = feeds.Plan(plan.train[::-1], plan.val[::-1], (3, 4))
     loop.train_program(steps, feed, other, tmp_path / "b", config=config)
-    assert steps.train_steps._cache_size() == before
+    assert steps.programs["train_steps"]._cache_size() == before
     a = steps.init_state([0, 1])
     assert not np.array_equal(a.params["conv1"]["kernel"][0], a.params["conv1"]["kernel"][1])
 

@@ -77,11 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             import jax
 
             jax.distributed.initialize()
-        from train import cross_validation, validate
+        from train import cross_validation, finetune, validate
 
-        datasets = validate.prepare(config, args.workdir)
         progress = not args.no_progress
-        cross_validation.run(config, args.workdir, datasets=datasets, progress=progress)
+        if finetune.is_finetune(config):  # an encoder trains through its adapters
+            datasets = finetune.prepare(config, args.workdir)
+            finetune.run(config, args.workdir, datasets=datasets, progress=progress)
+        else:
+            datasets = validate.prepare(config, args.workdir)
+            cross_validation.run(config, args.workdir, datasets=datasets, progress=progress)
         print(f"wall time: {time.perf_counter() - start:.0f} s")
         return 0
 

@@ -135,6 +135,7 @@ def run(
     datasets: list[DatasetFolds] | None = None,
     progress: bool = True,
     hooks: loop.Hooks | None = None,
+    make_steps: Any = Steps,
 ) -> dict:
     """Trains every dataset x seed x fold of ``config`` (skipping finished runs) and reports.
 
@@ -148,6 +149,8 @@ def run(
       datasets: the opened datasets, if the caller already has them.
       progress: progress bars and a line per finished run.
       hooks: loop callbacks (tests).
+      make_steps: ``(config, num_classes, input_shape, mesh=) -> Steps`` (fine-tuning passes
+        one that builds its model, :func:`train.finetune.run`).
 
     Returns:
       ``results.json``'s content: ``columns``, ``best``/``final`` accuracy per dataset and the
@@ -165,7 +168,7 @@ def run(
             records += [RunRecord.load(d) for d in dirs]
             continue
         if program.key not in compiled:
-            compiled[program.key] = Steps(config, *program.key, mesh=mesh)
+            compiled[program.key] = make_steps(config, *program.key, mesh=mesh)
         steps = compiled[program.key]
         records += _train(config, workdir, program, steps, dirs, progress and primary, hooks)
         for r, record in zip(program.runs, records[-len(dirs) :], strict=True):

@@ -40,8 +40,14 @@ def check_labels(labels: np.ndarray, ids: np.ndarray, num_classes: int) -> None:
         )
 
 
-def load_arrays(source: Any) -> dict[str, np.ndarray]:
-    """Every example of ``source``: ``x`` float32 ``[n, N, d]``, ``label`` int32, ``id`` int64."""
+def load_arrays(source: Any) -> dict[str, Any]:
+    """Every example of ``source``: ``x`` float32 ``[n, N, d]``, ``label`` int32, ``id`` int64.
+
+    A :class:`data.pipeline.ArraySource` (fine-tuning) gives its arrays: ``x`` is then a dict
+    of model inputs.
+    """
+    if isinstance(source, pipeline.ArraySource):
+        return source.arrays
     records = [source[i] for i in range(len(source))]
     return {
         "x": np.stack([np.asarray(r["features"], np.float32) for r in records]),
@@ -52,6 +58,8 @@ def load_arrays(source: Any) -> dict[str, np.ndarray]:
 
 def fits_on_device(source: Any, input_shape: tuple) -> bool:
     """Whether ``source``'s features stay under :data:`AUTO_DEVICE_BYTES` in float32."""
+    if isinstance(source, pipeline.ArraySource):
+        return True  # already in host memory as arrays: device memory holds them too
     return len(source) * int(np.prod(input_shape)) * 4 <= AUTO_DEVICE_BYTES
 
 
@@ -146,7 +154,10 @@ class DeviceFeed:
 
     def __init__(self, steps: Steps, source: Any, num_classes: int):
         arrays = load_arrays(source)
-        finite = np.isfinite(arrays["x"]).reshape(len(arrays["x"]), -1).all(axis=1)
+        finite = np.ones(len(arrays["label"]), bool)
+        for leaf in jax.tree.leaves(arrays["x"]):
+            if np.issubdtype(leaf.dtype, np.floating):
+                finite &= np.isfinite(leaf).reshape(len(leaf), -1).all(axis=1)
         if not finite.all():
             bad = int(arrays["id"][np.flatnonzero(~finite)[0]])
             raise ValueError(f"example id {bad}: features contain NaN or Inf.")

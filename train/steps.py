@@ -142,10 +142,15 @@ INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
 
 
 def create_state(
-    model: Any, tx: optax.GradientTransformation, seed: jax.Array | int, input_shape: tuple
+    model: Any, tx: optax.GradientTransformation, seed: jax.Array | int, example: Any
 ) -> TrainState:
-    """The initial state for examples of ``input_shape`` (``(N, d)``); traceable in ``seed``."""
-    variables = model.init(jax.random.key(seed), jnp.zeros((1, *input_shape), jnp.float32))
+    """The initial state for inputs like ``example``; traceable in ``seed``.
+
+    ``example`` is a pytree of ``jax.ShapeDtypeStruct`` of one example with a batch axis of 1
+    (the decoders: float32 ``[1, N, d]``; a fine-tuned encoder: its model inputs).
+    """
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), example)
+    variables = model.init(jax.random.key(seed), zeros)
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -156,6 +161,14 @@ def create_state(
     )
 
 
+def _variables(state: TrainState, frozen: Any) -> dict:
+    """The model's variables: the trained ones, plus the frozen ones when there are any."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    if frozen is not None:
+        variables["frozen"] = frozen
+    return variables
+
+
 def train_step(
     state: TrainState,
     batch: dict,
@@ -163,15 +176,18 @@ def train_step(
     model: Any,
     tx: optax.GradientTransformation,
     loss_fn: Callable,
+    frozen: Any = None,
 ) -> tuple[TrainState, dict]:
     """One optimisation step (pure; jit it with the state donated).
 
     Args:
       state: the train state.
-      batch: ``x`` float ``[b, N, d]``, ``label`` int32 ``[b]``.
-      model: the decoder.
+      batch: ``x`` float ``[b, N, d]`` (or a dict of model inputs), ``label`` int32 ``[b]``.
+      model: the decoder (or a fine-tuned encoder, :class:`train.finetune.FineTuneModel`).
       tx: the optimiser.
       loss_fn: per-example loss ``(logits, labels) -> [b]``.
+      frozen: variables that are inputs, never trained (a fine-tuned encoder's base weights:
+        never differentiated, nor held in the optimiser state), or None.
 
     Returns:
       The new state and ``{'loss': mean loss, 'correct': correct predictions}`` (float32
@@ -180,7 +196,7 @@ def train_step(
 
     def objective(params):
         logits, updates = model.apply(
-            {"params": params, "batch_stats": state.batch_stats},
+            _variables(state.replace(params=params), frozen),
             batch["x"],
             train=True,
             mutable=["batch_stats"],
@@ -201,7 +217,13 @@ def train_step(
 
 
 def eval_batch(
-    state: TrainState, batch: dict, *, model: Any, loss_fn: Callable, gated: bool
+    state: TrainState,
+    batch: dict,
+    *,
+    model: Any,
+    loss_fn: Callable,
+    gated: bool,
+    frozen: Any = None,
 ) -> dict:
     """Sums of loss, correct predictions and (for gated fronts) the gate over valid rows.
 
@@ -209,7 +231,7 @@ def eval_batch(
       ``loss``, ``correct``, ``count`` (float32 scalars) and, when ``gated``, ``gate_total`` and
       ``gate_count`` (float32 ``[N, d]``, :mod:`gaam_jax.importance`'s streaming state).
     """
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    variables = _variables(state, frozen)
     if gated:
         logits, inter = model.apply(variables, batch["x"], mutable=["intermediates"])
     else:
@@ -305,6 +327,11 @@ class Steps:
       input_shape: ``(N, d)`` of one example.
       mesh: optional device mesh.
       rules: logical-to-mesh axis rules.
+      model: a model object to train instead of the config's decoder, with ``init(key,
+        example)``, ``apply(variables, x, train=, mutable=)``, ``example`` (one example's
+        inputs, batch 1, as ``jax.ShapeDtypeStruct`` s), ``frozen`` (variables passed to every
+        program, never trained; they reach ``apply`` as ``variables['frozen']``) and
+        ``optimizer(opt_cfg)``: a fine-tuned encoder (:class:`train.finetune.FineTuneModel`).
     """
 
     def __init__(
@@ -315,34 +342,54 @@ class Steps:
         *,
         mesh: jax.sharding.Mesh | None = None,
         rules: sharding.Rules = sharding.DEFAULT_RULES,
+        model: Any = None,
     ):
         self.config = config
         self.num_classes = num_classes
         self.input_shape = tuple(input_shape)
-        self.model = make_model(config.model, num_classes)
-        self.tx = make_optimizer(config.optimizer)
+        if model is None:
+            self.model = make_model(config.model, num_classes)
+            self.tx = make_optimizer(config.optimizer)
+            self.example = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
+            self.frozen = None
+            self.gated = config.model.front in GATED_FRONTS
+        else:
+            self.model = model
+            self.tx = model.optimizer(config.optimizer)
+            self.example = model.example
+            self.frozen = model.frozen
+            self.gated = False
         self.loss_fn = losses.get(config.loss)
-        self.gated = config.model.front in GATED_FRONTS
         self.mesh = mesh
         self.rules = rules
         self.batch_size = config.batch_size
-        self._step = functools.partial(
-            train_step, model=self.model, tx=self.tx, loss_fn=self.loss_fn
-        )
-        self._evaluate = functools.partial(
-            eval_batch, model=self.model, loss_fn=self.loss_fn, gated=self.gated
-        )
-        self._create = functools.partial(
-            create_state, self.model, self.tx, input_shape=self.input_shape
-        )
+        self._create = functools.partial(create_state, self.model, self.tx, example=self.example)
         self._init_compiled: dict[int, Any] = {}
-        self.train_steps = jax.jit(self._train_steps, donate_argnums=(0, 1))
-        self.train_step = jax.jit(self._train_step_host, donate_argnums=(0, 1))
-        self.evaluate_on_device = jax.jit(self._evaluate_on_device)
-        self.evaluate_batch = jax.jit(
-            lambda s, b: self._replicate(self._over_runs(self._evaluate)(s, b))
+        # The frozen variables are the first argument of every program (an input, not a
+        # constant folded into it: a base model's weights).
+        train_steps = jax.jit(self._train_steps, donate_argnums=(1, 2))
+        train_step = jax.jit(self._train_step_host, donate_argnums=(1, 2))
+        evaluate_on_device = jax.jit(self._evaluate_on_device)
+        evaluate_batch = jax.jit(
+            lambda f, s, b: self._replicate(self._over_runs(self._evaluate(f))(s, b))
         )
+        # The jitted programs themselves (their compile caches), before binding ``frozen``.
+        self.programs = {"train_steps": train_steps, "train_step": train_step}
+        self.train_steps = functools.partial(train_steps, self.frozen)
+        self.train_step = functools.partial(train_step, self.frozen)
+        self.evaluate_on_device = functools.partial(evaluate_on_device, self.frozen)
+        self.evaluate_batch = functools.partial(evaluate_batch, self.frozen)
         self.epoch_end = jax.jit(self._epoch_end, static_argnums=3)
+
+    def _step(self, frozen: Any) -> Callable:
+        return functools.partial(
+            train_step, model=self.model, tx=self.tx, loss_fn=self.loss_fn, frozen=frozen
+        )
+
+    def _evaluate(self, frozen: Any) -> Callable:
+        return functools.partial(
+            eval_batch, model=self.model, loss_fn=self.loss_fn, gated=self.gated, frozen=frozen
+        )
 
     # -- shapes and shardings ------------------------------------------------------------------
 
@@ -378,9 +425,8 @@ class Steps:
         run axis, and so do their optimiser moments; the rest is split over runs only.
         """
         mesh, axis = self.mesh, self.runs_axis(runs)
-        example = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
         params = sharding.param_shardings(
-            sharding.abstract_params(self.model, example), mesh, self.rules
+            sharding.abstract_params(self.model, self.example), mesh, self.rules
         )
         params = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, P(axis, *s.spec)), params)
         per_run = jax.sharding.NamedSharding(mesh, P(axis))
@@ -398,7 +444,12 @@ class Steps:
         )
 
     def batch_spec(self, runs: int, rows: int) -> P:
-        """The PartitionSpec of examples ``[runs, rows, N, d]`` (needs a mesh)."""
+        """The PartitionSpec of examples ``[runs, rows, N, d]`` (needs a mesh).
+
+        Model inputs of a fine-tuned encoder are split over runs and batch only.
+        """
+        if self.frozen is not None:
+            return sharding.logical_to_spec(("runs", "batch"), (runs, rows), self.mesh, self.rules)
         return sharding.logical_to_spec(
             ("runs", "batch", "layers", "embed"), (runs, rows, *self.input_shape), self.mesh,
             self.rules,
@@ -424,13 +475,13 @@ class Steps:
     def _constrain(self, batch: dict) -> dict:
         if self.mesh is None:
             return batch
-        spec = self.batch_spec(*batch["x"].shape[:2])
-        return {
-            k: jax.lax.with_sharding_constraint(
+        spec = self.batch_spec(*batch["label"].shape[:2])
+        return jax.tree.map(
+            lambda v: jax.lax.with_sharding_constraint(
                 v, jax.sharding.NamedSharding(self.mesh, P(*spec[: v.ndim]))
-            )
-            for k, v in batch.items()
-        }
+            ),
+            batch,
+        )
 
     # -- programs ------------------------------------------------------------------------------
 
@@ -447,10 +498,12 @@ class Steps:
 
     def _gather(self, data: dict, rows: jax.Array) -> dict:
         """Examples ``rows`` (``[runs, batch]`` indices) of the device dataset."""
-        return self._constrain({"x": data["x"][rows], "label": data["label"][rows]})
+        x = jax.tree.map(lambda a: a[rows], data["x"])  # a dict of model inputs, or features
+        return self._constrain({"x": x, "label": data["label"][rows]})
 
     def _train_steps(
         self,
+        frozen: Any,
         state: TrainState,
         sums: Sums,
         data: dict,
@@ -462,6 +515,7 @@ class Steps:
         """Positions ``start..stop-1`` of the epoch, every run at once.
 
         Args:
+          frozen: the frozen variables (None for the decoders).
           state: ``[runs]`` states (donated).
           sums: ``[runs]`` metric sums (donated).
           data: ``x [n, N, d]``, ``label [n]`` on device (every run's examples).
@@ -470,7 +524,7 @@ class Steps:
           start: first position.
           stop: end position (exclusive).
         """
-        step = self._over_runs(functools.partial(masked_step, step=self._step))
+        step = self._over_runs(functools.partial(masked_step, step=self._step(frozen)))
         add = jax.vmap(functools.partial(accumulate, batch_size=self.batch_size))
 
         def body(i, carry):
@@ -504,19 +558,19 @@ class Steps:
         return self._keep(state), self._replicate(tracker), self._replicate(improved)
 
     def _train_step_host(
-        self, state: TrainState, sums: Sums, batch: dict, active: jax.Array
+        self, frozen: Any, state: TrainState, sums: Sums, batch: dict, active: jax.Array
     ) -> tuple[TrainState, Sums]:
         """One position of every run on a batch the host read (``x [runs, batch, N, d]``)."""
-        step = self._over_runs(functools.partial(masked_step, step=self._step))
+        step = self._over_runs(functools.partial(masked_step, step=self._step(frozen)))
         state, metrics = step(state, self._constrain(batch), active)
         add = jax.vmap(functools.partial(accumulate, batch_size=self.batch_size))
         return self._keep(state), self._replicate(add(sums, metrics, state.step, active))
 
     def _evaluate_on_device(
-        self, state: TrainState, data: dict, order: jax.Array, valid: jax.Array
+        self, frozen: Any, state: TrainState, data: dict, order: jax.Array, valid: jax.Array
     ) -> dict:
         """Evaluation sums per run over ``order`` (``[runs, batches, rows]``; ``valid`` masks)."""
-        evaluate = self._over_runs(self._evaluate)
+        evaluate = self._over_runs(self._evaluate(frozen))
 
         def batch(i):
             rows = self._gather(data, order[:, i])

@@ -61,4 +61,5 @@ class DaamAdapter(nn.Module):
             h, delta, xi, axis=-2, feature_axis=-1, mask=None if mask is None else mask[..., None]
         )
         hf = h.astype(jnp.float32)
+        scale = scale.reshape((1,) * (h.ndim - 1) + (d,))
         return (hf + scale * (hf * gate - hf)).astype(h.dtype)

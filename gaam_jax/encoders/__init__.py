@@ -528,7 +528,8 @@ def init_adapters(module: nn.Module, example: Mapping[str, Any], seed: int = 0) 
     """
 
     def init(key):
-        return module.init(key, **example)[ADAPTERS]
+        inputs = {k: jnp.zeros(v.shape, v.dtype) for k, v in example.items()}
+        return module.init(key, **inputs)[ADAPTERS]
 
     return jax.jit(init)(jax.random.key(seed))
 

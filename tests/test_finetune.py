@@ -1,0 +1,202 @@
+"""Fine-tuning through the encoder: trainable counts, gradients, LoRA+, and a resumed run.
+
+The full-size encoders of the paper (WavLM-Large, BEiT-Large, Llama-2-13B) are built from their
+published config.json values and counted with ``jax.eval_shape`` (nothing is allocated); the
+runs use MiniLM and the offline text set at runlocal size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from gaam_jax.adapters import Adapters, LoRA
+from gaam_jax.encoders import _configured, _example_inputs, heads
+from gaam_jax.param_count import count_params
+from tests.train_helpers import Stop, stop_after
+from train import config as config_lib
+from train import finetune
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "encoders"
+
+# Published config.json values of the paper's encoders (only what the ports read).
+WAVLM_LARGE = dict(
+    model_type="wavlm", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+    intermediate_size=4096, conv_dim=[512] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2],
+    conv_stride=[5, 2, 2, 2, 2, 2, 2], conv_bias=True, feat_extract_norm="layer",
+    do_stable_layer_norm=True, num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16,
+    num_buckets=320, max_bucket_distance=800, classifier_proj_size=256, layer_norm_eps=1e-5,
+    hidden_act="gelu", feat_extract_activation="gelu",
+)  # fmt: skip
+BEIT_LARGE = dict(
+    model_type="beit", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+    intermediate_size=4096, image_size=224, patch_size=16, num_channels=3,
+    use_relative_position_bias=True, use_shared_relative_position_bias=False,
+    use_absolute_position_embeddings=False, use_mean_pooling=True, layer_scale_init_value=0.1,
+    layer_norm_eps=1e-12, hidden_act="gelu", num_labels=100,
+)  # fmt: skip
+LLAMA_13B = dict(
+    model_type="llama", hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
+    num_key_value_heads=40, intermediate_size=13824, vocab_size=32000,
+    max_position_embeddings=4096, rms_norm_eps=1e-5, hidden_act="silu", pad_token_id=2,
+)  # fmt: skip
+
+
+def _trainable(raw: dict, rank: int, num_classes: int, paper_faithful: bool) -> int:
+    lora = LoRA(rank=rank, alpha=16.0, scaling="raw_alpha" if paper_faithful else "alpha_over_r")
+    _, _, module = _configured(raw, adapters=Adapters(lora=lora))
+    kind = raw["model_type"]
+    if kind == "wavlm":  # transformers' head reads last_hidden_state (final LayerNorm applied)
+        module = module.clone(final_norm_on_last_state=True)
+    classifier = heads.SequenceClassifier(
+        module, num_classes, "auto", heads.head_kwargs_from_hf(kind, raw), parent=None
+    )
+    example = _example_inputs(kind, raw)
+    shapes = nn.unbox(jax.eval_shape(classifier.init, jax.random.key(0), example))
+    pattern = heads.trainable_head_paths(kind, paper_faithful)
+    head = {
+        p: v for p, v in flatten_dict(shapes["params"]["head"]).items()
+        if re.search(pattern, "/".join(p))
+    }  # fmt: skip
+    return count_params(shapes["adapters"]) + count_params(list(head.values()))
+
+
+@pytest.mark.parametrize(
+    "raw, rank, classes, paper, want",
+    [
+        (WAVLM_LARGE, 4, 4, True, 394_244),  # 393,216 LoRA + the 1,028-parameter classifier
+        (WAVLM_LARGE, 8, 4, True, 787_460),
+        (BEIT_LARGE, 8, 100, True, 888_932),  # 786,432 LoRA + classifier 102,500
+        (LLAMA_13B, 4, 4, True, 3_276_800),  # LoRA only: the score head is frozen random
+        (LLAMA_13B, 8, 4, True, 6_553_600),
+        # Corrected (default): every head parameter trains.
+        (WAVLM_LARGE, 4, 4, False, 393_216 + 1024 * 256 + 256 + 256 * 4 + 4),
+        (LLAMA_13B, 4, 4, False, 3_276_800 + 5120 * 4),
+        (BEIT_LARGE, 8, 100, False, 888_932 + 2 * 1024),  # + the pooler's LayerNorm
+    ],
+    ids=[
+        "wavlm-r4",
+        "wavlm-r8",
+        "beit-r8",
+        "llama-r4",
+        "llama-r8",
+        "wavlm-r4-all",
+        "llama-r4-all",
+        "beit-r8-all",
+    ],  # fmt: skip
+)
+def test_paper_trainable_parameter_counts(raw, rank, classes, paper, want):
+    assert _trainable(raw, rank, classes, paper) == want
+
+
+def _randomised(tree, key):
+    """Adapters moved off the identity (B, DAAM scale and offsets non-zero)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten(
+        [
+            x + 0.1 * jax.random.normal(k, x.shape, x.dtype)
+            for x, k in zip(leaves, keys, strict=False)
+        ]
+    )
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama", "beit", "wavlm"])
+def test_every_adapter_parameter_gets_a_gradient(arch):
+    """LoRA (q and v) and DAAM on every architecture: no adapter is bypassed (WavLM's q/v are
+    in transformers; here every A, B and gate parameter moves the output)."""
+    from gaam_jax.encoders import bert, from_pretrained
+
+    folder = {
+        "bert": bert.minilm_dir(), "llama": FIXTURES / "llama" / "base",
+        "beit": FIXTURES / "beit" / "mim_relbias", "wavlm": FIXTURES / "wavlm" / "base",
+    }[arch]  # fmt: skip
+    enc = from_pretrained(folder, adapters=Adapters(lora=LoRA(rank=2), daam=True))
+    example = jax.tree.map(lambda s: jnp.ones((2, *s.shape[1:]), s.dtype), enc.example_inputs())
+    if arch in ("bert", "llama"):
+        example = {"input_ids": jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 50}
+    else:
+        key = jax.random.key(1)
+        example = jax.tree.map(lambda x: jax.random.normal(key, x.shape, x.dtype), example)
+    adapters = _randomised(enc.adapters, jax.random.key(0))
+
+    def loss(a):
+        out = enc.module.apply({"params": enc.params, "adapters": a}, **example)
+        return jnp.sum(jnp.square(out[:, -1]))
+
+    grads = jax.grad(loss)(adapters)
+    flat = flatten_dict(grads)
+    assert any(k[-1] == "lora_a" for k in flat) and any(k[-1] == "scale" for k in flat)
+    for path, g in flat.items():
+        per_layer = np.abs(np.asarray(g)).reshape(g.shape[0], -1).max(axis=1)
+        assert (per_layer > 0).all(), f"{arch}: {'/'.join(path)} has a zero gradient"
+
+
+def _model(loraplus: float, paper_faithful: bool) -> finetune.FineTuneModel:
+    c = config_lib.load("configs/finetune.py:loraplus_r4,runlocal")
+    c.optimizer.loraplus_ratio = loraplus
+    c.paper_faithful = paper_faithful
+    example = {"input_ids": jax.ShapeDtypeStruct((1, 8), jnp.int32),
+               "attention_mask": jax.ShapeDtypeStruct((1, 8), jnp.int32)}  # fmt: skip
+    return finetune.build_model(c, 2, example)
+
+
+@pytest.mark.parametrize("paper_faithful", [False, True])
+def test_loraplus_groups(paper_faithful):
+    """LoRA+: on equal gradients AdamW's first step moves B 2.828 x as far as A; the head is
+    trained (its own group) unless paper-faithful, where LoRA+'s optimiser holds only A and B."""
+    from train.config import load
+
+    model = _model(2.828, paper_faithful)
+    tx = model.optimizer(load("configs/finetune.py:loraplus_r4").optimizer)
+    params = model.init(jax.random.key(0), jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype),
+                                                        model.example))["params"]  # fmt: skip
+    grads = jax.tree.map(lambda x: jnp.full(x.shape, 1e-3, x.dtype), params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    flat = {"/".join(k): np.abs(np.asarray(v)) for k, v in flatten_dict(updates).items()}
+    a = [v for k, v in flat.items() if k.endswith("lora_a")]
+    b = [v for k, v in flat.items() if k.endswith("lora_b")]
+    # |adamw step| = lr * (1 + weight decay * |p| / lr ...): compare where p = 0 (B starts 0).
+    lr = 5e-4
+    np.testing.assert_allclose(np.concatenate([x.ravel() for x in b]), 2.828 * lr, rtol=1e-3)
+    assert all(x.max() > 0 for x in a)
+    head = [v for k, v in flat.items() if k.startswith("head/")]
+    assert all((x == 0).all() for x in head) == paper_faithful
+
+
+def _digest(tree) -> str:
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        h.update(np.asarray(leaf).tobytes())
+    return h.hexdigest()
+
+
+def test_finetune_run_resumes_bit_identically_and_leaves_the_base_unchanged(tmp_path):
+    """LoRA + DAAM adapters on MiniLM: a run stopped after its first checkpoint and resumed
+    equals an uninterrupted one bit for bit; the base weights are the same bytes afterwards."""
+    c = config_lib.load("configs/finetune.py:daam_adapter_lora,runlocal")
+    c.cv.k = 2
+    c.seeds = (0,)
+    datasets = finetune.check(c, tmp_path / "a")
+    whole = finetune.run(c, tmp_path / "a", datasets=datasets, progress=False)
+    with pytest.raises(Stop):
+        finetune.run(c, tmp_path / "b", datasets=datasets, progress=False, hooks=stop_after(3))
+    resumed = finetune.run(c, tmp_path / "b", datasets=datasets, progress=False)
+    for r in ("a", "b"):
+        assert (tmp_path / r / "pang_lee_polarity" / "seed0_fold1" / "adapter"
+                / "adapter_model.safetensors").exists()  # fmt: skip
+    rec_a = [(r["best_accuracy"], r["best_state_sha256"]) for r in whole["records"]]
+    rec_b = [(r["best_accuracy"], r["best_state_sha256"]) for r in resumed["records"]]
+    assert rec_a == rec_b
+    model = finetune.build_model(c, 2, finetune.example_of(datasets[0]))
+    before = _digest(model.frozen)
+    finetune.run(c, tmp_path / "c", datasets=datasets, progress=False)
+    assert _digest(model.frozen) == before

@@ -1,0 +1,418 @@
+"""Fine-tuning an encoder (LoRA, LoRA+, DAAM adapters) through the one-program training loop.
+
+A fine-tuning config (``configs/finetune.py``, ``configs/paper/*.py:lora_*``) has an ``encoder``
+section. Its runs go through the same scheduler, loop, checkpoints and artefacts as the
+decoders on frozen features (:mod:`train.cross_validation`), with two differences:
+
+* the examples are the encoder's model inputs (token ids and mask, pixel values, or waveforms),
+  preprocessed on the host once by the extractor's own preprocessing (:mod:`data.preprocess`)
+  and held as arrays (:class:`data.pipeline.ArraySource`);
+* the model is a :class:`FineTuneModel`: the encoder with its adapters and a classification
+  head (:class:`gaam_jax.encoders.heads.SequenceClassifier`). The train state holds only what
+  trains (the head and the adapter collection) and its optimiser state; the base weights are
+  the programs' ``frozen`` input, never differentiated, never in the optimiser, never in a
+  checkpoint (the run identity names them instead: folder or hub id and a fingerprint).
+
+Each run is its own program (``runs_per_program`` 1: a model too large to stack). A finished run
+also writes ``adapter/`` (``adapter_config.json``, ``adapter_model.safetensors``) of its best
+state in Hugging Face PEFT's format, which ``peft.PeftModel.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import re
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from data import pipeline
+from gaam_jax import adapters as adapters_lib
+from gaam_jax.encoders import checkpoint, heads
+from train import steps as steps_lib
+from train.config import ConfigError, one_line
+from train.splits import DatasetFolds
+
+DTYPES = steps_lib.DTYPES
+
+
+def is_finetune(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config`` fine-tunes an encoder (it has an ``encoder`` section)."""
+    return "encoder" in config
+
+
+def adapters_from_config(cfg: ml_collections.ConfigDict) -> adapters_lib.Adapters:
+    """``config.adapters`` -> :class:`gaam_jax.adapters.Adapters` (``lora_rank`` 0: no LoRA)."""
+    lora = None
+    if cfg.lora_rank:
+        lora = adapters_lib.LoRA(
+            rank=int(cfg.lora_rank),
+            alpha=float(cfg.lora_alpha),
+            targets=str(cfg.lora_targets),
+            scaling=str(cfg.lora_scaling),
+            init=str(cfg.lora_init),
+        )
+    return adapters_lib.Adapters(lora=lora, daam=bool(cfg.daam))
+
+
+def weights_fingerprint(folder: str | pathlib.Path) -> str:
+    """SHA-256 over a model folder's ``config.json`` and weight files (name, size, contents).
+
+    Every weight byte is read (about 1 s per GB): a changed weight changes the fingerprint.
+    """
+    folder = pathlib.Path(folder)
+    h = hashlib.sha256()
+    files = [folder / "config.json", *sorted(folder.glob("*.safetensors"))]
+    for file in files:
+        h.update(file.name.encode() + b"\0" + str(file.stat().st_size).encode() + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def encoder_folder(config: ml_collections.ConfigDict) -> pathlib.Path:
+    """The encoder's local folder (a hub id resolved in the Hugging Face cache)."""
+    path = config.encoder.path
+    if not path:
+        from gaam_jax.encoders import bert
+
+        path = bert.minilm_dir()
+    return checkpoint.resolve(path, config.encoder.get("revision") or None)
+
+
+@dataclasses.dataclass(eq=False)
+class FineTuneModel:
+    """An adapted encoder with a head, as :class:`train.steps.Steps` trains a model.
+
+    The trained variables are ``{'head': ..., 'adapters': ...}`` (the state's ``params``); the
+    base weights are ``frozen`` (``{'encoder': ...}``), which the programs pass to :meth:`apply`
+    as ``variables['frozen']``.
+
+    Attributes:
+      module: the :class:`~gaam_jax.encoders.heads.SequenceClassifier`.
+      frozen: ``{'encoder': base params}`` on device.
+      example: one example's model inputs (batch 1) as ``jax.ShapeDtypeStruct`` s.
+      pretrained_head: head parameters the checkpoint has (the rest start fresh).
+      trainable_head: regular expression of the head parameter paths that train.
+      loraplus_ratio: LoRA+'s learning-rate ratio of ``B`` to ``A`` (0: plain LoRA).
+      paper_faithful: the paper's LoRA+ optimiser holds only ``A`` and ``B``.
+    """
+
+    module: heads.SequenceClassifier
+    frozen: Any
+    example: Any
+    pretrained_head: Any
+    trainable_head: str
+    loraplus_ratio: float = 0.0
+    paper_faithful: bool = False
+
+    def init(self, key: jax.Array, x: Any) -> dict:
+        """Fresh trained variables ``{'params': {'head': ..., 'adapters': ...}}`` (traceable)."""
+        variables = self.module.init(key, x)
+        head = heads.merge_head_params(
+            variables["params"]["head"], self.pretrained_head, skip_mismatched=True
+        )
+        return {"params": {"head": head, "adapters": variables.get(adapters_lib.COLLECTION, {})}}
+
+    def apply(self, variables: dict, x: Any, train: bool = False, mutable: Any = False) -> Any:
+        """Logits float32 ``[B, C]`` (and no updated collections, when ``mutable``)."""
+        trained = variables["params"]
+        full = {"params": {"encoder": variables["frozen"]["encoder"], "head": trained["head"]}}
+        if trained["adapters"]:
+            full[adapters_lib.COLLECTION] = trained["adapters"]
+        logits = self.module.apply(full, x)  # eval mode: the heads' dropout is off
+        return (logits, {}) if mutable else logits
+
+    def labels(self, params: dict) -> dict:
+        """Optimiser group of every trained leaf: ``lora_a``, ``lora_b``, ``other``, ``frozen``."""
+        head = re.compile(self.trainable_head)
+
+        def label(path: tuple, _: Any) -> str:
+            names = [str(getattr(k, "key", k)) for k in path]
+            if names[0] == "head":
+                if self.loraplus_ratio and self.paper_faithful:
+                    return "frozen"  # the paper's LoRA+ optimiser holds only A and B
+                return "other" if head.search("/".join(names[1:])) else "frozen"
+            if names[-1] == "lora_a":
+                return "lora_a"
+            if names[-1] == "lora_b":
+                return "lora_b"
+            return "other"  # DAAM adapters
+
+        return jax.tree_util.tree_map_with_path(label, params)
+
+    def optimizer(self, opt_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+        """AdamW per group (LoRA+: ``B`` at ``loraplus_ratio`` x the rate), clipped together.
+
+        Frozen head parameters get no update (weight decay included) and stay out of the
+        clipping norm.
+        """
+        lr, wd = opt_cfg.learning_rate, opt_cfg.weight_decay
+        ratio = self.loraplus_ratio or 1.0
+        groups = {
+            "lora_a": optax.adamw(lr, weight_decay=wd),
+            "lora_b": optax.adamw(lr * ratio, weight_decay=wd),
+            "other": optax.adamw(lr, weight_decay=wd),
+        }
+
+        def trained(labels):
+            return jax.tree.map(lambda g: "trained" if g != "frozen" else "frozen", labels)
+
+        inner = optax.chain(
+            optax.clip_by_global_norm(opt_cfg.grad_clip),
+            optax.partition(groups, lambda p: jax.tree.map(_unfrozen, self.labels(p))),
+        )
+        return optax.partition(
+            {"trained": inner, "frozen": optax.set_to_zero()},
+            lambda p: trained(self.labels(p)),
+        )
+
+
+def _unfrozen(label: str) -> str:
+    # Inside the trained branch the frozen leaves are already masked out (optax.partition gives
+    # them MaskedNode); any name of a group serves.
+    return label if label != "frozen" else "other"
+
+
+def build_model(
+    config: ml_collections.ConfigDict, num_classes: int, example: Any, mesh: Any = None
+) -> FineTuneModel:
+    """Loads the encoder (sharded over ``mesh``) and puts the config's adapters and head on it.
+
+    Args:
+      config: a fine-tuning config.
+      num_classes: C.
+      example: one example's model inputs (batch 1) as ``jax.ShapeDtypeStruct`` s.
+      mesh: optional mesh with ``data`` and ``model`` axes.
+    """
+    from gaam_jax.encoders import from_pretrained
+
+    enc_cfg = config.encoder
+    folder = encoder_folder(config)
+    encoder = from_pretrained(
+        folder,
+        dtype=DTYPES[enc_cfg.dtype],
+        mesh=mesh,
+        attention=enc_cfg.attention,
+        remat=enc_cfg.remat,
+        adapters=adapters_from_config(config.adapters),
+    )
+    head_kwargs = dict(config.model.get("head_kwargs", {}))
+    for key in ("map_shape", "layers"):
+        if key in head_kwargs:
+            head_kwargs[key] = tuple(head_kwargs[key]) or None
+    # The head's fresh parameters are drawn per run in FineTuneModel.init; only the module (and
+    # the WavLM final-norm choice it implies) is taken from here.
+    module, _ = heads.classifier_from_encoder(
+        encoder, num_classes, config.model.head, head_kwargs or None
+    )
+    found = heads.head_params_from_hf(
+        module.head_kind, encoder.config_json, checkpoint.open_tensors(folder)
+    )
+    return FineTuneModel(
+        module=module,
+        frozen={"encoder": encoder.params},
+        example=example,
+        pretrained_head=jax.tree.map(np.array, found),  # small host copies (pooler, norms)
+        trainable_head=heads.trainable_head_paths(module.head_kind, config.paper_faithful),
+        loraplus_ratio=float(config.optimizer.get("loraplus_ratio", 0.0)),
+        paper_faithful=bool(config.paper_faithful),
+    )
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def preprocess(config: ml_collections.ConfigDict, records: Any) -> dict[str, np.ndarray]:
+    """Every record's model inputs, preprocessed as extraction does (one padded array each).
+
+    Texts are tokenised and padded on the right to the longest (bucketed) length; images
+    resized and normalised; waveforms normalised, with their mask.
+    """
+    from data.extract import FeatureEncoder
+
+    encoder = FeatureEncoder(
+        encoder_folder(config), max_length=config.encoder.get("max_length") or None
+    )
+    n = len(records)
+    items = [records[i] for i in range(n)]
+    if encoder.modality == "text":  # input_ids, attention_mask int32 [n, T]
+        return encoder.preprocess([r["text"] for r in items])
+    if encoder.modality == "image":
+        return dict(encoder.preprocess([r["image"] for r in items]))
+    audio = np.stack([r["audio"] for r in items])
+    lengths = np.array([r["length"] for r in items])
+    return dict(encoder.preprocess(audio, lengths))
+
+
+def open_raw_folds(config: ml_collections.ConfigDict, name: str) -> DatasetFolds:
+    """Opens dataset ``name`` (tfds folder ``dataset_paths[name]``) as preprocessed inputs.
+
+    The folds of ``config.cv`` are cut exactly as :func:`train.splits.open_folds` cuts them for
+    the features (same labels in the same order: the same folds as the decoders' runs).
+    """
+    from data.datasets import registry
+
+    records, info = registry.load_examples(name, config.dataset_paths[name], "train")
+    inputs = preprocess(config, records)
+    n = len(records)
+    labels = np.array([int(records[i]["label"]) for i in range(n)], np.int64)
+    ids = np.array([int(records[i]["id"]) for i in range(n)], np.int64)
+    source = pipeline.ArraySource(inputs, labels, ids)
+    num_classes = info.features["label"].num_classes
+    kind = config.cv.kind
+    if kind == "stratified_kfold":
+        folds = pipeline.stratified_kfold(labels, config.cv.k, config.cv.seed)
+    elif kind == "leave_one_group_out":
+        groups = np.array([int(records[i]["group"]) for i in range(n)], np.int64)
+        folds = pipeline.leave_one_group_out(groups)
+    else:
+        raise ValueError(f"fine-tuning supports cv.kind stratified_kfold or leave_one_group_out, "
+                         f"got {kind!r}.")  # fmt: skip
+    shape = tuple(sorted((k, tuple(v.shape[1:])) for k, v in inputs.items()))
+    return DatasetFolds(name, source, info, folds, num_classes, shape, labels)
+
+
+def example_of(split: DatasetFolds) -> dict[str, jax.ShapeDtypeStruct]:
+    """One example's model inputs (batch 1), abstract."""
+    return {
+        k: jax.ShapeDtypeStruct((1, *v.shape[1:]), v.dtype)
+        for k, v in split.source.arrays["x"].items()
+    }
+
+
+# -- the job ------------------------------------------------------------------------------------
+
+
+def identity(config: ml_collections.ConfigDict) -> dict:
+    """The run identity: the resolved config, the datasets and the base weights' fingerprint."""
+    from train import runs
+
+    folder = encoder_folder(config)
+    found = runs.identity(config)
+    found["encoder"] = {"folder": os.fspath(folder), "fingerprint": weights_fingerprint(folder)}
+    for name, path in dict(config.dataset_paths).items():
+        infos = sorted(pathlib.Path(path, name).glob("*/dataset_info.json"))
+        found["data"][name]["fingerprint"] = runs.dataset_fingerprint(infos[-1].parent) if infos \
+            else None  # fmt: skip
+    return found
+
+
+def check(config: ml_collections.ConfigDict, workdir: Any) -> list[DatasetFolds]:
+    """Validates a fine-tuning config before any work; returns the opened datasets."""
+    from train import validate
+
+    validate.check_values(config)
+    validate.check_workdir(workdir)
+    validate.check_mesh(config)
+    if config.get("runs_per_program", 1) != 1:
+        raise ConfigError("fine-tuning trains one run per program: set runs_per_program=1.")
+    for key, allowed in (("encoder.dtype", tuple(DTYPES)), ("model.head", ("auto", *heads.HEADS))):
+        value = validate._get(config, key)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}.")
+    try:
+        adapters_from_config(config.adapters)
+        folder = encoder_folder(config)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(one_line(err)) from err
+    splits = []
+    for name in config.dataset_paths:
+        try:
+            split = open_raw_folds(config, name)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"{name}: {one_line(err)}") from err
+        smallest = min(len(tr) for tr, _ in split.folds)
+        if config.batch_size > smallest:
+            raise ConfigError(
+                f"batch_size {config.batch_size} exceeds the {smallest} training examples of "
+                f"{name}'s smallest split; use --config.batch_size={smallest} or less."
+            )
+        splits.append(split)
+    try:
+        model = build_model(config, splits[0].num_classes, example_of(splits[0]))
+        steps_lib.Steps(config, splits[0].num_classes, splits[0].input_shape, model=model)
+        jax.eval_shape(model.init, jax.random.key(0), model.example)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{folder}: {one_line(err)}") from err
+    return splits
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: Any) -> list[DatasetFolds]:
+    """:func:`check`, then claims ``workdir`` for this identity (as :func:`validate.prepare`)."""
+    from train import runs
+
+    splits = check(config, workdir)
+    current = identity(config)
+    try:
+        known = runs.check_identity(workdir, current)
+        if jax.process_index() == 0:
+            runs.claim(workdir)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if not known and jax.process_index() == 0:
+        pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+        runs.write_json_atomic(pathlib.Path(workdir) / runs.CONFIG, current)
+    return splits
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: Any,
+    *,
+    datasets: list[DatasetFolds] | None = None,
+    progress: bool = True,
+    hooks: Any = None,
+) -> dict:
+    """Fine-tunes every dataset x seed x fold of ``config`` (resuming) and reports.
+
+    Every finished run's folder also gets ``adapter/``: its best state's LoRA in PEFT format
+    (when the config has a LoRA).
+    """
+    from train import cross_validation
+
+    datasets = datasets or [open_raw_folds(config, n) for n in config.dataset_paths]
+    built: dict[tuple, FineTuneModel] = {}
+
+    def make_steps(cfg, num_classes, input_shape, mesh=None):
+        key = (num_classes, input_shape)
+        if key not in built:
+            split = next(d for d in datasets if (d.num_classes, d.input_shape) == key)
+            built[key] = build_model(cfg, num_classes, example_of(split), mesh)
+        return steps_lib.Steps(cfg, num_classes, input_shape, mesh=mesh, model=built[key])
+
+    results = cross_validation.run(
+        config, workdir, datasets=datasets, progress=progress, hooks=hooks, make_steps=make_steps
+    )
+    if config.adapters.lora_rank and jax.process_index() == 0:
+        for record in results["records"]:
+            _write_adapter(config, pathlib.Path(workdir), record)
+    return results
+
+
+def _write_adapter(config: ml_collections.ConfigDict, workdir: pathlib.Path, record: dict) -> None:
+    from gaam_jax.adapters import peft
+    from train import artefacts
+    from train.runs import run_folder
+
+    folder = workdir / run_folder(record["dataset"], record["seed"], record["fold"] or 1)
+    target = folder / "adapter"
+    if (target / "adapter_model.safetensors").exists():
+        return
+    best = artefacts.load_best_variables(folder)
+    raw = json.loads((encoder_folder(config) / "config.json").read_text())
+    from gaam_jax.encoders import _configured
+
+    _, enc_config, _ = _configured(raw)
+    lora = adapters_from_config(config.adapters).lora
+    adapters = best["params"]["adapters"]["encoder"]
+    peft.save(target, lora, adapters, raw["model_type"], enc_config,
+              base_model_name_or_path=config.encoder.path or None)  # fmt: skip
