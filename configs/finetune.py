@@ -34,6 +34,7 @@ def base() -> ml_collections.ConfigDict:
             attention="auto",
             remat="none",  # none | full | dots (per layer, for long inputs)
             max_length=64,
+            pooling="mean",  # mean: the model's mask; mean_with_padding: none (texts padded)
         )
     )
     c.adapters = ml_collections.ConfigDict(

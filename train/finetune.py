@@ -38,7 +38,7 @@ from gaam_jax import adapters as adapters_lib
 from gaam_jax.encoders import checkpoint, heads
 from train import steps as steps_lib
 from train.config import ConfigError, one_line
-from train.splits import DatasetFolds
+from train.splits import CV_KINDS, DatasetFolds
 
 DTYPES = steps_lib.DTYPES
 
@@ -209,6 +209,13 @@ def build_model(
     for key in ("map_shape", "layers"):
         if key in head_kwargs:
             head_kwargs[key] = tuple(head_kwargs[key]) or None
+    if encoder.model_type == "llama" and config.model.head in ("auto", "llama"):
+        # The head finds each row's last token by the id the preprocessing pads with (Llama:
+        # eos, as the paper's scripts), whatever config.json's pad_token_id says.
+        from data.preprocess.text import TextPreprocessor
+
+        pad = TextPreprocessor(folder, encoder.config_json).pad_id
+        head_kwargs.setdefault("pad_token_id", pad)
     # The head's fresh parameters are drawn per run in FineTuneModel.init; only the module (and
     # the WavLM final-norm choice it implies) is taken from here.
     module, _ = heads.classifier_from_encoder(
@@ -231,25 +238,26 @@ def build_model(
 # -- data ---------------------------------------------------------------------------------------
 
 
-def preprocess(config: ml_collections.ConfigDict, records: Any) -> dict[str, np.ndarray]:
+def preprocess(config: ml_collections.ConfigDict, records: list[dict]) -> dict[str, np.ndarray]:
     """Every record's model inputs, preprocessed as extraction does (one padded array each).
 
-    Texts are tokenised and padded on the right to the longest (bucketed) length; images
-    resized and normalised; waveforms normalised, with their mask.
+    Texts are tokenised (truncated to ``encoder.max_length``) and padded on the right to the
+    longest (bucketed) length; images resized and normalised; waveforms normalised, with the
+    mask of their real samples where the model takes one.
     """
     from data.extract import FeatureEncoder
 
     encoder = FeatureEncoder(
-        encoder_folder(config), max_length=config.encoder.get("max_length") or None
+        encoder_folder(config),
+        max_length=config.encoder.get("max_length") or None,
+        pooling=config.encoder.get("pooling", "mean"),
     )
-    n = len(records)
-    items = [records[i] for i in range(n)]
     if encoder.modality == "text":  # input_ids, attention_mask int32 [n, T]
-        return encoder.preprocess([r["text"] for r in items])
+        return encoder.preprocess([r["text"] for r in records])
     if encoder.modality == "image":
-        return dict(encoder.preprocess([r["image"] for r in items]))
-    audio = np.stack([r["audio"] for r in items])
-    lengths = np.array([r["length"] for r in items])
+        return dict(encoder.preprocess([r["image"] for r in records]))
+    audio = np.stack([r["audio"] for r in records])
+    lengths = np.array([r["length"] for r in records])
     return dict(encoder.preprocess(audio, lengths))
 
 
@@ -257,26 +265,34 @@ def open_raw_folds(config: ml_collections.ConfigDict, name: str) -> DatasetFolds
     """Opens dataset ``name`` (tfds folder ``dataset_paths[name]``) as preprocessed inputs.
 
     The folds of ``config.cv`` are cut exactly as :func:`train.splits.open_folds` cuts them for
-    the features (same labels in the same order: the same folds as the decoders' runs).
+    the features (same labels in the same order: the same folds as the decoders' runs); for
+    ``holdout`` the ``test`` split follows the ``train`` split and validates.
     """
     from data.datasets import registry
 
-    records, info = registry.load_examples(name, config.dataset_paths[name], "train")
-    inputs = preprocess(config, records)
-    n = len(records)
-    labels = np.array([int(records[i]["label"]) for i in range(n)], np.int64)
-    ids = np.array([int(records[i]["id"]) for i in range(n)], np.int64)
+    kind = config.cv.kind
+    splits = ("train", "test") if kind == "holdout" else ("train",)
+    records, info = [], None
+    for split in splits:
+        source, info = registry.load_examples(
+            name, config.dataset_paths[name], split, manual_dir=config.get("manual_dir") or None
+        )
+        records.append([source[i] for i in range(len(source))])
+    every = [r for part in records for r in part]
+    inputs = preprocess(config, every)
+    labels = np.array([int(r["label"]) for r in every], np.int64)
+    ids = np.array([int(r["id"]) for r in every], np.int64)
     source = pipeline.ArraySource(inputs, labels, ids)
     num_classes = info.features["label"].num_classes
-    kind = config.cv.kind
-    if kind == "stratified_kfold":
+    if kind == "holdout":
+        n = len(records[0])
+        folds = [(np.arange(n), np.arange(n, len(every)))]
+    elif kind == "stratified_kfold":
         folds = pipeline.stratified_kfold(labels, config.cv.k, config.cv.seed)
     elif kind == "leave_one_group_out":
-        groups = np.array([int(records[i]["group"]) for i in range(n)], np.int64)
-        folds = pipeline.leave_one_group_out(groups)
+        folds = pipeline.leave_one_group_out([int(r["group"]) for r in every])
     else:
-        raise ValueError(f"fine-tuning supports cv.kind stratified_kfold or leave_one_group_out, "
-                         f"got {kind!r}.")  # fmt: skip
+        raise ValueError(f"cv.kind must be one of {CV_KINDS}, got {kind!r}.")
     shape = tuple(sorted((k, tuple(v.shape[1:])) for k, v in inputs.items()))
     return DatasetFolds(name, source, info, folds, num_classes, shape, labels)
 
@@ -371,23 +387,34 @@ def run(
     datasets: list[DatasetFolds] | None = None,
     progress: bool = True,
     hooks: Any = None,
+    cache: dict | None = None,
 ) -> dict:
     """Fine-tunes every dataset x seed x fold of ``config`` (resuming) and reports.
 
     Every finished run's folder also gets ``adapter/``: its best state's LoRA in PEFT format
     (when the config has a LoRA).
+
+    Args:
+      config: a fine-tuning config (:func:`check` it first).
+      workdir: the output folder.
+      datasets: the opened datasets (:func:`check` returns them).
+      progress: progress bars and a line per finished run.
+      hooks: loop callbacks (tests).
+      cache: a dict kept between calls with the same config (a notebook, tests): the loaded
+        encoder and the compiled programs are reused instead of built again.
     """
     from train import cross_validation
 
     datasets = datasets or [open_raw_folds(config, n) for n in config.dataset_paths]
-    built: dict[tuple, FineTuneModel] = {}
+    cache = {} if cache is None else cache
 
     def make_steps(cfg, num_classes, input_shape, mesh=None):
-        key = (num_classes, input_shape)
-        if key not in built:
-            split = next(d for d in datasets if (d.num_classes, d.input_shape) == key)
-            built[key] = build_model(cfg, num_classes, example_of(split), mesh)
-        return steps_lib.Steps(cfg, num_classes, input_shape, mesh=mesh, model=built[key])
+        key = (num_classes, input_shape, None if mesh is None else mesh.shape_tuple)
+        if key not in cache:
+            split = next(d for d in datasets if (d.num_classes, d.input_shape) == key[:2])
+            model = build_model(cfg, num_classes, example_of(split), mesh)
+            cache[key] = steps_lib.Steps(cfg, num_classes, input_shape, mesh=mesh, model=model)
+        return cache[key]
 
     results = cross_validation.run(
         config, workdir, datasets=datasets, progress=progress, hooks=hooks, make_steps=make_steps

@@ -11,6 +11,9 @@ Recipe (the code): cross-entropy, AdamW lr 1e-5 (the paper says 1e-4), batch 32,
 5 runs R1..R5 that differ by seed (the code's seed 42 for DAAMv1, 333 for the rest, then +1
 per run: the seeds of the paper's repeats are unknown).
 
+Fine-tuning variants (:mod:`configs.paper.finetune`): ``lora_r4``, ``lora_r8``,
+``loraplus_r4``, ``loraplus_r8``, ``daam_adapter`` (``,paper_faithful``, ``,runlocal``).
+
 Variants: ``daamv1`` (g 8), ``daamv2`` (g 1), ``gqdaam`` (g 1 as in the code; GQA maps 8 x 64,
 because the code's 32 x 32 reshape of a 512-wide tensor cannot run), ``mixture``, ``mha``,
 ``mha_bn``.
@@ -18,7 +21,7 @@ because the code's 32 x 32 reshape of a 512-wide tensor cannot run), ``mixture``
 
 import ml_collections
 
-from configs.paper import base
+from configs.paper import base, finetune
 
 DATA = "out/data/encoder_features"
 MODEL = {"gqdaam": {"num_heads": 1, "map_shape": (8, 64)}}
@@ -26,6 +29,14 @@ MODEL = {"gqdaam": {"num_heads": 1, "map_shape": (8, 64)}}
 
 def get_config(variant: str = "daamv2") -> ml_collections.ConfigDict:
     """Returns the config of ``variant`` (see the module docstring)."""
+    if finetune.is_variant(variant):
+        # The LoRA scripts: BEiT-Large (ImageNet-22k pre-trained, 1k fine-tuned) at 224 px,
+        # batch 16, AdamW 1e-4, cross-entropy, 35 epochs, the test split validates, 5 runs.
+        return finetune.config(
+            variant, dataset="cifar100", encoder="microsoft/beit-large-patch16-224",
+            learning_rate=1e-4, batch_size=16, loss="cross_entropy", num_epochs=35,
+            seeds=(1, 2, 3, 4, 5), cv={"kind": "holdout"},
+        )  # fmt: skip
     first = 42 if variant.partition(",")[0] == "daamv1" else 333
     return base.config(
         variant,

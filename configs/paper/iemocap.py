@@ -12,13 +12,16 @@ Recipe (the code's ``iemocap`` scripts): focal loss (alpha 0.25, gamma 2.5), Ada
 batch 8, 35 epochs, seed 1. The code's IEMOCAP "MHA" decoder sees only layer 22 (0-based);
 ``mha`` reproduces that with ``model.layers = (22,)``.
 
+Fine-tuning variants (:mod:`configs.paper.finetune`): ``lora_r4``, ``lora_r8``,
+``loraplus_r4``, ``loraplus_r8``, ``daam_adapter`` (``,paper_faithful``, ``,runlocal``).
+
 Variants: ``daamv1`` (g 8), ``daamv2`` (g 1), ``gqdaam`` (g 8, GQA maps 8 x 64), ``mixture``,
 ``mha``, ``mha_bn``.
 """
 
 import ml_collections
 
-from configs.paper import base
+from configs.paper import base, finetune
 
 DATA = "out/data/encoder_features"
 MODEL = {
@@ -29,6 +32,14 @@ MODEL = {
 
 def get_config(variant: str = "daamv1") -> ml_collections.ConfigDict:
     """Returns the config of ``variant`` (see the module docstring)."""
+    if finetune.is_variant(variant):
+        # The LoRA scripts: WavLM-Large on raw 5-s chunks (no mask, as the features), batch 4,
+        # AdamW 1e-4, focal loss, 35 epochs, leave one session out.
+        return finetune.config(
+            variant, dataset="iemocap", encoder="microsoft/wavlm-large", learning_rate=1e-4,
+            batch_size=4, loss="focal", num_epochs=35, seeds=(42,),
+            cv={"kind": "leave_one_group_out"}, pooling="mean_with_padding",
+        )  # fmt: skip
     return base.config(
         variant,
         dataset="iemocap",
