@@ -79,6 +79,10 @@ fixtures:
 	  HF_HUB_OFFLINE=1 $$(bash tests/reference/venv.sh .reference-venv) \
 	    tests/reference/make_$${arch}_fixtures.py tests/fixtures/encoders || exit 1; \
 	done
+	HF_HUB_OFFLINE=1 $$(bash tests/reference/venv.sh .reference-venv) \
+	  tests/reference/make_peft_fixtures.py tests/fixtures
+	HF_HUB_OFFLINE=1 $$(bash tests/reference/venv.sh .reference-venv) \
+	  tests/reference/make_head_fixtures.py tests/fixtures/heads
 
 clean:
 	rm -rf $(VENV) .bench-venv .pytest_cache .ruff_cache
