@@ -102,6 +102,25 @@ class ArraySource:
         return {"label": int(self.arrays["label"][i]), "id": int(self.arrays["id"][i])}
 
 
+def concatenate(sources: Sequence[Any]) -> Any:
+    """Several sources one after another (one source is returned as it is).
+
+    Returns an :class:`ArraySource` of concatenated arrays when every source is one, else a
+    :class:`ConcatSource` view.
+    """
+    if len(sources) == 1:
+        return sources[0]
+    if all(isinstance(s, ArraySource) for s in sources):
+        parts = [s.arrays for s in sources]
+        inputs = {k: np.concatenate([p["x"][k] for p in parts]) for k in parts[0]["x"]}
+        return ArraySource(
+            inputs,
+            np.concatenate([p["label"] for p in parts]),
+            np.concatenate([p["id"] for p in parts]),
+        )
+    return ConcatSource(sources)
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureSource:
     """A random-access view of ``source`` restricted to ``indices``, yielding model inputs.

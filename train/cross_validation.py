@@ -81,9 +81,7 @@ class Program:
 
     def source(self) -> Any:
         """The examples of every dataset of the program, one after another."""
-        if len(self.datasets) == 1:
-            return self.datasets[0].source
-        return pipeline.ConcatSource([d.source for d in self.datasets])
+        return pipeline.concatenate([d.source for d in self.datasets])
 
     def plan(self) -> feeds.Plan:
         """What the feeds need of the runs."""
