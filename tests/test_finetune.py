@@ -179,23 +179,59 @@ def _digest(tree) -> str:
     return h.hexdigest()
 
 
-def test_finetune_run_resumes_bit_identically_and_leaves_the_base_unchanged(tmp_path):
-    """LoRA + DAAM adapters on MiniLM: a run stopped after its first checkpoint and resumed
-    equals an uninterrupted one bit for bit; the base weights are the same bytes afterwards;
-    every run folder holds its PEFT adapter."""
+WORDS = (
+    "the a , . of and to is in it that film movie as with for its an but this be on you by "
+    "one his not are all more at from about have like or so story than has"
+).split()
+
+
+def tiny_bert_folder(dst: pathlib.Path) -> pathlib.Path:
+    """The tiny random BERT of the peft fixtures (2 layers x 32, 64 ids) with a word-level
+    tokenizer.json that adds [CLS] and [SEP] as BERT's: a text encoder that compiles fast."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    shutil.copytree(pathlib.Path(__file__).parent / "fixtures" / "peft" / "bert" / "model", dst)
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in
+             enumerate(WORDS)}}  # fmt: skip
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tok.save(str(dst / "tokenizer.json"))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished LoRA + DAAM-adapter fine-tuning workdir (the tiny BERT, runlocal), its config,
+    datasets and the program cache (one encoder load and one compile for the module)."""
+    c = config_lib.load("configs/finetune.py:daam_adapter_lora,runlocal")
+    c.encoder.path = str(tiny_bert_folder(tmp_path_factory.mktemp("enc") / "bert"))
+    workdir = tmp_path_factory.mktemp("finetune") / "a"
+    datasets = finetune.check(c, workdir)
+    cache: dict = {}
+    results = finetune.run(c, workdir, datasets=datasets, progress=False, cache=cache)
+    return c, datasets, cache, workdir, results
+
+
+def test_finetune_run_resumes_bit_identically_and_leaves_the_base_unchanged(finished, tmp_path):
+    """A run stopped after its first checkpoint and resumed equals an uninterrupted one bit for
+    bit; the base weights are the same bytes afterwards; every run folder holds its PEFT
+    adapter."""
     from gaam_jax.encoders import from_pretrained
 
-    c = config_lib.load("configs/finetune.py:daam_adapter_lora,runlocal")
-    datasets = finetune.check(c, tmp_path / "a")
-    cache: dict = {}  # one encoder load and one compile for the three calls
-    whole = finetune.run(c, tmp_path / "a", datasets=datasets, progress=False, cache=cache)
+    c, datasets, cache, whole_dir, whole = finished
     with pytest.raises(Stop):
         finetune.run(c, tmp_path / "b", datasets=datasets, progress=False, hooks=stop_after(3),
                      cache=cache)  # fmt: skip
     resumed = finetune.run(c, tmp_path / "b", datasets=datasets, progress=False, cache=cache)
-    for r in ("a", "b"):
+    for workdir in (whole_dir, tmp_path / "b"):
         for fold in (1, 2):
-            folder = tmp_path / r / "pang_lee_polarity" / f"seed0_fold{fold}" / "adapter"
+            folder = workdir / "pang_lee_polarity" / f"seed0_fold{fold}" / "adapter"
             assert (folder / "adapter_model.safetensors").exists()
     rec_a = [(r["best_accuracy"], r["best_state_sha256"]) for r in whole["records"]]
     rec_b = [(r["best_accuracy"], r["best_state_sha256"]) for r in resumed["records"]]
@@ -203,3 +239,30 @@ def test_finetune_run_resumes_bit_identically_and_leaves_the_base_unchanged(tmp_
     (steps,) = cache.values()
     fresh = from_pretrained(finetune.encoder_folder(c)).params
     assert _digest(steps.frozen["encoder"]) == _digest(fresh)
+
+
+def test_predictor_of_a_finetuned_run(finished, tmp_path):
+    """A finished fine-tuning run predicts raw texts, exports encoder + head (LoRA merged, DAAM
+    kept) as one jax.export program with the same logits, and refuses base weights that
+    changed."""
+    import json
+    import shutil
+
+    from train.inference import Predictor, load_exported
+
+    run = tmp_path / "run"
+    shutil.copytree(finished[3] / "pang_lee_polarity" / "seed0_fold1", run)
+    predictor = Predictor.from_run(run)
+    texts = ["a moving , beautifully acted film .", "tedious and flat ."]
+    inputs = predictor.preprocess(texts)
+    assert inputs["input_ids"].shape == (2, predictor.length)
+    logits = predictor.logits(**inputs)
+    assert predictor.predict_raw(texts).tolist() == logits.argmax(-1).tolist()
+    exported = load_exported(predictor.export(tmp_path / "model.jaxexport"))
+    # Merging changes the float32 rounding of the q/v kernels only.
+    np.testing.assert_allclose(exported(**inputs), logits, rtol=1e-5, atol=1e-5)
+    recorded = json.loads((run / "config.json").read_text())
+    recorded["config"]["encoder"]["fingerprint"] = "0" * 64
+    (run / "config.json").write_text(json.dumps(recorded))
+    with pytest.raises(ValueError, match="not the ones this run was trained on"):
+        Predictor.from_run(run)

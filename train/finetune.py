@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
 import re
 from typing import Any
@@ -238,12 +237,22 @@ def build_model(
 # -- data ---------------------------------------------------------------------------------------
 
 
-def preprocess(config: ml_collections.ConfigDict, records: list[dict]) -> dict[str, np.ndarray]:
+def modality(config: ml_collections.ConfigDict) -> str:
+    """``text``, ``image`` or ``audio``: what the config's encoder reads."""
+    from data.extract import MODALITY_OF_MODEL
+
+    raw = json.loads((encoder_folder(config) / "config.json").read_text())
+    return MODALITY_OF_MODEL[raw["model_type"]]
+
+
+def preprocess(
+    config: ml_collections.ConfigDict, records: list[dict], length: int | None = None
+) -> dict[str, np.ndarray]:
     """Every record's model inputs, preprocessed as extraction does (one padded array each).
 
     Texts are tokenised (truncated to ``encoder.max_length``) and padded on the right to the
-    longest (bucketed) length; images resized and normalised; waveforms normalised, with the
-    mask of their real samples where the model takes one.
+    longest (bucketed) length, or to ``length``; images resized and normalised; waveforms
+    normalised, with the mask of their real samples where the model takes one.
     """
     from data.extract import FeatureEncoder
 
@@ -253,12 +262,23 @@ def preprocess(config: ml_collections.ConfigDict, records: list[dict]) -> dict[s
         pooling=config.encoder.get("pooling", "mean"),
     )
     if encoder.modality == "text":  # input_ids, attention_mask int32 [n, T]
-        return encoder.preprocess([r["text"] for r in records])
+        out = encoder.preprocess([r["text"] for r in records])
+        if length is not None and out["input_ids"].shape[1] != length:
+            pad = {"input_ids": encoder.preprocess.pad_id}
+            out = {k: _fit(v, length, pad.get(k, 0)) for k, v in out.items()}
+        return out
     if encoder.modality == "image":
         return dict(encoder.preprocess([r["image"] for r in records]))
     audio = np.stack([r["audio"] for r in records])
     lengths = np.array([r["length"] for r in records])
     return dict(encoder.preprocess(audio, lengths))
+
+
+def _fit(x: np.ndarray, length: int, value: int) -> np.ndarray:
+    """``[B, T]`` padded on the right with ``value`` (or cut) to ``[B, length]``."""
+    if x.shape[1] >= length:
+        return x[:, :length]
+    return np.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
 
 
 def open_raw_folds(config: ml_collections.ConfigDict, name: str) -> DatasetFolds:
@@ -308,13 +328,37 @@ def example_of(split: DatasetFolds) -> dict[str, jax.ShapeDtypeStruct]:
 # -- the job ------------------------------------------------------------------------------------
 
 
+def with_fingerprint(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with ``encoder.fingerprint`` set (:func:`weights_fingerprint`), once.
+
+    The fingerprint is part of the run identity: a workdir trained on other base weights is
+    refused like one of another config, and :class:`train.inference.FineTunedPredictor` refuses
+    to load a run whose encoder changed.
+    """
+    if not config.encoder.get("fingerprint"):
+        with config.unlocked():
+            config.encoder.fingerprint = weights_fingerprint(encoder_folder(config))
+    return config
+
+
+def check_fingerprint(config: ml_collections.ConfigDict) -> None:
+    """Raises a one-line ValueError when the encoder's weights are not the recorded ones."""
+    folder = encoder_folder(config)
+    if weights_fingerprint(folder) != config.encoder.get("fingerprint"):
+        raise ValueError(
+            f"{folder}: the encoder's weights are not the ones this run was trained on "
+            "(their fingerprint differs); point encoder.path at the original weights."
+        )
+
+
 def identity(config: ml_collections.ConfigDict) -> dict:
-    """The run identity: the resolved config, the datasets and the base weights' fingerprint."""
+    """The run identity: the resolved config, base weights' fingerprint included.
+
+    Each dataset's fingerprint is that of its tfds metadata.
+    """
     from train import runs
 
-    folder = encoder_folder(config)
-    found = runs.identity(config)
-    found["encoder"] = {"folder": os.fspath(folder), "fingerprint": weights_fingerprint(folder)}
+    found = runs.identity(with_fingerprint(config))
     for name, path in dict(config.dataset_paths).items():
         infos = sorted(pathlib.Path(path, name).glob("*/dataset_info.json"))
         found["data"][name]["fingerprint"] = runs.dataset_fingerprint(infos[-1].parent) if infos \
@@ -405,6 +449,7 @@ def run(
     """
     from train import cross_validation
 
+    config = with_fingerprint(config)
     datasets = datasets or [open_raw_folds(config, n) for n in config.dataset_paths]
     cache = {} if cache is None else cache
 
