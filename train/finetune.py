@@ -407,21 +407,10 @@ def check(config: ml_collections.ConfigDict, workdir: Any) -> list[DatasetFolds]
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: Any) -> list[DatasetFolds]:
-    """:func:`check`, then claims ``workdir`` for this identity (as :func:`validate.prepare`)."""
-    from train import runs
+    """:func:`check`, then claims ``workdir`` for this identity (:func:`validate.prepare`)."""
+    from train import validate
 
-    splits = check(config, workdir)
-    current = identity(config)
-    try:
-        known = runs.check_identity(workdir, current)
-        if jax.process_index() == 0:
-            runs.claim(workdir)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    if not known and jax.process_index() == 0:
-        pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-        runs.write_json_atomic(pathlib.Path(workdir) / runs.CONFIG, current)
-    return splits
+    return validate.prepare(config, workdir, checker=check, identity=identity)
 
 
 def run(

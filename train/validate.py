@@ -170,18 +170,30 @@ def check(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> lis
     return splits
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[DatasetFolds]:
+def prepare(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    checker: Any = None,
+    identity: Any = None,
+) -> list[DatasetFolds]:
     """:func:`check`, then claims ``workdir`` for this config (or confirms it already is).
 
     The workdir's ``config.json`` records the resolved config and the data fingerprints; a
     workdir recording another identity is refused before anything in it is touched, and so is
     one that another live job is training in (:func:`train.runs.claim`).
 
+    Args:
+      config: the config.
+      workdir: the output folder.
+      checker: ``(config, workdir) -> datasets`` instead of :func:`check` (fine-tuning's).
+      identity: ``config -> identity`` instead of :func:`train.runs.identity`.
+
     Raises:
       ConfigError: from :func:`check`, or naming the keys that differ from the recorded run.
     """
-    splits = check(config, workdir)
-    current = runs.identity(config)
+    splits = (checker or check)(config, workdir)
+    current = (identity or runs.identity)(config)
     try:
         known = runs.check_identity(workdir, current)
         if jax.process_index() == 0:  # one job per workdir (a multi-host job is one job)
