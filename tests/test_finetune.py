@@ -140,8 +140,14 @@ def test_every_adapter_parameter_gets_a_gradient(arch):
         assert (per_layer > 0).all(), f"{arch}: {'/'.join(path)} has a zero gradient"
 
 
-def _model(loraplus: float, paper_faithful: bool) -> finetune.FineTuneModel:
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> pathlib.Path:
+    return tiny_bert_folder(tmp_path_factory.mktemp("enc") / "bert")
+
+
+def _model(encoder: pathlib.Path, loraplus: float, paper_faithful: bool):
     c = config_lib.load("configs/finetune.py:loraplus_r4,runlocal")
+    c.encoder.path = str(encoder)
     c.optimizer.loraplus_ratio = loraplus
     c.paper_faithful = paper_faithful
     example = {"input_ids": jax.ShapeDtypeStruct((1, 8), jnp.int32),
@@ -150,12 +156,12 @@ def _model(loraplus: float, paper_faithful: bool) -> finetune.FineTuneModel:
 
 
 @pytest.mark.parametrize("paper_faithful", [False, True])
-def test_loraplus_groups(paper_faithful):
+def test_loraplus_groups(paper_faithful, tiny_bert):
     """LoRA+: on equal gradients AdamW's first step moves B 2.828 x as far as A; the head is
     trained (its own group) unless paper-faithful, where LoRA+'s optimiser holds only A and B."""
     from train.config import load
 
-    model = _model(2.828, paper_faithful)
+    model = _model(tiny_bert, 2.828, paper_faithful)
     tx = model.optimizer(load("configs/finetune.py:loraplus_r4").optimizer)
     params = model.init(jax.random.key(0), jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype),
                                                         model.example))["params"]  # fmt: skip
@@ -210,7 +216,7 @@ def finished(tmp_path_factory):
     """A finished LoRA + DAAM-adapter fine-tuning workdir (the tiny BERT, runlocal), its config,
     datasets and the program cache (one encoder load and one compile for the module)."""
     c = config_lib.load("configs/finetune.py:daam_adapter_lora,runlocal")
-    c.encoder.path = str(tiny_bert_folder(tmp_path_factory.mktemp("enc") / "bert"))
+    c.encoder.path = str(tiny_bert_folder(tmp_path_factory.mktemp("enc") / "bert"))  # own copy
     workdir = tmp_path_factory.mktemp("finetune") / "a"
     datasets = finetune.check(c, workdir)
     cache: dict = {}
@@ -237,6 +243,9 @@ def test_finetune_run_resumes_bit_identically_and_leaves_the_base_unchanged(fini
     rec_b = [(r["best_accuracy"], r["best_state_sha256"]) for r in resumed["records"]]
     assert rec_a == rec_b
     (steps,) = cache.values()
+    # One compile for every run and call: the fresh state and sums are placed as the programs
+    # return them (uncommitted ones compiled the program a second time).
+    assert steps.programs["train_steps"]._cache_size() == 1
     fresh = from_pretrained(finetune.encoder_folder(c)).params
     assert _digest(steps.frozen["encoder"]) == _digest(fresh)
 

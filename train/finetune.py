@@ -27,6 +27,7 @@ import pathlib
 import re
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -116,8 +117,14 @@ class FineTuneModel:
     def init(self, key: jax.Array, x: Any) -> dict:
         """Fresh trained variables ``{'params': {'head': ..., 'adapters': ...}}`` (traceable)."""
         variables = self.module.init(key, x)
-        head = heads.merge_head_params(
-            variables["params"]["head"], self.pretrained_head, skip_mismatched=True
+        # Under logical annotations (Steps.state_sharding) the leaves are boxed: merge the
+        # values, keep the boxes.
+        boxed = variables["params"]["head"]
+        merged = heads.merge_head_params(
+            nn.meta.unbox(boxed), self.pretrained_head, skip_mismatched=True
+        )
+        head = jax.tree.map(
+            lambda b, v: b.replace_boxed(v) if _is_box(b) else v, boxed, merged, is_leaf=_is_box
         )
         return {"params": {"head": head, "adapters": variables.get(adapters_lib.COLLECTION, {})}}
 
@@ -173,6 +180,10 @@ class FineTuneModel:
             {"trained": inner, "frozen": optax.set_to_zero()},
             lambda p: trained(self.labels(p)),
         )
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata)
 
 
 def _unfrozen(label: str) -> str:

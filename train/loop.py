@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from train import feeds, plateau
 from train.checkpointing import Checkpoints, snapshot
 from train.runs import write_atomic
-from train.steps import Steps, Sums, TrainState, select, stacked_zeros
+from train.steps import Steps, Sums, TrainState, select
 
 NO_BAD_STEP = np.iinfo(np.int32).max
 
@@ -241,7 +241,7 @@ def train_program(
         for epoch in range(progress.epoch, cfg.num_epochs):
             orders = feed.orders(padded, epoch)
             first_step = epoch * positions
-            position, sums = progress.position, stacked_zeros(padded.runs)
+            position, sums = progress.position, steps.zero_sums(padded.runs)
             if progress.partial is not None:  # resumed mid-epoch
                 sums = _stack([Sums(**p) for p in progress.partial])
             for stop in fetch_points(position, positions, first_step, every):

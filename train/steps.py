@@ -431,9 +431,13 @@ class Steps:
         params = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, P(axis, *s.spec)), params)
         per_run = jax.sharding.NamedSharding(mesh, P(axis))
         single = jax.eval_shape(self._create, 0)
+
+        def masked(v):  # optax.partition's placeholder for another group's parameters
+            return isinstance(v, optax.MaskedNode)
+
         opt_state = optax.tree_map_params(
-            self.tx, lambda _, s: s, single.opt_state, params,
-            transform_non_params=lambda _: per_run,
+            self.tx, lambda v, s: v if masked(v) else s, single.opt_state, params,
+            transform_non_params=lambda _: per_run, is_leaf=masked,
         )  # fmt: skip
         return TrainState(
             step=per_run,
@@ -490,11 +494,22 @@ class Steps:
         seeds = np.asarray(seeds, np.uint32)
         runs = len(seeds)
         if runs not in self._init_compiled:
-            out = None if self.mesh is None else self.state_sharding(runs)
+            out = self._device if self.mesh is None else self.state_sharding(runs)
             lowered = jax.jit(jax.vmap(self._create), out_shardings=out).lower(seeds)
             options = INIT_COMPILER_OPTIONS.get(jax.default_backend())
             self._init_compiled[runs] = lowered.compile(compiler_options=options)
         return self._init_compiled[runs](seeds)
+
+    @property
+    def _device(self) -> jax.sharding.Sharding:
+        # Without a mesh: the default device, committed, as every program's outputs are (an
+        # uncommitted first input would compile each program a second time).
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def zero_sums(self, runs: int) -> Sums:
+        """:func:`stacked_zeros` placed as the programs return their sums."""
+        where = self._device if self.mesh is None else jax.sharding.NamedSharding(self.mesh, P())
+        return jax.device_put(stacked_zeros(runs), where)
 
     def _gather(self, data: dict, rows: jax.Array) -> dict:
         """Examples ``rows`` (``[runs, batch]`` indices) of the device dataset."""
