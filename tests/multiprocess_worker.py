@@ -4,9 +4,12 @@ Usage: python multiprocess_worker.py PROCESS_ID PORT CONFIG DATASET OUT.npz
 """
 
 import os
+import re
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+# Two CPU devices per process, under the test process's other XLA flags (tests/conftest.py).
+flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=2".strip()
 
 import jax  # noqa: E402
 

@@ -1,6 +1,7 @@
 """The research notebook runs, offline, from top to bottom (so it never goes stale)."""
 
 import json
+import os
 import pathlib
 import re
 import sys
@@ -16,7 +17,9 @@ NOTEBOOK = pathlib.Path(__file__).parent.parent / "notebooks" / "quickstart.ipyn
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("GAAM_DATA_DIR", str(tmp_path / "data"))  # the kernel inherits it
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.delenv("XLA_FLAGS", raising=False)  # one device, as a user's kernel has
+    # One device, as a user's kernel has; the test compile flags of tests/conftest.py kept.
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ["XLA_FLAGS"])
+    monkeypatch.setenv("XLA_FLAGS", flags.strip())
     # A kernel spec for this interpreter, so a user-level "python3" spec cannot be picked instead.
     spec = tmp_path / "jupyter" / "kernels" / "gaam-jax-test"
     spec.mkdir(parents=True)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from train_helpers import tiny_config
 
+from train import __main__ as train_cli
 from train import config as config_lib
 from train import cross_validation, feeds, loop, losses, plateau, report, validate
 from train.checkpointing import Checkpoints
@@ -76,14 +77,16 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_killed_runs_restart_to_the_same_result(toy, tmp_path):
+def test_killed_runs_restart_to_the_same_result(toy, tmp_path, library_init_options):
     """SIGKILL at an arbitrary moment, a death while orbax writes a checkpoint in the
     background, and one after orbax finalised a checkpoint but before its checksum record:
     each rerun of the same command ends bit-identical to an uninterrupted run."""
     cfg = tiny_config(tmp_path / "cfg.py", toy, num_epochs=3, checkpoint_every_steps=3)
     steps = Steps(config_lib.load(cfg), 2, (4, 16))
-    reference = _train_cli(cfg, tmp_path / "ref")
-    assert reference.wait(timeout=300) == 0, reference.stdout.read().decode()
+    # The uninterrupted run in this process: the command, XLA flags and programs of the CLI
+    # processes below (initial states compiled with train.steps' own options, as they do).
+    ref_args = ["--config", str(cfg), "--workdir", str(tmp_path / "ref"), "--no-progress"]
+    assert train_cli.main(ref_args) == 0
     ref_state, ref_best, ref_meta = _final(tmp_path / "ref", steps)
     ref_results = json.loads((tmp_path / "ref" / "results.json").read_text())
 
@@ -237,12 +240,16 @@ def test_frozen_parameters_are_never_updated(toy, tmp_path):
     assert not np.array_equal(params["conv1"]["kernel"], first_conv[0])
 
 
-def test_init_compiled_at_o1_is_bit_identical():
+@pytest.mark.slow  # one -O3 compile (~15 s): started first
+def test_init_compiled_at_o1_is_bit_identical(library_init_options):
     """The initial states, compiled at -O1 on CPU to save a second per process, equal the
     default (-O3) compile bit for bit (so results do not depend on the option)."""
     config = config_lib.load("configs/default.py")
     steps = Steps(config, 2, (6, 384))
     seeds = np.array([0, 1, 12345], np.uint32)
     lowered = jax.jit(jax.vmap(steps._create)).lower(seeds)
-    default = lowered.compile(compiler_options={"xla_backend_optimization_level": 3})
+    # As in a user's process: XLA's default emitters, which the test flags (conftest.py) turn off.
+    user = {"xla_cpu_use_fusion_emitters": True}
+    library_init_options["cpu"] = {**library_init_options["cpu"], **user}
+    default = lowered.compile(compiler_options={"xla_backend_optimization_level": 3, **user})
     _assert_same(steps.init_state(seeds), default(seeds))
