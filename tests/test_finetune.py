@@ -212,11 +212,12 @@ def tiny_bert_folder(dst: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, tfds_dir):
     """A finished LoRA + DAAM-adapter fine-tuning workdir (the tiny BERT, runlocal), its config,
     datasets and the program cache (one encoder load and one compile for the module)."""
     c = config_lib.load("configs/finetune.py:daam_adapter_lora,runlocal")
     c.encoder.path = str(tiny_bert_folder(tmp_path_factory.mktemp("enc") / "bert"))  # own copy
+    c.dataset_paths.pang_lee_polarity = str(tfds_dir)  # built there once per test session
     workdir = tmp_path_factory.mktemp("finetune") / "a"
     datasets = finetune.check(c, workdir)
     cache: dict = {}
