@@ -113,10 +113,10 @@ def _randomised(tree, key):
 def test_every_adapter_parameter_gets_a_gradient(arch):
     """LoRA (q and v) and DAAM on every architecture: no adapter is bypassed (WavLM's q/v are
     in transformers; here every A, B and gate parameter moves the output)."""
-    from gaam_jax.encoders import bert, from_pretrained
+    from gaam_jax.encoders import from_pretrained
 
     folder = {
-        "bert": bert.minilm_dir(), "llama": FIXTURES / "llama" / "base",
+        "bert": FIXTURES.parent / "peft" / "bert" / "model", "llama": FIXTURES / "llama" / "base",
         "beit": FIXTURES / "beit" / "mim_relbias", "wavlm": FIXTURES / "wavlm" / "base",
     }[arch]  # fmt: skip
     enc = from_pretrained(folder, adapters=Adapters(lora=LoRA(rank=2), daam=True))
