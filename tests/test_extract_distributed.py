@@ -31,8 +31,9 @@ def _read(folder: pathlib.Path) -> dict[str, np.ndarray]:
 
 @pytest.mark.slow
 def test_two_processes_extract_what_one_does(tmp_path):
+    # A batch per shard (the default batch of 32 would pad each shard of 8 to 32 rows).
     args = ["--dataset", "pang_lee_polarity", "--limit", "40", "--shard-size", "8",
-            "--no-progress"]  # fmt: skip
+            "--batch-size", "8", "--no-progress"]  # fmt: skip
     port = _free_port()
     procs = [
         subprocess.Popen(
