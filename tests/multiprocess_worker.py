@@ -27,7 +27,11 @@ def main(process_id: int, port: int, config_path: str, dataset: str, out: str) -
     from gaam_jax import sharding
     from train import config as config_lib
     from train import feeds
+    from train import steps as steps_lib
     from train.steps import Steps, stacked_zeros
+
+    # Initial states compiled under the test flags, as in the test process (tests/conftest.py).
+    steps_lib.INIT_COMPILER_OPTIONS = {}
 
     assert jax.device_count() == 4 and jax.local_device_count() == 2
     config = config_lib.load(config_path, ["model.num_heads=4"])

@@ -193,7 +193,7 @@ def test_a_second_job_on_a_busy_workdir_is_refused(toy, tmp_path, capsys):
 
     # Long enough that the first is still training when the second (in this process, no
     # imports to wait for) has validated.
-    cfg = tiny_config(tmp_path / "cfg.py", toy, num_epochs=20, checkpoint_every_epochs=10)
+    cfg = tiny_config(tmp_path / "cfg.py", toy, num_epochs=10, checkpoint_every_epochs=5)
     args = ["--config", str(cfg), "--workdir", str(tmp_path / "w"), "--no-progress"]
     root = pathlib.Path(__file__).parent.parent
     first = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=root,

@@ -64,8 +64,8 @@ def wavlm_folder(dst: pathlib.Path, do_normalize: bool = True) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def encoder():
-    # Batches of 16 rows: one per shard of the resume test (the default 32 pads them to 32).
-    return extract.TextEncoder(max_length=64, batch_size=16)
+    # Batches of 8 rows: one per shard of the resume test (the default 32 pads each to 32).
+    return extract.TextEncoder(max_length=64, batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -156,22 +156,22 @@ def test_extraction_resumes_after_an_interruption(tfds_dir, tmp_path, encoder):
 
     with pytest.raises(KeyboardInterrupt):
         extract.extract(
-            "pang_lee_polarity", tfds_dir, encoder=encoder, shards_dir=shards, shard_size=16,
-            limit=56, on_shard=stop_after_two, progress=False, encoder_name="resume",
+            "pang_lee_polarity", tfds_dir, encoder=encoder, shards_dir=shards, shard_size=8,
+            limit=28, on_shard=stop_after_two, progress=False, encoder_name="resume",
         )  # fmt: skip
     done = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.npz")}
     assert sorted(done) == ["shard-00000.npz", "shard-00001.npz"]
     written = []
     path = extract.extract(
-        "pang_lee_polarity", tfds_dir, encoder=encoder, shards_dir=shards, shard_size=16,
-        limit=56, on_shard=written.append, progress=False, encoder_name="resume",
+        "pang_lee_polarity", tfds_dir, encoder=encoder, shards_dir=shards, shard_size=8,
+        limit=28, on_shard=written.append, progress=False, encoder_name="resume",
     )  # fmt: skip
     assert written == [2, 3]  # only the unfinished shards were computed
     assert {p: shards.joinpath(p).stat().st_mtime_ns for p in done} == done
 
     # The result equals an uninterrupted extraction of the same examples.
     source, info = pipeline.load_features(path)
-    assert len(source) == 56
+    assert len(source) == 28
     assert info.metadata["pooling"] == "mean" and info.metadata["num_layers"] == 6
     by_id = {source[i]["id"]: source[i]["features"] for i in range(len(source))}
     from data.datasets import registry
@@ -253,8 +253,8 @@ def test_wrong_shapes_empty_splits_and_missing_manifests(tmp_path):
 def test_cli_runs_end_to_end(tfds_dir, tmp_path, capsys):
     code = extract.main(
         ["--dataset", "mini_newsgroup", "--data-dir", str(tmp_path), "--limit", "8",
-         "--shard-size", "4", "--max-length", "32", "--pooling", "mean_with_padding",
-         "--feature-dtype", "float16"]
+         "--shard-size", "4", "--batch-size", "4", "--max-length", "32", "--pooling",
+         "mean_with_padding", "--feature-dtype", "float16"]
     )  # fmt: skip
     assert code == 0
     out, err = capsys.readouterr()

@@ -31,7 +31,9 @@ def _assert_same(a, b):
 
 
 def test_training_learns_the_toy_task(toy, tmp_path):
-    config, _, steps, feed, plan = toy_program(toy, tmp_path, num_epochs=6)
+    # One checkpoint, at the end (a save costs more than an epoch here).
+    config, _, steps, feed, plan = toy_program(toy, tmp_path, num_epochs=6,
+                                               checkpoint_every_epochs=6)  # fmt: skip
     (out,) = loop.train_program(
         steps, feed, plan, tmp_path / "ckpt", run_dirs=[tmp_path], config=config
     )
@@ -50,14 +52,17 @@ def test_each_run_of_a_program_equals_the_run_alone(toy, tmp_path):
     nothing. (All three vmapped together, as on an accelerator; CPU's default loops them.)"""
     folds, seeds = (0, 1, 0), (0, 0, 7)
     config, data, steps, feed, plan = toy_program(toy, tmp_path, folds=folds, seeds=seeds,
-                                                  num_epochs=2, runs_vectorized=0)  # fmt: skip
+                                                  num_epochs=2, checkpoint_every_epochs=2,
+                                                  runs_vectorized=0)  # fmt: skip
     plan = feeds.Plan((plan.train[0], plan.train[1][:37], plan.train[2]), plan.val, seeds)
     assert [len(t) // 8 for t in plan.train] == [5, 4, 5]
     together = loop.train_program(steps, feed, plan, tmp_path / "together", config=config)
+    # Alone: a program of one run, as every one-run test compiles it (CPU's default).
+    *_, alone_steps, alone_feed, _ = toy_program(toy, tmp_path, num_epochs=2)
     for r, seed in enumerate(seeds):
         alone_plan = feeds.Plan(plan.train[r : r + 1], plan.val[r : r + 1], (seed,))
         (alone,) = loop.train_program(
-            steps, feed, alone_plan, tmp_path / f"alone{r}", config=config
+            alone_steps, alone_feed, alone_plan, tmp_path / f"alone{r}", config=config
         )
         got = together[r]
         assert [h["step"] for h in got.history] == [h["step"] for h in alone.history]
@@ -92,9 +97,11 @@ def test_fetch_interval_does_not_change_the_result(toy, tmp_path):
 @pytest.mark.parametrize("on_device", [True, False])
 def test_resume_mid_epoch_is_bit_exact(toy, tmp_path, on_device):
     folds = (0, 1) if on_device else (0,)  # the run axis once; grain reads every row slowly
+    # 4 epochs of 5 steps; checkpoints at step 12 (mid-epoch 3) and at the end only.
     config, _, steps, feed, plan = toy_program(
-        toy, tmp_path, folds=folds, on_device=on_device, checkpoint_every_steps=3
-    )
+        toy, tmp_path, folds=folds, on_device=on_device, checkpoint_every_steps=12,
+        checkpoint_every_epochs=4,
+    )  # fmt: skip
     full = loop.train_program(steps, feed, plan, tmp_path / "full", config=config)
     with pytest.raises(Stop):  # in epoch 3, right after the mid-epoch checkpoint at step 12
         loop.train_program(steps, feed, plan, tmp_path / "cut", config=config, hooks=stop_after(12))

@@ -10,8 +10,7 @@ from train_helpers import tiny_config, toy_features
 from train import reproduce
 
 
-def _experiment(tmp_path, holdout=False, sources=("gaam",), seeds=(0, 1)):
-    data = toy_features(tmp_path / "toy")
+def _experiment(data, tmp_path, holdout=False, sources=("gaam",), seeds=(0, 1)):
     base = tiny_config(tmp_path / "base.py", data, num_epochs=1, checkpoint_every_steps=0)
     held_out = toy_features(tmp_path / "toy_test", seed=1) if holdout else None
     path = tmp_path / "experiment.py"
@@ -43,8 +42,8 @@ def _experiment(tmp_path, holdout=False, sources=("gaam",), seeds=(0, 1)):
 
 
 @pytest.mark.slow
-def test_reproduce_writes_the_report_and_resumes(tmp_path):
-    config = _experiment(tmp_path, seeds=(0,))
+def test_reproduce_writes_the_report_and_resumes(toy, tmp_path):
+    config = _experiment(toy, tmp_path, seeds=(0,))
     workdir, docs = tmp_path / "work", tmp_path / "docs" / "results.md"
     argv = ["--config", str(config), "--workdir", str(workdir), "--docs", str(docs)]
     assert reproduce.main(argv) == 0
@@ -69,9 +68,9 @@ def test_reproduce_writes_the_report_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_reproduce_reports_held_out_split_configs(tmp_path):
+def test_reproduce_reports_held_out_split_configs(toy, tmp_path):
     """CIFAR-100 and AG News validate on their test split: a column per seeded run."""
-    config = _experiment(tmp_path, holdout=True, sources=())
+    config = _experiment(toy, tmp_path, holdout=True, sources=())
     workdir, docs = tmp_path / "work", tmp_path / "docs" / "results.md"
     argv = ["--config", str(config), "--workdir", str(workdir), "--docs", str(docs)]
     assert reproduce.main(argv) == 0

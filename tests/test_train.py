@@ -133,7 +133,7 @@ def test_a_program_equals_its_runs_one_at_a_time(toy, tmp_path):
     program and the same command then resumes to the same results."""
 
     def train(workdir, per_program, hooks=None):
-        cfg = tiny_config(tmp_path / f"cfg{per_program}.py", toy, num_epochs=3,
+        cfg = tiny_config(tmp_path / f"cfg{per_program}.py", toy, num_epochs=2,
                           runs_per_program=per_program)  # fmt: skip
         config = config_lib.load(cfg)
         datasets = validate.prepare(config, workdir)
