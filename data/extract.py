@@ -32,6 +32,14 @@ appended for a split other than ``train``, e.g. the test split used as a validat
 Every user error is one line ``error: ...`` and exit code 2, before any file is written
 (``--debug`` shows tracebacks).
 
+The dataset's metadata records the encoder as ``extraction`` (:meth:`FeatureEncoder.record`:
+the packaged MiniLM, the folder, or the hub id and commit; a fingerprint of config.json and the
+weights; the tokenizer's or preprocessor's SHA-256; pooling, layers, ``max_length``, compute
+dtype; the chunk length of audio), written beside the manifest as ``extraction.json``: runs
+copy it, and :func:`encoder_from_record` rebuilds the encoder, checked, for raw-input
+inference (:mod:`train.inference`). A shards folder whose ``extraction.json`` names other
+weights is refused; one from before the record (none) resumes as before.
+
 ``--distributed`` runs one extractor per host (TPU pods, SLURM, ...: it calls
 ``jax.distributed.initialize()``): every process runs the same command, with ``--data-dir`` a
 folder they all share. Process ``i`` of ``P`` computes the shards ``index % P == i`` on its own
@@ -45,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -179,6 +188,8 @@ class FeatureEncoder:
             raise ValueError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}.")
         if batch_size <= 0:
             raise ValueError(f"--batch-size must be positive, got {batch_size}.")
+        # The packaged MiniLM is recorded as such (its folder differs between installs).
+        self.packaged = model_dir is None
         if model_dir is None:
             from gaam_jax.encoders import bert
 
@@ -260,12 +271,28 @@ class FeatureEncoder:
             encoder = dataclasses.replace(encoder, module=module)
         self.encoder = encoder
 
-    def _run(self, inputs: dict[str, np.ndarray], mask: np.ndarray | None) -> np.ndarray:
+    def pooled(self, inputs: dict[str, Any], mask: Any = None) -> jax.Array:
+        """The features of model inputs: every layer pooled, the embedding output dropped.
+
+        The one place extraction runs the encoder (:meth:`encode_records`), also traceable:
+        :meth:`train.inference.Predictor.export` puts it inside its exported program.
+
+        Args:
+          inputs: the model inputs, batch first (see :meth:`model_inputs`).
+          mask: the positions pooled, ``[B, T]`` (texts: ``attention_mask``; audio: its frames;
+            None: the model's default, every position for images).
+
+        Returns:
+          float32 ``[B, num_layers, dim]``.
+        """
+        self.load()
         # Each layer is pooled inside the program as it is produced: memory O(B T H).
-        pooled = self.encoder.pooled_states(
+        return self.encoder.pooled_states(
             pooling=self.pooling, layers=slice(self.first_layer, None), pool_mask=mask, **inputs
         )
-        return np.asarray(pooled)
+
+    def _run(self, inputs: dict[str, np.ndarray], mask: np.ndarray | None) -> np.ndarray:
+        return np.asarray(self.pooled(inputs, mask))
 
     def _frame_mask(self, lengths: np.ndarray, frames: int) -> np.ndarray | None:
         if self.pooling != "mean":
@@ -316,6 +343,112 @@ class FeatureEncoder:
             if on_batch is not None:
                 on_batch(len(idx))
         return out
+
+    def record(self) -> dict[str, Any]:
+        """What a feature dataset records of its encoder: enough to encode raw inputs again.
+
+        :func:`encoder_from_record` rebuilds the encoder from it and checks its files. Keys:
+        ``encoder`` (``minilm``: the packaged MiniLM; ``folder`` with ``folder``, absolute; or
+        ``hub`` with ``hub_id`` and ``revision``, the snapshot's commit), ``model_type``,
+        ``modality``, ``fingerprint`` (:func:`checkpoint.weights_fingerprint` of config.json
+        and the weights: reads every weight byte), ``preprocessor`` and ``preprocessor_sha256``
+        (tokenizer.json or preprocessor_config.json), ``compute_dtype``, ``pooling``,
+        ``layers`` and ``first_layer``, ``wavlm_final_norm`` and, for texts, ``max_length``.
+        Extraction adds ``samples`` (the chunk length) for audio.
+        """
+        out: dict[str, Any] = {"model_type": self.model_type, "modality": self.modality}
+        if self.packaged:
+            out["encoder"] = "minilm"
+        elif self.hub_id is not None:
+            out.update(encoder="hub", hub_id=self.hub_id, revision=self.commit)
+        else:
+            out.update(encoder="folder", folder=os.path.abspath(self.model_dir))
+        preprocessor = _PREPROCESSOR_FILE[self.modality]
+        out.update(
+            fingerprint=checkpoint.weights_fingerprint(self.model_dir),
+            preprocessor=preprocessor,
+            preprocessor_sha256=_sha256(self.model_dir / preprocessor),
+            compute_dtype=self.dtype,
+            pooling=self.pooling,
+            layers=self.layers,
+            first_layer=self.first_layer,
+            wavlm_final_norm=self.final_norm,
+        )
+        if self.modality == "text":
+            out["max_length"] = self.preprocess.max_length
+        return out
+
+    def raw_records(self, inputs: Sequence[Any], samples: int | None = None) -> list[dict]:
+        """Raw inputs as the dataset records :meth:`encode_records` takes.
+
+        Args:
+          inputs: texts (str), images (uint8 ``[H, W, C]``) or waveforms (int16 ``[T]`` at 16
+            kHz, as the datasets hold them).
+          samples: audio only: the chunk length the features were extracted at; each waveform
+            is zero-padded to it, as the dataset's chunks are.
+
+        Raises:
+          ValueError: a waveform longer than ``samples`` or too short to make one frame.
+        """
+        if self.modality == "text":
+            return [{"text": str(t)} for t in inputs]
+        if self.modality == "image":
+            return [{"image": np.asarray(x)} for x in inputs]
+        from data.preprocess.audio import frame_lengths
+
+        records = []
+        for i, x in enumerate(inputs):
+            x = np.asarray(x)
+            length = len(x)
+            if samples is not None and length > samples:
+                raise ValueError(
+                    f"waveform {i} has {length} samples but the features were extracted from "
+                    f"chunks of {samples}: cut it into chunks of {samples} samples."
+                )
+            if frame_lengths(np.array([length]), self.raw)[0] < 1:
+                raise ValueError(f"waveform {i} has {length} samples: too short for one frame.")
+            width = samples or max(len(np.asarray(y)) for y in inputs)
+            records.append({"audio": np.pad(x, (0, width - length)), "length": length})
+        return records
+
+    def model_inputs(self, records: Sequence[dict]) -> dict[str, np.ndarray]:
+        """Records -> model inputs of fixed shapes, by extraction's preprocessing.
+
+        Texts are padded to ``max_length`` (extraction pads each batch to a bucketed length
+        instead; the mask makes the features the same up to float rounding).
+
+        Returns:
+          texts: ``input_ids``, ``attention_mask`` int32 ``[n, max_length]``; images:
+          ``pixel_values`` float32 ``[n, C, H, W]``; audio: ``input_values`` float32 ``[n, T]``
+          and, with ``mean`` pooling, ``attention_mask`` int32 ``[n, T]``.
+        """
+        if self.modality == "text":
+            pre = self.preprocess
+            batch = pre.collate(pre.encode([r["text"] for r in records]))
+            pad = ((0, 0), (0, pre.max_length - batch["input_ids"].shape[1]))
+            return {
+                "input_ids": np.pad(batch["input_ids"], pad, constant_values=pre.pad_id),
+                "attention_mask": np.pad(batch["attention_mask"], pad),
+            }
+        if self.modality == "image":
+            return dict(self.preprocess([r["image"] for r in records]))
+        audio = np.stack([r["audio"] for r in records])
+        return dict(self.preprocess(audio, np.array([r["length"] for r in records])))
+
+    def pooled_inputs(self, inputs: dict[str, Any]) -> jax.Array:
+        """:meth:`pooled` of :meth:`model_inputs`, with the mask extraction pools over.
+
+        Traceable (the exported program's encoder). Texts pool over ``attention_mask`` as
+        extraction does; images over every token; audio over the frames WavLM derives from
+        ``attention_mask`` (with ``mean`` pooling), the frames extraction's mask marks for
+        every waveform that makes at least one frame (:meth:`raw_records` refuses shorter
+        ones).
+
+        Returns:
+          float32 ``[B, num_layers, dim]``.
+        """
+        mask = inputs["attention_mask"] if self.modality == "text" else None
+        return self.pooled(inputs, mask)
 
 
 class TextEncoder(FeatureEncoder):
@@ -372,6 +505,84 @@ def _write_atomic_text(path: pathlib.Path, text: str) -> None:
     tmp = _tmp_path(path)
     tmp.write_text(text)
     os.replace(tmp, path)  # another process reading it sees the old file or the new one
+
+
+# The file of a model folder that extraction's preprocessing reads, by modality.
+_PREPROCESSOR_FILE = {"text": "tokenizer.json", "image": "preprocessor_config.json",
+                      "audio": "preprocessor_config.json"}  # fmt: skip
+
+
+def _sha256(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def encoder_from_record(record: dict, *, batch_size: int = 32) -> FeatureEncoder:
+    """The encoder a feature dataset records (:meth:`FeatureEncoder.record`), its files checked.
+
+    Texts get a :class:`TextEncoder`; images and audio a :class:`FeatureEncoder`. Both encode
+    with the recorded pooling, layers, ``max_length`` and compute dtype.
+
+    Args:
+      record: the dataset metadata's ``extraction`` (a run's ``config.json``: ``data``).
+      batch_size: the encoder batch size (the features do not depend on it beyond rounding).
+
+    Raises:
+      FileNotFoundError: one line naming the folder (or hub id), if it or its files are gone.
+      ValueError: one line naming the folder, if its weights (fingerprint) or its tokenizer or
+        preprocessor file are not the ones the features were extracted with.
+    """
+    kind = record.get("encoder")
+    if kind == "minilm":
+        from gaam_jax.encoders import bert
+
+        folder, model_dir = bert.minilm_dir(), None
+        where = f"the packaged MiniLM {folder}"
+    elif kind == "folder":
+        folder = model_dir = pathlib.Path(record["folder"])
+        where = f"encoder folder {folder}"
+    elif kind == "hub":
+        where = f"{record['hub_id']} (commit {record['revision']})"
+        try:
+            folder = model_dir = checkpoint.resolve(record["hub_id"], record["revision"])
+        except (FileNotFoundError, ValueError) as err:
+            detail = " ".join(str(err).split())
+            raise FileNotFoundError(
+                f"{where}, the features' encoder, is missing: {detail}"
+            ) from None
+    else:
+        raise ValueError(f"the features' encoder record has no known 'encoder' ({kind!r}).")
+    fix = "restore the original files, or re-extract the features and retrain"
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{where}, which the features were extracted with, does not exist: {fix}."
+        )
+    try:
+        fingerprint = checkpoint.weights_fingerprint(folder)
+        preprocessor = _sha256(folder / record["preprocessor"])
+    except OSError as err:
+        raise FileNotFoundError(
+            f"{where}: {err.filename or err} is missing (the features were extracted with it): "
+            f"{fix}."
+        ) from None
+    if fingerprint != record["fingerprint"]:
+        raise ValueError(
+            f"{where}: config.json or the weights are not the ones the features were extracted "
+            f"with (their fingerprint differs): {fix}."
+        )
+    if preprocessor != record["preprocessor_sha256"]:
+        raise ValueError(
+            f"{where}: {record['preprocessor']} is not the one the features were extracted with "
+            f"(its SHA-256 differs): {fix}."
+        )
+    common = dict(
+        dtype=record["compute_dtype"],
+        pooling=record["pooling"],
+        include_embeddings=record["first_layer"] == 0,
+        batch_size=batch_size,
+    )
+    if record["modality"] == "text":
+        return TextEncoder(model_dir, max_length=record["max_length"], **common)
+    return FeatureEncoder(model_dir, wavlm_final_norm=record["wavlm_final_norm"], **common)
 
 
 # The errors main() reports as one line (exit 2): user errors, on any process.
@@ -533,6 +744,7 @@ def extract(
     name = feature_name(dataset, encoder_name, encoder.pooling, split)
     shards_dir = pathlib.Path(shards_dir or pathlib.Path(data_dir) / "shards" / name)
     manifest_path = shards_dir / encoder_features.MANIFEST
+    record_path = shards_dir / encoder_features.EXTRACTION
     shape = (encoder.num_layers, encoder.dim)
 
     def prepare() -> tuple[Any, int, list[int], set[int]]:
@@ -574,6 +786,19 @@ def extract(
                 f"{shards_dir} holds shards made with other settings ({manifest_path}); remove "
                 "it or choose another --shards-dir."
             )
+        # The encoder's record (metadata "extraction", for raw-input inference) is a file of
+        # its own: manifests stay as before (older shard folders resume), and shards of other
+        # weights are refused. A folder from before records is resumed and gets one.
+        record = None
+        if procs.index == 0:
+            record = encoder.record()  # reads every weight byte (about 1 s per GB)
+            if encoder.modality == "audio":
+                record["samples"] = int(len(source[0]["audio"]))
+            if record_path.exists() and json.loads(record_path.read_text()) != record:
+                raise ValueError(
+                    f"{shards_dir} holds shards of another encoder's weights or preprocessing "
+                    f"({record_path}); remove it or choose another --shards-dir."
+                )
         mine = [index for index in range(num_shards) if procs.owns(index)]
         todo = {
             index
@@ -589,6 +814,7 @@ def extract(
         if procs.index == 0:
             shards_dir.mkdir(parents=True, exist_ok=True)
             _write_atomic_text(manifest_path, json.dumps(manifest, indent=2))
+            _write_atomic_text(record_path, json.dumps(record, indent=2))
         return source, n, mine, todo
 
     def compute(prepared: tuple[Any, int, list[int], set[int]]) -> None:

@@ -33,18 +33,23 @@ BEST_STATE = "best_state.msgpack"
 
 
 def run_config(config: ml_collections.ConfigDict, dataset: DatasetFolds) -> dict:
-    """What one run folder records: the config and its data (enough to rebuild the model)."""
+    """What one run folder records: the config and its data (enough to rebuild the model).
+
+    ``data.extraction`` is the feature dataset's record of the encoder that made it
+    (:meth:`data.extract.FeatureEncoder.record`), which raw-input inference rebuilds; features
+    extracted before datasets recorded it (and imported ones) have none.
+    """
     metadata = dataset.info.metadata or {}
-    return {
-        "config": plain(config),
-        "data": {
-            "name": dataset.name,
-            "path": str(config.dataset_paths[dataset.name]),
-            "num_classes": dataset.num_classes,
-            "input_shape": list(dataset.input_shape),
-            "pooling": metadata.get("pooling", "mean"),
-        },
+    data = {
+        "name": dataset.name,
+        "path": str(config.dataset_paths[dataset.name]),
+        "num_classes": dataset.num_classes,
+        "input_shape": list(dataset.input_shape),
+        "pooling": metadata.get("pooling", "mean"),
     }
+    if "extraction" in metadata:
+        data["extraction"] = plain(dict(metadata["extraction"]))
+    return {"config": plain(config), "data": data}
 
 
 class TensorBoard:

@@ -21,7 +21,6 @@ state in Hugging Face PEFT's format, which ``peft.PeftModel.from_pretrained`` lo
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import pathlib
 import re
@@ -41,6 +40,8 @@ from train.config import ConfigError, one_line
 from train.splits import CV_KINDS, DatasetFolds
 
 DTYPES = steps_lib.DTYPES
+# Shared with data.extract, which records it in feature datasets (kept here by name).
+weights_fingerprint = checkpoint.weights_fingerprint
 
 
 def is_finetune(config: ml_collections.ConfigDict) -> bool:
@@ -60,22 +61,6 @@ def adapters_from_config(cfg: ml_collections.ConfigDict) -> adapters_lib.Adapter
             init=str(cfg.lora_init),
         )
     return adapters_lib.Adapters(lora=lora, daam=bool(cfg.daam))
-
-
-def weights_fingerprint(folder: str | pathlib.Path) -> str:
-    """SHA-256 over a model folder's ``config.json`` and weight files (name, size, contents).
-
-    Every weight byte is read (about 1 s per GB): a changed weight changes the fingerprint.
-    """
-    folder = pathlib.Path(folder)
-    h = hashlib.sha256()
-    files = [folder / "config.json", *sorted(folder.glob("*.safetensors"))]
-    for file in files:
-        h.update(file.name.encode() + b"\0" + str(file.stat().st_size).encode() + b"\0")
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def encoder_folder(config: ml_collections.ConfigDict) -> pathlib.Path:

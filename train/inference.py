@@ -1,11 +1,25 @@
-"""Prediction from a trained run, on feature files or on raw text, and ``jax.export`` artefacts.
+"""Prediction from a trained run, on features or on raw inputs, and ``jax.export`` artefacts.
 
 ::
 
     predictor = Predictor.from_run("out/default/pang_lee_polarity/seed0_fold1")
-    predictor.predict(features)                 # [batch, N, d] -> class ids
-    predictor.predict_text(["a fine film ."])   # through the MiniLM encoder
-    predictor.export("model.jaxexport")         # reloads with load_exported(), no model code
+    predictor.predict(features)                  # [batch, N, d] -> class ids
+    predictor.predict_raw(["a fine film ."])     # texts, images or waveforms -> class ids
+    predictor.export("model.jaxexport")          # features -> logits
+    predictor.export("raw.jaxexport", raw=True)  # model inputs -> logits, encoder included
+    load_exported("raw.jaxexport")(**predictor.preprocess(["a fine film ."]))  # jax alone
+
+Raw inputs go through the encoder that made the run's features, as the feature dataset records
+it (:meth:`data.extract.FeatureEncoder.record`, in the run's ``config.json`` as
+``data.extraction``): the packaged MiniLM, a model folder or a hub snapshot, with the recorded
+pooling, layers, ``max_length`` and compute dtype, and extraction's own preprocessing and
+encoder classes (:func:`data.extract.encoder_from_record`). Its weights' fingerprint and its
+tokenizer or preprocessor file are checked first; a missing or changed encoder is refused in
+one line. Features extracted before datasets recorded their encoder still load and predict;
+only raw inputs are refused.
+
+A fine-tuned run (a config with an ``encoder`` section) loads as a
+:class:`FineTunedPredictor`: its raw inputs go through its own adapted encoder and head.
 """
 
 from __future__ import annotations
@@ -31,14 +45,26 @@ class Predictor:
     Args:
       steps: supplies the model definition and the example shape.
       variables: ``{'params', 'batch_stats'}`` of one run.
-      pooling: the pooling of the training features, for :meth:`predict_text`.
+      pooling: the pooling of the training features.
+      extraction: the feature dataset's record of its encoder (``config.json``'s
+        ``data.extraction``), for raw inputs; None for features without one.
+      source: names the run in messages.
     """
 
-    def __init__(self, steps: Steps, variables: Any, pooling: str = "mean"):
+    def __init__(
+        self,
+        steps: Steps,
+        variables: Any,
+        pooling: str = "mean",
+        extraction: dict | None = None,
+        source: str | pathlib.Path = "this predictor",
+    ):
         self.model = steps.model
         self.input_shape = steps.input_shape
         self.variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
         self.pooling = pooling
+        self.extraction = extraction
+        self.source = str(source)
         self._logits = jax.jit(lambda v, x: self.model.apply(v, x))
         self._encoder = None
 
@@ -64,7 +90,13 @@ class Predictor:
             return FineTunedPredictor.from_config(run_dir, config, data)
         steps = Steps(config, data["num_classes"], tuple(data["input_shape"]))
         variables = artefacts.load_best_variables(run_dir)
-        return cls(steps, variables, pooling=data.get("pooling", "mean"))
+        return cls(
+            steps,
+            variables,
+            pooling=data.get("pooling", "mean"),
+            extraction=data.get("extraction"),
+            source=run_dir,
+        )
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         """Float32 logits of ``[batch, N, d]`` features."""
@@ -77,37 +109,135 @@ class Predictor:
         """Class ids of ``[batch, N, d]`` features."""
         return self.logits(features).argmax(-1)
 
-    def predict_text(self, texts: Sequence[str]) -> np.ndarray:
-        """Class ids of raw texts, encoded by MiniLM with the training features' pooling."""
+    @property
+    def encoder(self) -> Any:
+        """The :class:`data.extract.FeatureEncoder` that made the features, loaded once.
+
+        Raises:
+          ValueError: the features record no encoder, or its weights, tokenizer or
+            preprocessor file changed (one line each).
+          FileNotFoundError: its folder or hub snapshot is missing (one line).
+        """
         if self._encoder is None:
-            from data.extract import TextEncoder
+            if not self.extraction:
+                raise ValueError(
+                    f"{self.source}: its features record no encoder (extracted before feature "
+                    "datasets recorded one), so raw inputs cannot be encoded as they were: "
+                    "re-extract them with python -m data.extract (remove the old dataset folder "
+                    "first) and retrain."
+                )
+            from data.extract import encoder_from_record
 
-            self._encoder = TextEncoder(pooling=self.pooling)
-        return self.predict(self._encoder(list(texts)))
+            encoder = encoder_from_record(self.extraction)
+            if (encoder.num_layers, encoder.dim) != self.input_shape:
+                raise ValueError(
+                    f"{self.source}: the recorded encoder gives features "
+                    f"{(encoder.num_layers, encoder.dim)} but the run takes {self.input_shape}."
+                )
+            self._encoder = encoder
+        return self._encoder
 
-    def export(self, path: str | pathlib.Path) -> pathlib.Path:
-        """Serialises ``features -> logits`` (parameters baked in, any batch size) to ``path``."""
+    def features(self, inputs: Sequence[Any]) -> np.ndarray:
+        """Float32 ``[batch, N, d]`` features of raw inputs, extracted as the run's were.
+
+        Args:
+          inputs: texts, images (uint8 ``[H, W, C]``) or waveforms (int16 ``[T]``, 16 kHz, at
+            most the recorded chunk length; zero-padded to it as the dataset's chunks are).
+        """
+        encoder = self.encoder
+        records = encoder.raw_records(list(inputs), self.extraction.get("samples"))
+        return encoder.encode_records(records)
+
+    def logits_raw(self, inputs: Sequence[Any]) -> np.ndarray:
+        """Float32 logits ``[batch, classes]`` of raw inputs (see :meth:`features`)."""
+        return self.logits(self.features(inputs))
+
+    def predict_raw(self, inputs: Sequence[Any]) -> np.ndarray:
+        """Class ids of raw texts, images or waveforms (see :meth:`features`)."""
+        return self.logits_raw(inputs).argmax(-1)
+
+    def predict_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Class ids of raw texts: :meth:`predict_raw` (the run's own text encoder)."""
+        if self.extraction and self.extraction.get("modality") != "text":
+            raise ValueError(
+                f"{self.source}: its features are of {self.extraction.get('modality')}, not "
+                "text; use predict_raw."
+            )
+        return self.predict_raw(list(texts))
+
+    def preprocess(self, inputs: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Raw inputs -> the encoder's model inputs, as :meth:`export` with ``raw`` takes them.
+
+        Returns:
+          texts: ``input_ids``, ``attention_mask`` int32 ``[batch, max_length]``; images:
+          ``pixel_values`` float32 ``[batch, C, H, W]``; audio: ``input_values`` float32
+          ``[batch, samples]`` (and ``attention_mask`` int32, with ``mean`` pooling).
+        """
+        encoder = self.encoder
+        records = encoder.raw_records(list(inputs), self.extraction.get("samples"))
+        return encoder.model_inputs(records)
+
+    def export(self, path: str | pathlib.Path, raw: bool = False) -> pathlib.Path:
+        """Serialises the classifier (parameters baked in, any batch size) to ``path``.
+
+        Args:
+          path: the artefact's file.
+          raw: False: ``features [batch, N, d] -> logits``. True: ``model inputs -> logits``
+            (those of :meth:`preprocess`: texts at the recorded ``max_length``), the recorded
+            encoder, extraction's pooling and layer selection
+            (:meth:`data.extract.FeatureEncoder.pooled_inputs`) and the decoder in one program.
+
+        Raises:
+          ValueError, FileNotFoundError: for ``raw``, as :attr:`encoder`.
+        """
         variables = self.variables
-
-        def fn(x):
-            return self.model.apply(variables, x)
-
         (batch,) = jax.export.symbolic_shape("batch")
-        spec = jax.ShapeDtypeStruct((batch, *self.input_shape), jnp.float32)
+        if raw:
+            encoder = self.encoder
+            encoder.load()
+
+            def fn(inputs):
+                return self.model.apply(variables, encoder.pooled_inputs(inputs))
+
+            # One example's model inputs give the names, dtypes and per-example shapes.
+            example = self.preprocess(_example_inputs(encoder, self.extraction))
+            spec: Any = {
+                k: jax.ShapeDtypeStruct((batch, *v.shape[1:]), v.dtype) for k, v in example.items()
+            }
+        else:
+
+            def fn(x):
+                return self.model.apply(variables, x)
+
+            spec = jax.ShapeDtypeStruct((batch, *self.input_shape), jnp.float32)
         exported = jax.export.export(jax.jit(fn))(spec)
         path = pathlib.Path(path)
         path.write_bytes(exported.serialize())
         return path
 
 
+def _example_inputs(encoder: Any, extraction: dict) -> list[Any]:
+    """One raw input of the encoder's modality (its values do not matter, only its shapes)."""
+    if encoder.modality == "text":
+        return [""]
+    if encoder.modality == "image":
+        size = encoder.raw.get("image_size", 224)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return [np.zeros((h, w, 3), np.uint8)]
+    return [np.zeros(extraction.get("samples") or 16_000, np.int16)]
+
+
 def load_exported(path: str | pathlib.Path) -> Callable[..., np.ndarray]:
     """Loads a :meth:`Predictor.export` artefact: ``features -> logits``.
 
-    A fine-tuned run's artefact (:meth:`FineTunedPredictor.export`) gives
-    ``**model_inputs -> logits``.
+    A raw-input artefact (``raw=True``) and a fine-tuned run's
+    (:meth:`FineTunedPredictor.export`) give ``**model_inputs -> logits``.
     """
     exported = jax.export.deserialize(bytearray(pathlib.Path(path).read_bytes()))
-    if exported.in_tree.num_leaves > 1 or "dict" in str(exported.in_tree):
+    # in_tree is that of (args, kwargs); a dict argument (even of one array: BEiT's
+    # pixel_values) takes keyword inputs.
+    (first, *_), _ = exported.in_tree.unflatten([None] * exported.in_tree.num_leaves)
+    if isinstance(first, dict):
         return lambda **inputs: np.asarray(exported.call(dict(inputs)))
     return lambda x: np.asarray(exported.call(np.asarray(x, np.float32)))
 

@@ -20,6 +20,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 MANIFEST = "manifest.json"
+# The extractor's record of its encoder (data.extract.FeatureEncoder.record), beside the
+# manifest; the built dataset's metadata holds it as "extraction".
+EXTRACTION = "extraction.json"
 
 
 def shard_name(index: int) -> str:
@@ -56,9 +59,10 @@ class EncoderFeatures(tfds.core.GeneratorBasedBuilder):
     ``group`` (int64, e.g. the IEMOCAP session; -1 when there are none) and ``id`` (int64, the
     example's id in the source dataset). ``info.metadata`` records the encoder, the pooling, the
     layer count and the source dataset (and, for imported features, a ``fingerprint`` of the
-    arrays). A manifest with ``"has_groups": false`` (features imported without groups, see
-    :mod:`data.import_features`) builds no ``group`` feature, so leave-one-group-out
-    cross-validation refuses the dataset instead of seeing one group.
+    arrays; for extracted ones, ``extraction``: the encoder and its settings, from the shards
+    folder's ``extraction.json``). A manifest with ``"has_groups": false`` (features imported
+    without groups, see :mod:`data.import_features`) builds no ``group`` feature, so
+    leave-one-group-out cross-validation refuses the dataset instead of seeing one group.
     """
 
     VERSION = tfds.core.Version("1.0.0")
@@ -66,6 +70,8 @@ class EncoderFeatures(tfds.core.GeneratorBasedBuilder):
 
     def __init__(self, *, config: EncoderFeaturesConfig, **kwargs):
         self._manifest = read_manifest(config.shards_dir)
+        record = pathlib.Path(config.shards_dir) / EXTRACTION
+        self._extraction = json.loads(record.read_text()) if record.exists() else None
         super().__init__(config=config, **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -79,27 +85,20 @@ class EncoderFeatures(tfds.core.GeneratorBasedBuilder):
         }
         if not m.get("has_groups", True):
             del features["group"]
+        metadata = {
+            k: m[k]
+            for k in ("encoder", "pooling", "num_layers", "dim", "source", "layers", "fingerprint")
+            if k in m
+        }
+        if self._extraction is not None:  # features of an older extractor have none
+            metadata["extraction"] = self._extraction
         return tfds.core.DatasetInfo(
             builder=self,
             description=(
                 f"{m['encoder']} features of {m.get('source', '?')}, {m['pooling']} pooling."
             ),
             features=tfds.features.FeaturesDict(features),
-            metadata=tfds.core.MetadataDict(
-                {
-                    k: m[k]
-                    for k in (
-                        "encoder",
-                        "pooling",
-                        "num_layers",
-                        "dim",
-                        "source",
-                        "layers",
-                        "fingerprint",
-                    )
-                    if k in m
-                }
-            ),
+            metadata=tfds.core.MetadataDict(metadata),
         )
 
     def _split_generators(self, dl_manager):

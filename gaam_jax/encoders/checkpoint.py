@@ -14,6 +14,7 @@ alone with ``HF_HUB_OFFLINE=1``); ``huggingface_hub`` is imported only then.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -386,3 +387,24 @@ def open_tensors(folder: str | pathlib.Path) -> Tensors:
             + CONVERT_HINT.format(folder=folder)
         )
     raise FileNotFoundError(f"{folder} has neither {SINGLE_FILE} nor {INDEX_FILE}.")
+
+
+def weights_fingerprint(folder: str | pathlib.Path) -> str:
+    """SHA-256 over a model folder's ``config.json`` and weight files (name, size, contents).
+
+    Every weight byte is read (about 1 s per GB): a changed weight changes the fingerprint.
+    Fine-tuned runs (:mod:`train.finetune`) and feature datasets (:mod:`data.extract`) record it
+    to refuse other weights later.
+
+    Raises:
+      FileNotFoundError: the folder has no ``config.json``.
+    """
+    folder = pathlib.Path(folder)
+    h = hashlib.sha256()
+    files = [folder / "config.json", *sorted(folder.glob("*.safetensors"))]
+    for file in files:
+        h.update(file.name.encode() + b"\0" + str(file.stat().st_size).encode() + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
