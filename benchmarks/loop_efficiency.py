@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     spec = f"{args.config}:runlocal" if args.quick else args.config
     config = config_lib.load(spec)
-    with config.unlocked():
+    with config.ignore_type():  # "auto" (str) or a count (int)
         config.runs_vectorized = (
             args.vectorized if args.vectorized == "auto" else int(args.vectorized)
         )

@@ -276,3 +276,32 @@ def test_predictor_of_a_finetuned_run(finished, tmp_path):
     (run / "config.json").write_text(json.dumps(recorded))
     with pytest.raises(ValueError, match="not the ones this run was trained on"):
         Predictor.from_run(run)
+
+
+def test_raw_inputs_read_by_grain_train_as_on_device(finished, tmp_path):
+    """``data_on_device=False``: the raw examples are read and preprocessed batch by batch by
+    the grain feed (train.finetune.RawSource: nothing but labels and ids held), and the runs
+    equal those of the inputs held on the device."""
+    import json
+
+    c, _, _, whole_dir, whole = finished
+    c = c.copy_and_resolve_references()
+    c.data_on_device = False
+    datasets = finetune.check(c, tmp_path / "grain")
+    assert isinstance(datasets[0].source, finetune.RawSource)
+    got = finetune.run(c, tmp_path / "grain", datasets=datasets, progress=False)
+    keys = ("best_accuracy", "best_epoch", "final_accuracy", "steps")
+    assert [[r[k] for k in keys] for r in got["records"]] == [
+        [r[k] for k in keys] for r in whole["records"]
+    ]
+    # The same batches in the same order. Texts are padded to max_length instead of the longest
+    # (bucketed) text: masked positions, so the same losses up to float32 summation order.
+    for fold in (1, 2):
+        lines = [
+            [json.loads(x) for x in (d / "pang_lee_polarity" / f"seed0_fold{fold}" /
+             "metrics.jsonl").read_text().splitlines()]
+            for d in (whole_dir, tmp_path / "grain")
+        ]  # fmt: skip
+        losses = [[x["val_loss"] for x in run if "val_loss" in x] for run in lines]
+        assert len(losses[0]) == len(losses[1]) > 0
+        np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)

@@ -60,6 +60,8 @@ def fits_on_device(source: Any, input_shape: tuple) -> bool:
     """Whether ``source``'s features stay under :data:`AUTO_DEVICE_BYTES` in float32."""
     if isinstance(source, pipeline.ArraySource):
         return True  # already in host memory as arrays: device memory holds them too
+    if input_shape and not isinstance(input_shape[0], int):
+        return False  # raw model inputs read batch by batch (train.finetune.RawSource)
     return len(source) * int(np.prod(input_shape)) * 4 <= AUTO_DEVICE_BYTES
 
 
@@ -234,13 +236,15 @@ class GrainFeed:
 
         local = rows[..., jax.process_index() :: jax.process_count()]
         shape = local.shape[1:]
-        view = pipeline.FeatureSource(self.source, local.reshape(-1))
+        view = _view(self.source, local.reshape(-1))
         per = int(np.prod(shape))
+
+        def stack(values: list) -> Any:  # [runs * batch] records -> [runs, batch, ...]
+            return jax.tree.map(lambda *v: np.stack(v).reshape(*shape, *np.shape(v[0])), *values)
 
         def read(i):
             records = [view[i * per + j] for j in range(per)]
-            return {k: np.stack([r[k] for r in records]).reshape(*shape, *np.shape(records[0][k]))
-                    for k in keys}  # fmt: skip
+            return {k: stack([r[k] for r in records]) for k in keys}
 
         ds = grain.MapDataset.range(len(local)).map(read)
         return ds.to_iter_dataset(grain.ReadOptions(**self.read))
@@ -250,16 +254,17 @@ class GrainFeed:
         batch = {k: v for k, v in batch.items() if k != "id"}
         if self.steps.mesh is None:
             return batch
-        runs, local = batch["x"].shape[:2]
+        runs, local = batch["label"].shape[:2]
         spec = self.steps.batch_spec(runs, local * jax.process_count())
-        out = {}
-        for k, v in batch.items():
+
+        def put(v: np.ndarray) -> jax.Array:
             where = jax.sharding.NamedSharding(
                 self.steps.mesh, jax.sharding.PartitionSpec(*spec[: v.ndim])
             )
             global_shape = (runs, local * jax.process_count(), *v.shape[2:])
-            out[k] = jax.make_array_from_process_local_data(where, np.asarray(v), global_shape)
-        return out
+            return jax.make_array_from_process_local_data(where, np.asarray(v), global_shape)
+
+        return jax.tree.map(put, batch)  # x: features, or a dict of model inputs
 
     def train(
         self, state: TrainState, sums: Sums, orders: tuple, start: int, stop: int
@@ -283,6 +288,34 @@ class GrainFeed:
             out = self.steps.evaluate_batch(state, put)
             totals = out if totals is None else jax.tree.map(np.add, totals, out)
         return totals
+
+
+@dataclasses.dataclass(frozen=True)
+class _RawView:
+    """Raw records as model inputs: ``{'x': {name: array}, 'label', 'id'}``.
+
+    :class:`data.pipeline.FeatureSource` for records whose features are a dict of model inputs
+    (:class:`train.finetune.RawSource`).
+    """
+
+    source: Any
+    indices: np.ndarray
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        record = self.source[int(self.indices[i])]
+        x = record["features"]
+        for v in x.values():
+            if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v)):
+                raise ValueError(f"example id {record['id']}: inputs contain NaN or Inf.")
+        return {"x": x, "label": np.int32(record["label"]), "id": np.int64(record["id"])}
+
+
+def _view(source: Any, indices: np.ndarray) -> Any:
+    """The records ``indices`` of ``source`` as model inputs (features, or raw inputs)."""
+    parts = source.sources if isinstance(source, pipeline.ConcatSource) else [source]
+    if all(hasattr(p, "example") for p in parts):  # train.finetune.RawSource
+        return _RawView(source, indices)
+    return pipeline.FeatureSource(source, indices)
 
 
 def make_feed(steps: Steps, source: Any, num_classes: int, on_device: str | bool) -> Any:

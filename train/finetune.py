@@ -241,22 +241,37 @@ def modality(config: ml_collections.ConfigDict) -> str:
     return MODALITY_OF_MODEL[raw["model_type"]]
 
 
+def preprocessor(config: ml_collections.ConfigDict) -> Any:
+    """The :class:`data.extract.FeatureEncoder` whose preprocessing the config's runs use."""
+    from data.extract import FeatureEncoder
+
+    return FeatureEncoder(
+        encoder_folder(config),
+        max_length=config.encoder.get("max_length") or None,
+        pooling=config.encoder.get("pooling", "mean"),
+    )
+
+
 def preprocess(
-    config: ml_collections.ConfigDict, records: list[dict], length: int | None = None
+    config: ml_collections.ConfigDict,
+    records: list[dict],
+    length: int | None = None,
+    encoder: Any = None,
 ) -> dict[str, np.ndarray]:
     """Every record's model inputs, preprocessed as extraction does (one padded array each).
 
     Texts are tokenised (truncated to ``encoder.max_length``) and padded on the right to the
     longest (bucketed) length, or to ``length``; images resized and normalised; waveforms
     normalised, with the mask of their real samples where the model takes one.
-    """
-    from data.extract import FeatureEncoder
 
-    encoder = FeatureEncoder(
-        encoder_folder(config),
-        max_length=config.encoder.get("max_length") or None,
-        pooling=config.encoder.get("pooling", "mean"),
-    )
+    Args:
+      config: the fine-tuning config.
+      records: raw tfds records (``text``, ``image`` or ``audio`` and ``length``).
+      length: the token length of texts (None: the longest, bucketed).
+      encoder: :func:`preprocessor` of ``config``, when the caller keeps one (it reads the
+        tokenizer or preprocessor files).
+    """
+    encoder = encoder or preprocessor(config)
     if encoder.modality == "text":  # input_ids, attention_mask int32 [n, T]
         out = encoder.preprocess([r["text"] for r in records])
         if length is not None and out["input_ids"].shape[1] != length:
@@ -277,31 +292,95 @@ def _fit(x: np.ndarray, length: int, value: int) -> np.ndarray:
     return np.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
 
 
+class RawSource:
+    """Raw examples preprocessed one at a time when read (the grain feed's source).
+
+    For datasets whose preprocessed inputs do not fit in memory (CIFAR-100 at 224 x 224 is 30 GB
+    of float32 pixels): only labels, ids and groups are held; record ``i`` is read from its
+    tfds split and preprocessed as :func:`preprocess` does, texts padded to
+    ``encoder.max_length`` so that every record has the same shape.
+
+    Args:
+      config: the fine-tuning config (its encoder's preprocessing).
+      sources: the tfds data sources, read one after another (train, then test for holdout).
+      first: one record of the first source, already read (its shapes and dtypes).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, sources: list[Any], first: dict):
+        self.config = config
+        self.parts = pipeline.ConcatSource(sources)
+        self.length = config.encoder.get("max_length") or None
+        self.encoder = preprocessor(config)  # read once, not once per record
+        one = self._inputs([first])
+        # One example's model inputs (batch 1): the programs' example and the feed's shapes.
+        self.example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in one.items()}
+
+    def _inputs(self, records: list[dict]) -> dict[str, np.ndarray]:
+        return preprocess(self.config, records, length=self.length, encoder=self.encoder)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        """``{'features': {name: one example's model input}, 'label', 'id'}``."""
+        record = self.parts[i]
+        inputs = {k: v[0] for k, v in self._inputs([record]).items()}
+        return {"features": inputs, "label": int(record["label"]), "id": int(record["id"])}
+
+    def nbytes(self) -> int:
+        """The bytes of every example's model inputs, preprocessed."""
+        one = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in self.example.values())
+        return one * len(self)
+
+
 def open_raw_folds(config: ml_collections.ConfigDict, name: str) -> DatasetFolds:
     """Opens dataset ``name`` (tfds folder ``dataset_paths[name]``) as preprocessed inputs.
 
     The folds of ``config.cv`` are cut exactly as :func:`train.splits.open_folds` cuts them for
     the features (same labels in the same order: the same folds as the decoders' runs); for
     ``holdout`` the ``test`` split follows the ``train`` split and validates.
+
+    The inputs are preprocessed once and held as arrays (:class:`data.pipeline.ArraySource`,
+    placed on the device), or, with ``data_on_device`` False, or "auto" and more than
+    :data:`train.feeds.AUTO_DEVICE_BYTES` of them, read and preprocessed batch by batch by the
+    grain feed (:class:`RawSource`).
     """
     from data.datasets import registry
+    from train import feeds
 
     kind = config.cv.kind
     splits = ("train", "test") if kind == "holdout" else ("train",)
-    records, info = [], None
+    sources, info = [], None
     for split in splits:
         source, info = registry.load_examples(
             name, config.dataset_paths[name], split, manual_dir=config.get("manual_dir") or None
         )
-        records.append([source[i] for i in range(len(source))])
-    every = [r for part in records for r in part]
-    inputs = preprocess(config, every)
+        sources.append(source)
+    on_device = config.get("data_on_device", "auto")
+    lazy = None
+    if on_device is not True:
+        lazy = RawSource(config, sources, sources[0][0])
+        if on_device == "auto" and lazy.nbytes() <= feeds.AUTO_DEVICE_BYTES:
+            lazy = None
+    # Labels, ids and groups: one pass over the records, keeping only those.
+    keys = ("label", "id", "group") if kind == "leave_one_group_out" else ("label", "id")
+    every: list[dict] = []
+    for source in sources:
+        for i in range(len(source)):
+            r = source[i]
+            every.append(r if lazy is None else {k: r[k] for k in keys})
     labels = np.array([int(r["label"]) for r in every], np.int64)
     ids = np.array([int(r["id"]) for r in every], np.int64)
-    source = pipeline.ArraySource(inputs, labels, ids)
+    if lazy is None:
+        inputs = preprocess(config, every)
+        source = pipeline.ArraySource(inputs, labels, ids)
+        shape = tuple(sorted((k, tuple(v.shape[1:])) for k, v in inputs.items()))
+    else:
+        source = lazy
+        shape = tuple(sorted((k, tuple(v.shape[1:])) for k, v in lazy.example.items()))
     num_classes = info.features["label"].num_classes
     if kind == "holdout":
-        n = len(records[0])
+        n = len(sources[0])
         folds = [(np.arange(n), np.arange(n, len(every)))]
     elif kind == "stratified_kfold":
         folds = pipeline.stratified_kfold(labels, config.cv.k, config.cv.seed)
@@ -309,12 +388,13 @@ def open_raw_folds(config: ml_collections.ConfigDict, name: str) -> DatasetFolds
         folds = pipeline.leave_one_group_out([int(r["group"]) for r in every])
     else:
         raise ValueError(f"cv.kind must be one of {CV_KINDS}, got {kind!r}.")
-    shape = tuple(sorted((k, tuple(v.shape[1:])) for k, v in inputs.items()))
     return DatasetFolds(name, source, info, folds, num_classes, shape, labels)
 
 
 def example_of(split: DatasetFolds) -> dict[str, jax.ShapeDtypeStruct]:
     """One example's model inputs (batch 1), abstract."""
+    if isinstance(split.source, RawSource):
+        return split.source.example
     return {
         k: jax.ShapeDtypeStruct((1, *v.shape[1:]), v.dtype)
         for k, v in split.source.arrays["x"].items()
