@@ -33,7 +33,9 @@ def load_features(path: str | pathlib.Path, split: str = "train") -> tuple[Any, 
 
     Args:
       path: the dataset version folder, e.g.
-        ``<data_dir>/encoder_features/pang_lee_polarity_minilm_mean/1.0.0``.
+        ``<data_dir>/encoder_features/pang_lee_polarity_minilm_mean/1.0.0``, or its URL on an
+        object store (``gs://...``), which is copied once into a local cache and read there
+        (:func:`gaam_jax.storage.local_copy`: the array_record reader reads local files only).
       split: the split to open.
 
     Raises:
@@ -41,12 +43,16 @@ def load_features(path: str | pathlib.Path, split: str = "train") -> tuple[Any, 
     """
     import tensorflow_datasets as tfds
 
-    path = pathlib.Path(path)
+    from gaam_jax import storage
+
+    path = storage.path(path)
     if not (path / "dataset_info.json").exists():
         raise FileNotFoundError(
             f"no feature dataset at {path}. Build it with: python -m data.extract --dataset "
             "<name> --data-dir <data_dir>"
         )
+    if storage.is_url(path):
+        path = storage.local_copy(path)
     builder = tfds.builder_from_directory(str(path))
     return builder.as_data_source(split=split), builder.info
 

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from gaam_jax import storage
+
 __all__ = [
     "ImportanceState",
     "find_gate",
@@ -212,7 +214,8 @@ def plot_heatmap(
     ax.set_ylabel("encoder layer")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="IF")
-    path = pathlib.Path(path)
+    path = storage.path(path)  # a local file or an object-store URL
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
+    with path.open("wb") as f:
+        fig.savefig(f, dpi=dpi, format="png")
     return path

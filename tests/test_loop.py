@@ -103,6 +103,8 @@ def test_resume_mid_epoch_is_bit_exact(toy, tmp_path, on_device):
         checkpoint_every_epochs=4,
     )  # fmt: skip
     full = loop.train_program(steps, feed, plan, tmp_path / "full", config=config)
+    program = steps.programs["train_steps" if on_device else "train_step"]
+    compiled = (program._cache_size(), steps.epoch_end._cache_size())
     with pytest.raises(Stop):  # in epoch 3, right after the mid-epoch checkpoint at step 12
         loop.train_program(steps, feed, plan, tmp_path / "cut", config=config, hooks=stop_after(12))
     resumed = loop.train_program(steps, feed, plan, tmp_path / "cut", config=config)
@@ -110,6 +112,9 @@ def test_resume_mid_epoch_is_bit_exact(toy, tmp_path, on_device):
         _assert_same(f.final_state, r.final_state)
         _assert_same(f.best_state, r.best_state)
         assert f.history == r.history
+    # Restored states and mid-epoch sums are placed (and typed) as the programs return them:
+    # resuming compiles nothing new.
+    assert (program._cache_size(), steps.epoch_end._cache_size()) == compiled
 
 
 def test_non_finite_loss_stops_and_rolls_back(toy, tmp_path, monkeypatch):

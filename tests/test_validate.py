@@ -39,8 +39,6 @@ def test_data_and_model_shape_are_checked(toy, tmp_path):
 
 
 def test_workdir_checks(toy, tmp_path):
-    with pytest.raises(ConfigError, match="object-store URLs are not supported yet"):
-        validate.check_workdir("gs://bkt/run")
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         validate.check_workdir(tmp_path / "file")

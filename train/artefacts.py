@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+import shutil
+import tempfile
 from typing import Any
 
 import flax.serialization
@@ -24,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gaam_jax import importance
+from gaam_jax import importance, storage
 from train.loop import RunResult
 from train.runs import RECORD, RunRecord, flatten, plain, write_bytes_atomic
 from train.splits import DatasetFolds
@@ -57,16 +59,29 @@ class TensorBoard:
 
     Every line of ``metrics.jsonl`` against the run's global step; when the run finishes, the
     resolved config as hyperparameters with its best and final accuracy.
+
+    A run folder on an object store gets its events written into a local temporary folder and
+    copied into ``<run>/tensorboard`` by :meth:`close` (when the program finishes or fails):
+    tensorboardX's own ``gs://`` writer re-uploads the whole file on every flush through a
+    second client (google-cloud-storage, with its own credentials), and an object cannot be
+    appended to. A job killed outright loses that program's events of this session;
+    ``metrics.jsonl``, rewritten from the checkpoints, is the record that survives.
     """
 
-    def __init__(self, run_dir: pathlib.Path, config: ml_collections.ConfigDict):
+    def __init__(self, run_dir: storage.AnyPath, config: ml_collections.ConfigDict):
         self.config = config
+        self.remote = storage.path(run_dir) / "tensorboard" if storage.is_url(run_dir) else None
+        self.local: pathlib.Path | None = None
         try:
             from tensorboardX import SummaryWriter
         except ImportError:  # TensorBoard logging is optional
             self.writer = None
+            return
+        if self.remote is None:
+            self.writer = SummaryWriter(str(pathlib.Path(run_dir) / "tensorboard"))
         else:
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            self.local = pathlib.Path(tempfile.mkdtemp(prefix="gaam_tensorboard_"))
+            self.writer = SummaryWriter(str(self.local))
 
     def add(self, line: dict) -> None:
         """The numbers of a ``metrics.jsonl`` line, against its step."""
@@ -84,6 +99,13 @@ class TensorBoard:
                        for k, v in flatten(plain(self.config)).items()}  # fmt: skip
             self.writer.add_hparams(hparams, metrics, name="hparams")
         self.writer.close()
+        if self.local is not None:
+            for name, file in storage.files(self.local):
+                target = self.remote / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(file.read_bytes())
+            shutil.rmtree(self.local, ignore_errors=True)
+            self.local = None
 
 
 @jax.jit
@@ -124,10 +146,12 @@ def finish_run(identity: dict, result: RunResult, run_dir: pathlib.Path, title: 
         gate_mean=gate_file,
         best_state_sha256=hashlib.sha256(data).hexdigest(),
     )
+    run_dir = storage.path(run_dir)
     if jax.process_index() == 0:
         write_bytes_atomic(run_dir / BEST_STATE, data)
         if gate_file is not None:
-            np.save(run_dir / gate_file, gate)
+            with (run_dir / gate_file).open("wb") as f:
+                np.save(f, gate)
             importance.plot_heatmap(if_map, run_dir / "importance.png", title=title)
         record.save(run_dir)
     return record
@@ -140,7 +164,7 @@ def load_best_variables(run_dir: str | pathlib.Path) -> dict[str, Any]:
       FileNotFoundError: the run has no record or no best state (it did not finish).
       ValueError: the file's bytes differ from the digest in the record.
     """
-    run_dir = pathlib.Path(run_dir)
+    run_dir = storage.path(run_dir)
     if not (run_dir / RECORD).exists() or not (run_dir / BEST_STATE).exists():
         raise FileNotFoundError(f"{run_dir} holds no finished run (no {RECORD} or {BEST_STATE}).")
     record = RunRecord.load(run_dir)

@@ -9,10 +9,12 @@ Layout of a program's ``checkpoints/`` folder::
     checksums/<step>.json      SHA-256 of every file of that checkpoint
 
 A checkpoint counts only once orbax has finalised it (orbax writes into a temporary folder and
-renames it when complete) *and* its checksum record has been committed (written to a temporary
-file, fsynced, renamed). Restoring verifies every file against the record and the restored
-state for finiteness; a checkpoint that fails either (its record unreadable or altered
-included) is skipped with one line and the next older one is tried. Nothing is deleted until a
+renames it when complete; on an object store such as ``gs://`` it writes a commit marker
+instead) *and* its checksum record has been committed (:func:`train.runs.write_json_atomic`:
+renamed into place locally, one complete object upload on an object store). Restoring
+verifies every file against the record and the restored state for finiteness; a checkpoint
+that fails either (its record unreadable or altered included) is skipped with one line and
+the next older one is tried. Nothing is deleted until a
 newer checkpoint is committed.
 
 Saves are orbax's own asynchronous saves: :meth:`Checkpoints.save` copies the state on device
@@ -32,18 +34,19 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from gaam_jax import storage
 from train.runs import write_json_atomic
 
 
-def file_digests(folder: pathlib.Path) -> dict[str, str]:
-    """SHA-256 of every file under ``folder``, keyed by relative path."""
+def file_digests(folder: storage.AnyPath) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` (local or remote), keyed by relative path."""
     digests = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for name, path in storage.files(folder):
         h = hashlib.sha256()
         with path.open("rb") as f:
             for block in iter(lambda f=f: f.read(1 << 22), b""):
                 h.update(block)
-        digests[str(path.relative_to(folder))] = h.hexdigest()
+        digests[name] = h.hexdigest()
     return digests
 
 
@@ -65,7 +68,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint failed verification (its message is one line)."""
 
 
-def _read_checksums(path: pathlib.Path) -> dict[str, str]:
+def _read_checksums(path: storage.AnyPath) -> dict[str, str]:
     """The ``{file: sha256}`` record of a checkpoint; any damage to it is a CheckpointError.
 
     A record that cannot be read, is not UTF-8 JSON, or does not map file names to 64-digit hex
@@ -98,7 +101,7 @@ class Checkpoints:
     def __init__(
         self, directory: str | pathlib.Path, max_to_keep: int = 2, *, asynchronous: bool = True
     ):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = storage.absolute(directory)
         self.max_to_keep = max_to_keep
         self.asynchronous = asynchronous
         options = ocp.CheckpointManagerOptions(
@@ -156,7 +159,7 @@ class Checkpoints:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _sum_path(self, step: int) -> pathlib.Path:
+    def _sum_path(self, step: int) -> storage.AnyPath:
         return self.sums_dir / f"{step}.json"
 
     def steps(self) -> list[int]:

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from data import pipeline
-from gaam_jax import sharding
+from gaam_jax import sharding, storage
 from train import artefacts, feeds, loop, report
 from train.runs import CONFIG, RECORD, RunRecord, run_folder, write_atomic, write_json_atomic
 from train.splits import DatasetFolds, open_folds
@@ -154,7 +154,7 @@ def run(
       ``results.json``'s content: ``columns``, ``best``/``final`` accuracy per dataset and the
       ``records``.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = storage.path(workdir)
     datasets = datasets or [open_folds(config, name) for name in config.dataset_paths]
     mesh = sharding.make_mesh(dict(config.mesh)) if "mesh" in config else None
     primary = jax.process_index() == 0

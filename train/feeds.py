@@ -287,7 +287,7 @@ class GrainFeed:
             put = self._put({**batch, "valid": local})
             out = self.steps.evaluate_batch(state, put)
             totals = out if totals is None else jax.tree.map(np.add, totals, out)
-        return totals
+        return self.steps.placed(totals)  # as DeviceFeed's: epoch_end compiles once
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from gaam_jax import storage
 from train import artefacts
 from train.runs import CONFIG
 from train.steps import Steps
@@ -76,7 +77,7 @@ class Predictor:
           FileNotFoundError: the folder records no run, or the run did not finish.
           ValueError: the best state's bytes differ from the digest its record holds.
         """
-        run_dir = pathlib.Path(run_dir)
+        run_dir = storage.path(run_dir)
         path = run_dir / CONFIG
         recorded = json.loads(path.read_text()) if path.exists() else {}
         if "num_classes" not in recorded.get("data", {}):
@@ -211,7 +212,7 @@ class Predictor:
 
             spec = jax.ShapeDtypeStruct((batch, *self.input_shape), jnp.float32)
         exported = jax.export.export(jax.jit(fn))(spec)
-        path = pathlib.Path(path)
+        path = storage.path(path)
         path.write_bytes(exported.serialize())
         return path
 
@@ -233,7 +234,7 @@ def load_exported(path: str | pathlib.Path) -> Callable[..., np.ndarray]:
     A raw-input artefact (``raw=True``) and a fine-tuned run's
     (:meth:`FineTunedPredictor.export`) give ``**model_inputs -> logits``.
     """
-    exported = jax.export.deserialize(bytearray(pathlib.Path(path).read_bytes()))
+    exported = jax.export.deserialize(bytearray(storage.path(path).read_bytes()))
     # in_tree is that of (args, kwargs); a dict argument (even of one array: BEiT's
     # pixel_values) takes keyword inputs.
     (first, *_), _ = exported.in_tree.unflatten([None] * exported.in_tree.num_leaves)
@@ -357,7 +358,7 @@ class FineTunedPredictor:
             for name, s in self.model.example.items()
         }
         exported = jax.export.export(jax.jit(fn))(spec)
-        path = pathlib.Path(path)
+        path = storage.path(path)
         path.write_bytes(exported.serialize())
         return path
 

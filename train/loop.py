@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from gaam_jax import storage
 from train import feeds, plateau
 from train.checkpointing import Checkpoints, snapshot
 from train.runs import write_atomic
@@ -222,7 +223,7 @@ def train_program(
             state, best, meta = restored
             progress = Progress.from_json(meta)
         schedules = zip(progress.plateau, progress.best, strict=True)
-        tracker = _stack([plateau.to_device(p, b) for p, b in schedules])
+        tracker = steps.placed(_stack([plateau.to_device(p, b) for p, b in schedules]))
 
         def check(host_sums: Sums, upto: int, epoch: int) -> None:
             bad = np.asarray(host_sums.first_bad_step)[:runs]
@@ -236,14 +237,18 @@ def train_program(
         def write_metrics(r: int, durable: bool) -> None:
             if primary and run_dirs is not None and run_dirs[r] is not None:
                 text = "".join(json.dumps(line) + "\n" for line in progress.lines(r))
-                write_atomic(pathlib.Path(run_dirs[r]) / "metrics.jsonl", text, durable=durable)
+                write_atomic(storage.path(run_dirs[r]) / "metrics.jsonl", text, durable=durable)
 
         for epoch in range(progress.epoch, cfg.num_epochs):
             orders = feed.orders(padded, epoch)
             first_step = epoch * positions
             position, sums = progress.position, steps.zero_sums(padded.runs)
             if progress.partial is not None:  # resumed mid-epoch
-                sums = _stack([Sums(**p) for p in progress.partial])
+                partial = _stack([Sums(**p) for p in progress.partial])
+                # The zeros' dtypes and placement (not weak types): no second compile.
+                sums = steps.placed(
+                    jax.tree.map(lambda z, p: jnp.asarray(p, z.dtype), sums, partial)
+                )
             for stop in fetch_points(position, positions, first_step, every):
                 state, sums = feed.train(state, sums, orders, position, stop)
                 position = stop

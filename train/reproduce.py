@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from gaam_jax import cli
+from gaam_jax import cli, storage
 from train import config as config_lib
 from train.results_doc import job_root as job_dir
 from train.runs import mean_gate, write_atomic
@@ -64,7 +64,7 @@ def run_job(
         for name in list(config.dataset_paths):
             if name != dataset:
                 del config.dataset_paths[name]
-    fresh = not (pathlib.Path(workdir) / "results.json").exists()
+    fresh = not (storage.path(workdir) / "results.json").exists()
     start = time.perf_counter()
     datasets = validate.prepare(config, workdir)
     results = cross_validation.run(config, workdir, datasets=datasets, progress=False)
@@ -130,7 +130,7 @@ def _reproduce(args: Any, overrides: list[str], mesh: dict | None) -> int:
     except ValueError as err:  # ConfigError included
         raise config_lib.ConfigError(cli.one_line(err)) from err
     datasets = list(base.dataset_paths)
-    workdir = pathlib.Path(args.workdir)
+    workdir = storage.path(args.workdir)  # a local folder or a gs:// URL
     ablation = dict(module.ABLATION)
     start = time.perf_counter()
 

@@ -2,7 +2,9 @@
 
 * :func:`write_json_atomic` is the one writer of every JSON file under a workdir: a temporary
   file, fsynced, renamed over the target, and the folder fsynced, so a kill or a power cut
-  leaves the old file or the new one, never half of one.
+  leaves the old file or the new one, never half of one. On an object store (a ``gs://``
+  workdir) the final object is written directly: an object appears only once its upload is
+  complete, which gives the same guarantee without a rename (object stores have none).
 * :class:`RunRecord` is one training run's outcome (dataset, seed, fold or held-out run, best
   and final accuracy, the gate map's file). Reports and ``docs/results.md`` read records;
   nothing is parsed back from table columns.
@@ -23,6 +25,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from gaam_jax import storage
+
 RECORD = "record.json"  # one run's outcome
 CONFIG = "config.json"  # a workdir's (or a run's) identity
 
@@ -37,8 +41,16 @@ def write_atomic(path: str | pathlib.Path, text: str | bytes, *, durable: bool =
     """Writes ``text`` to ``path`` so that a crash leaves either the old or the new file.
 
     ``durable=False`` skips the fsyncs: a kill still leaves a whole file, a power cut may leave
-    the old one (for logs rewritten every epoch from checkpointed state).
+    the old one (for logs rewritten every epoch from checkpointed state). On an object store
+    the object is written in one upload (visible only when complete, so no rename is needed).
     """
+    if storage.is_url(path):
+        target = storage.path(path)
+        if isinstance(text, bytes):
+            target.write_bytes(text)
+        else:
+            target.write_text(text)
+        return
     path = pathlib.Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("wb" if isinstance(text, bytes) else "w") as f:
@@ -108,12 +120,12 @@ class RunRecord:
 
     def save(self, run_dir: str | pathlib.Path) -> None:
         """Writes ``record.json`` into the run folder."""
-        write_json_atomic(pathlib.Path(run_dir) / RECORD, dataclasses.asdict(self))
+        write_json_atomic(storage.path(run_dir) / RECORD, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, run_dir: str | pathlib.Path) -> RunRecord:
         """Reads a run folder's ``record.json``."""
-        return cls(**json.loads((pathlib.Path(run_dir) / RECORD).read_text()))
+        return cls(**json.loads((storage.path(run_dir) / RECORD).read_text()))
 
 
 def run_folder(dataset: str, seed: int, fold: int) -> pathlib.Path:
@@ -126,7 +138,8 @@ def run_folder(dataset: str, seed: int, fold: int) -> pathlib.Path:
 
 def load_records(root: str | pathlib.Path) -> list[RunRecord]:
     """Every record under ``root`` (``<root>/<dataset>/<run>/record.json``), in path order."""
-    return [RunRecord.load(p.parent) for p in sorted(pathlib.Path(root).glob(f"*/*/{RECORD}"))]
+    found = sorted(storage.path(root).glob(f"*/*/{RECORD}"), key=lambda p: p.parts)
+    return [RunRecord.load(p.parent) for p in found]
 
 
 def plain(value: Any) -> Any:
@@ -142,7 +155,7 @@ def plain(value: Any) -> Any:
 
 def dataset_fingerprint(path: str | pathlib.Path) -> str:
     """SHA-256 of a built dataset's metadata (``dataset_info.json`` and ``features.json``)."""
-    path = pathlib.Path(path)
+    path = storage.path(path)
     h = hashlib.sha256()
     for name in ("dataset_info.json", "features.json"):
         file = path / name
@@ -190,7 +203,7 @@ def check_identity(workdir: str | pathlib.Path, current: dict) -> bool:
     Raises:
       ValueError: in one line naming the differing keys, when it records another.
     """
-    path = pathlib.Path(workdir) / CONFIG
+    path = storage.path(workdir) / CONFIG
     if not path.exists():
         return False
     try:
@@ -209,6 +222,9 @@ def check_identity(workdir: str | pathlib.Path, current: dict) -> bool:
 
 LOCK = ".lock"  # held by the job that trains in a workdir
 _HELD: dict = {}  # path -> open lock file: released when the process ends, however it ends
+# An object-store lock whose heartbeat is older than this is stale (its holder died on
+# another host); the holder rewrites it every LOCK_TTL_S / 5 seconds.
+LOCK_TTL_S = 300.0
 
 
 def claim(workdir: str | pathlib.Path) -> None:
@@ -217,6 +233,9 @@ def claim(workdir: str | pathlib.Path) -> None:
     An exclusive ``flock`` on ``<workdir>/.lock`` (the kernel drops it when the process dies,
     SIGKILL included, so a stale lock never blocks a rerun); the file names the holder.
 
+    On an object store (no ``flock``) the lock is an object naming the holder (host, pid, a
+    job id) with a heartbeat the holder rewrites while it lives (:func:`_claim_object`).
+
     Raises:
       ValueError: in one line, when another live process holds the workdir.
     """
@@ -224,6 +243,9 @@ def claim(workdir: str | pathlib.Path) -> None:
     import socket
     import time
 
+    if storage.is_url(workdir):
+        _claim_object(workdir)
+        return
     path = (pathlib.Path(workdir) / LOCK).absolute()
     if path in _HELD:  # this process already holds it (a second run in one session)
         return
@@ -246,18 +268,106 @@ def claim(workdir: str | pathlib.Path) -> None:
     _HELD[path] = f
 
 
+def _claim_object(workdir: str | pathlib.Path) -> None:
+    """:func:`claim` on an object store: an advisory lock object with a heartbeat.
+
+    The workdir is refused while ``<workdir>/.lock`` names another process that is alive on
+    this host, or one on another host whose heartbeat is younger than :data:`LOCK_TTL_S`; a
+    lock left by a killed job is taken over (at once on its own host, after the TTL elsewhere).
+    Object stores have no atomic test-and-set through fsspec, so two jobs started within the
+    same second may both pass the check; the re-read after writing narrows that window. The
+    lock object is deleted when the process exits normally.
+    """
+    import atexit
+    import socket
+    import threading
+    import time
+    import uuid
+
+    path = storage.path(workdir) / LOCK
+    if str(path) in _HELD:
+        return
+    host, pid = socket.gethostname(), os.getpid()
+    if path.exists():
+        try:
+            held = json.loads(path.read_text())
+            other = (held["host"], int(held["pid"]), float(held["heartbeat"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            other = None  # unreadable: not a live holder's record
+        if other is not None and (other[0], other[1]) != (host, pid):
+            if other[0] == host:
+                live = _pid_alive(other[1])
+            else:
+                live = time.time() - other[2] < LOCK_TTL_S
+            if live:
+                raise ValueError(
+                    f"{workdir} is in use by pid {other[1]} on {other[0]} (lock object {path}, "
+                    f"heartbeat {time.time() - other[2]:.0f} s ago); wait for that job to finish "
+                    "(then rerun the same command to resume or read its results), or use "
+                    "another --workdir."
+                )
+    job = uuid.uuid4().hex
+    since = time.strftime("%H:%M:%S")
+
+    def beat() -> None:
+        record = dict(host=host, pid=pid, job=job, since=since, heartbeat=time.time())
+        path.write_text(json.dumps(record))
+
+    beat()
+    time.sleep(0.2)  # a job that wrote at the same moment: the last writer wins, the other sees
+    if json.loads(path.read_text()).get("job") != job:
+        raise ValueError(f"{workdir} was claimed by another job at the same moment; rerun later.")
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(LOCK_TTL_S / 5):
+            try:
+                beat()
+            except Exception:  # noqa: BLE001 - a missed beat only ages the lock
+                pass
+
+    def release() -> None:
+        stop.set()
+        try:
+            if json.loads(path.read_text()).get("job") == job:
+                path.unlink()
+        except Exception:  # noqa: BLE001 - best effort at exit; a stale lock is taken over
+            pass
+
+    threading.Thread(target=heartbeat, name="workdir-lock", daemon=True).start()
+    atexit.register(release)
+    _HELD[str(path)] = release
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
 def mean_gate(root: str | pathlib.Path) -> np.ndarray:
     """The mean gate map ``[N, d]`` averaged over every run recorded under ``root``.
 
     Raises:
       FileNotFoundError: no record under ``root`` has a gate map (a front without a gate).
     """
-    root = pathlib.Path(root)
+    root = storage.path(root)
     gates = [
-        np.load(root / run_folder(r.dataset, r.seed, r.fold or 1) / r.gate_mean)
+        _load_npy(root / run_folder(r.dataset, r.seed, r.fold or 1) / r.gate_mean)
         for r in load_records(root)
         if r.gate_mean is not None
     ]
     if not gates:
         raise FileNotFoundError(f"no run under {root} recorded a gate map: the front has none.")
     return np.mean(gates, axis=0)
+
+
+def _load_npy(path: storage.AnyPath) -> np.ndarray:
+    """``np.load`` of a local or remote ``.npy`` file."""
+    with path.open("rb") as f:
+        return np.load(f)

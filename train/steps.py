@@ -506,10 +506,17 @@ class Steps:
         # uncommitted first input would compile each program a second time).
         return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
-    def zero_sums(self, runs: int) -> Sums:
-        """:func:`stacked_zeros` placed as the programs return their sums."""
+    def placed(self, tree: Any) -> Any:
+        """``tree`` placed as the programs return their replicated outputs (sums, trackers).
+
+        A first input placed otherwise (uncommitted) would compile each program a second time.
+        """
         where = self._device if self.mesh is None else jax.sharding.NamedSharding(self.mesh, P())
-        return jax.device_put(stacked_zeros(runs), where)
+        return jax.device_put(tree, where)
+
+    def zero_sums(self, runs: int) -> Sums:
+        """:func:`stacked_zeros`, :meth:`placed`."""
+        return self.placed(stacked_zeros(runs))
 
     def _gather(self, data: dict, rows: jax.Array) -> dict:
         """Examples ``rows`` (``[runs, batch]`` indices) of the device dataset."""

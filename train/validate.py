@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from gaam_jax import storage
 from gaam_jax.transformer import FRONTS
 from train import feeds, losses, runs
 from train.config import ConfigError, one_line
@@ -80,12 +81,14 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 
 
 def check_workdir(workdir: str | pathlib.Path) -> None:
-    """The workdir is a folder (or can become one) that this process may write."""
-    if "://" in str(workdir):  # pathlib would turn gs://bkt/run into a local folder "gs:"
-        raise ConfigError(
-            f"workdir {workdir}: object-store URLs are not supported yet; give a local folder, "
-            "or mount the bucket (e.g. gcsfuse) and give the mount's path."
-        )
+    """The workdir is a folder (or can become one) that this process may write.
+
+    A URL (``gs://bucket/run``) is checked by reading it: a store that cannot be reached (no
+    credentials, no such bucket) is refused here, before anything is written.
+    """
+    if storage.is_url(workdir):
+        _check_remote_workdir(workdir)
+        return
     path = pathlib.Path(workdir)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"workdir {path} is a file; give a folder.")
@@ -94,6 +97,24 @@ def check_workdir(workdir: str | pathlib.Path) -> None:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"workdir {path}: {existing} is not writable; choose another folder.")
+
+
+def _check_remote_workdir(workdir: str | pathlib.Path) -> None:
+    path = storage.path(workdir)
+    try:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"workdir {workdir} is an object, not a folder; give a folder.")
+        bucket = storage.path("/".join(str(path).split("/")[:3]))  # gs://bucket
+        if not bucket.exists():
+            raise ConfigError(f"workdir {workdir}: the bucket {bucket} does not exist.")
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - fsspec backends raise their own types
+        raise ConfigError(
+            f"workdir {workdir}: the object store cannot be read ({type(err).__name__}: "
+            f"{one_line(err)}); check the credentials (gcloud auth application-default login) "
+            "and the bucket's name."
+        ) from err
 
 
 def check_data(config: ml_collections.ConfigDict, split: DatasetFolds) -> None:
@@ -154,11 +175,6 @@ def check(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> lis
     check_mesh(config)
     splits = []
     for name in config.dataset_paths:
-        if "://" in str(config.dataset_paths[name]):
-            raise ConfigError(
-                f"dataset_paths.{name} {config.dataset_paths[name]}: object-store URLs are not "
-                "supported yet; copy the dataset folder locally or mount the bucket."
-            )
         try:
             split = open_folds(config, name)
         except FileNotFoundError as err:
@@ -201,6 +217,6 @@ def prepare(
     except ValueError as err:
         raise ConfigError(str(err)) from err
     if not known and jax.process_index() == 0:
-        pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-        runs.write_json_atomic(pathlib.Path(workdir) / runs.CONFIG, current)
+        storage.path(workdir).mkdir(parents=True, exist_ok=True)
+        runs.write_json_atomic(storage.path(workdir) / runs.CONFIG, current)
     return splits

@@ -1,0 +1,116 @@
+"""Paths that may be local folders or object-store URLs (``gs://bucket/...``).
+
+``pathlib`` collapses ``gs://bkt/run`` into ``gs:/bkt/run`` (a local folder named ``gs:``), so
+every workdir, feature dataset and checkpoint path of the training path goes through
+:func:`path`: a URL becomes an :class:`etils.epath.Path` (read and written through fsspec, e.g.
+gcsfs for ``gs://``), a local path stays a :class:`pathlib.Path`, so local behaviour (renames,
+fsyncs, ``flock``) is unchanged.
+
+Object stores have no rename: :func:`train.runs.write_atomic` writes the final object directly
+there (a GCS object becomes visible only once its upload completed, so a reader sees the old
+object or the new one, never part of one). TFDS's array_record reader reads local files only,
+so a feature dataset on a URL is copied once into a local cache (:func:`local_copy`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+from etils import epath
+
+# Where remote feature datasets are cached (default ~/.cache/gaam_jax/features).
+CACHE_ENV = "GAAM_JAX_CACHE"
+
+AnyPath = pathlib.Path | epath.Path
+
+
+def is_url(path: Any) -> bool:
+    """Whether ``path`` names an object-store location (``scheme://...``), not a local one."""
+    return "://" in str(path)
+
+
+def path(value: str | os.PathLike) -> AnyPath:
+    """``value`` as a path object: an :class:`epath.Path` for a URL, else a ``pathlib.Path``."""
+    return epath.Path(str(value)) if is_url(value) else pathlib.Path(value)
+
+
+def absolute(value: str | os.PathLike) -> AnyPath:
+    """:func:`path`, made absolute when local (``epath.Path.absolute`` mangles URLs)."""
+    p = path(value)
+    return p if is_url(p) else p.absolute()
+
+
+def cache_root() -> pathlib.Path:
+    """The local folder that holds copies of remote feature datasets."""
+    default = pathlib.Path.home() / ".cache" / "gaam_jax"
+    return pathlib.Path(os.environ.get(CACHE_ENV, default)) / "features"
+
+
+def files(root: AnyPath) -> list[tuple[str, AnyPath]]:
+    """Every file under ``root`` (local or remote) as ``(relative path, path)``, in order.
+
+    Remote folders are listed one by one: epath refuses ``rglob`` on GCS.
+    """
+    if not is_url(root):
+        found = sorted((p for p in pathlib.Path(root).rglob("*") if p.is_file()),
+                       key=lambda p: p.parts)  # fmt: skip
+        return [(str(p.relative_to(root)), p) for p in found]
+    root = path(root)
+    out = []
+    pending = [root]
+    while pending:
+        for p in pending.pop().iterdir():
+            if p.is_dir():
+                pending.append(p)
+            else:
+                out.append((str(p)[len(str(root)) + 1 :], p))
+    return sorted(out, key=lambda item: item[1].parts)
+
+
+def local_copy(url: str | os.PathLike) -> pathlib.Path:
+    """A local copy of the folder at ``url`` (a built tfds dataset), made once and reused.
+
+    The copy is keyed by the URL and the SHA-256 of its ``dataset_info.json`` (a rebuilt
+    dataset is copied again) and made in a temporary folder renamed into place when complete,
+    so an interrupted copy is never reused. A copy whose file names and sizes differ from the
+    remote folder's is replaced.
+
+    Raises:
+      FileNotFoundError: ``url`` holds no ``dataset_info.json``.
+    """
+    remote = epath.Path(str(url))
+    info = remote / "dataset_info.json"
+    if not info.exists():
+        raise FileNotFoundError(f"no feature dataset at {url} (it has no dataset_info.json).")
+    key = hashlib.sha256(str(url).encode() + b"\0" + info.read_bytes()).hexdigest()[:24]
+    target = cache_root() / key
+    listed = files(remote)
+    expected = {name: p.stat().length for name, p in listed}
+    if target.is_dir():
+        have = {str(p.relative_to(target)): p.stat().st_size
+                for p in target.rglob("*") if p.is_file()}  # fmt: skip
+        if have == expected:
+            return target
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
+    try:
+        for name, p in listed:
+            dest = tmp / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with p.open("rb") as src, dest.open("wb") as out:
+                shutil.copyfileobj(src, out, 1 << 22)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.is_dir():  # else another process finished the same copy first
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
