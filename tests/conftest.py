@@ -69,6 +69,16 @@ def library_init_options(monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def gcs():
+    """A local GCS emulator with an empty bucket (:mod:`gcs_emulator`), this process's clients
+    pointed at it; yields ``{'url': ..., 'env': ...}`` (``env`` for subprocesses)."""
+    import gcs_emulator
+
+    with gcs_emulator.start() as found:
+        yield found
+
+
+@pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory):
     """One tfds data folder per test session, so offline datasets are built once per worker."""
     return tmp_path_factory.mktemp("tfds")
