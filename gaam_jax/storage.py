@@ -6,7 +6,7 @@ every workdir, feature dataset and checkpoint path of the training path goes thr
 gcsfs for ``gs://``), a local path stays a :class:`pathlib.Path`, so local behaviour (renames,
 fsyncs, ``flock``) is unchanged.
 
-Object stores have no rename: :func:`train.runs.write_atomic` writes the final object directly
+Object stores have no rename: :func:`write_atomic` writes the final object directly
 there (a GCS object becomes visible only once its upload completed, so a reader sees the old
 object or the new one, never part of one). TFDS's array_record reader reads local files only,
 so a feature dataset on a URL is copied once into a local cache (:func:`local_copy`).
@@ -43,6 +43,37 @@ def absolute(value: str | os.PathLike) -> AnyPath:
     """:func:`path`, made absolute when local (``epath.Path.absolute`` mangles URLs)."""
     p = path(value)
     return p if is_url(p) else p.absolute()
+
+
+def write_atomic(path: str | pathlib.Path, text: str | bytes, *, durable: bool = True) -> None:
+    """Writes ``text`` to ``path`` so that a crash leaves either the old or the new file.
+
+    ``durable=False`` skips the fsyncs: a kill still leaves a whole file, a power cut may leave
+    the old one (for logs rewritten every epoch from checkpointed state). On an object store
+    the object is written in one upload (visible only when complete, so no rename is needed).
+    """
+    if is_url(path):
+        target = epath.Path(str(path))
+        if isinstance(text, bytes):
+            target.write_bytes(text)
+        else:
+            target.write_text(text)
+        return
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb" if isinstance(text, bytes) else "w") as f:
+        f.write(text)
+        f.flush()
+        if durable:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if not durable:
+        return
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself
+    finally:
+        os.close(fd)
 
 
 def cache_root() -> pathlib.Path:
@@ -114,3 +145,78 @@ def local_copy(url: str | os.PathLike) -> pathlib.Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def staging(url: str | os.PathLike) -> pathlib.Path:
+    """The local folder where what is written to the data folder ``url`` is staged first.
+
+    tfds builders and array_record write local files only, so a dataset meant for ``url`` is
+    built here, laid out as a local data folder would be, and then uploaded (:func:`upload`).
+    The folder is ``staging/<SHA-256 of the URL>`` beside :func:`cache_root` (default
+    ``~/.cache/gaam_jax/staging/...``; under ``$GAAM_JAX_CACHE`` when set), keyed by the URL
+    (without a trailing slash), so a rerun on the same machine finds its earlier work.
+    """
+    key = hashlib.sha256(str(path(url)).encode()).hexdigest()[:24]
+    return cache_root().parent / "staging" / key
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copies the file ``src`` to ``dst``, either local or remote, streamed.
+
+    A local ``dst`` is written to a temporary file beside it and renamed into place, so it is
+    never seen partly written; a remote object is visible only once its upload completed.
+    """
+    source, target = path(src), path(dst)
+    if not is_url(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            with source.open("rb") as f, tmp.open("wb") as out:
+                shutil.copyfileobj(f, out, 1 << 22)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    with source.open("rb") as f, target.open("wb") as out:
+        shutil.copyfileobj(f, out, 1 << 22)
+
+
+def upload(local: str | os.PathLike, url: str | os.PathLike, *, last: str | None = None) -> None:
+    """Copies every file under the local folder ``local`` to ``url``, same relative paths.
+
+    ``last`` (a relative path, e.g. ``dataset_info.json``) is copied after all the others: a
+    reader that treats a folder without it as absent (:func:`local_copy`, tfds) never sees a
+    partly uploaded folder. Existing objects of the same names are overwritten; others under
+    ``url`` are left as they are.
+
+    Raises:
+      FileNotFoundError: ``last`` is not a file under ``local``.
+    """
+    listed = files(local)
+    if last is not None:
+        if last not in {name for name, _ in listed}:
+            raise FileNotFoundError(f"{local} holds no {last} to upload last.")
+        listed = [item for item in listed if item[0] != last] + [(last, path(local) / last)]
+    remote = path(url)
+    for name, p in listed:
+        copy_file(p, remote / name)
+
+
+def check_bucket(url: str | os.PathLike) -> None:
+    """Checks that the bucket of the URL ``url`` exists and can be read (nothing is written).
+
+    Raises:
+      FileNotFoundError: the bucket does not exist (one line, naming it).
+      PermissionError: the store cannot be read (no credentials, ...): one line with the cause.
+    """
+    bucket = path("/".join(str(path(url)).split("/")[:3]))  # gs://bucket
+    try:
+        found = bucket.exists()
+    except Exception as err:  # noqa: BLE001 - fsspec backends raise their own types
+        detail = " ".join(str(err).split())
+        raise PermissionError(
+            f"{url}: the object store cannot be read ({type(err).__name__}: {detail}); check "
+            "the credentials (gcloud auth application-default login) and the bucket's name."
+        ) from err
+    if not found:
+        raise FileNotFoundError(f"{url}: the bucket {bucket} does not exist.")

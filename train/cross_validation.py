@@ -22,7 +22,7 @@ import numpy as np
 from data import pipeline
 from gaam_jax import sharding, storage
 from train import artefacts, feeds, loop, report
-from train.runs import CONFIG, RECORD, RunRecord, run_folder, write_atomic, write_json_atomic
+from train.runs import CONFIG, RECORD, RunRecord, run_folder, write_json_atomic
 from train.splits import DatasetFolds, open_folds
 from train.steps import Steps
 
@@ -179,7 +179,7 @@ def run(
     results = report.results(records)
     text = report.results_text(results)
     if primary:
-        write_atomic(workdir / "results.md", text)
+        storage.write_atomic(workdir / "results.md", text)
         write_json_atomic(workdir / "results.json", results)
     print(text)
     return results

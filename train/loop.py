@@ -31,7 +31,6 @@ from jax.experimental import multihost_utils
 from gaam_jax import storage
 from train import feeds, plateau
 from train.checkpointing import Checkpoints, snapshot
-from train.runs import write_atomic
 from train.steps import Steps, Sums, TrainState, select
 
 NO_BAD_STEP = np.iinfo(np.int32).max
@@ -237,7 +236,9 @@ def train_program(
         def write_metrics(r: int, durable: bool) -> None:
             if primary and run_dirs is not None and run_dirs[r] is not None:
                 text = "".join(json.dumps(line) + "\n" for line in progress.lines(r))
-                write_atomic(storage.path(run_dirs[r]) / "metrics.jsonl", text, durable=durable)
+                storage.write_atomic(
+                    storage.path(run_dirs[r]) / "metrics.jsonl", text, durable=durable
+                )
 
         for epoch in range(progress.epoch, cfg.num_epochs):
             orders = feed.orders(padded, epoch)

@@ -38,7 +38,7 @@ import numpy as np
 from gaam_jax import cli, storage
 from train import config as config_lib
 from train.results_doc import job_root as job_dir
-from train.runs import mean_gate, write_atomic
+from train.runs import mean_gate
 
 
 def run_job(
@@ -154,7 +154,7 @@ def _reproduce(args: Any, overrides: list[str], mesh: dict | None) -> int:
     for (v, d), job in done.items():
         if job["fresh"] or f"{v}/{d}" not in timings:
             timings[f"{v}/{d}"] = job["seconds"]
-    write_atomic(timings_path, json.dumps(timings, indent=1))
+    storage.write_atomic(timings_path, json.dumps(timings, indent=1))
     summary = {
         "config": args.config,
         "overrides": overrides,
@@ -167,7 +167,7 @@ def _reproduce(args: Any, overrides: list[str], mesh: dict | None) -> int:
         "job_seconds": timings,
         "results": {f"{v}/{d}": job["results"] for (v, d), job in done.items()},
     }
-    write_atomic(workdir / "summary.json", json.dumps(summary, indent=1))
+    storage.write_atomic(workdir / "summary.json", json.dumps(summary, indent=1))
     from train import results_doc
 
     results_doc.write(workdir, pathlib.Path(args.docs), summary)

@@ -16,9 +16,9 @@ import platform
 
 import numpy as np
 
+from gaam_jax import storage
 from train import report
 from train import runs as run_records
-from train.runs import write_atomic
 
 READING_START, READING_END = "<!-- reading:start -->", "<!-- reading:end -->"
 PLACEHOLDER = "(Write the reading of these numbers here; regenerating keeps this section.)"
@@ -282,4 +282,4 @@ def write(workdir: pathlib.Path, docs: pathlib.Path, summary: dict) -> None:
     for name, row in PAPER.items():
         out.append(f"| {name} | " + " | ".join(row.values()) + " |")
     out += ["", "## Reading", "", READING_START, reading, READING_END, ""]
-    write_atomic(docs, "\n".join(out))
+    storage.write_atomic(docs, "\n".join(out))

@@ -37,45 +37,14 @@ IGNORED_KEYS = frozenset({
 })  # fmt: skip
 
 
-def write_atomic(path: str | pathlib.Path, text: str | bytes, *, durable: bool = True) -> None:
-    """Writes ``text`` to ``path`` so that a crash leaves either the old or the new file.
-
-    ``durable=False`` skips the fsyncs: a kill still leaves a whole file, a power cut may leave
-    the old one (for logs rewritten every epoch from checkpointed state). On an object store
-    the object is written in one upload (visible only when complete, so no rename is needed).
-    """
-    if storage.is_url(path):
-        target = storage.path(path)
-        if isinstance(text, bytes):
-            target.write_bytes(text)
-        else:
-            target.write_text(text)
-        return
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb" if isinstance(text, bytes) else "w") as f:
-        f.write(text)
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if not durable:
-        return
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself
-    finally:
-        os.close(fd)
-
-
 def write_bytes_atomic(path: str | pathlib.Path, data: bytes) -> None:
     """:func:`write_atomic` of bytes."""
-    write_atomic(path, data)
+    storage.write_atomic(path, data)
 
 
 def write_json_atomic(path: str | pathlib.Path, obj: Any) -> None:
     """:func:`write_atomic` of ``obj`` as indented JSON."""
-    write_atomic(path, json.dumps(obj, indent=1) + "\n")
+    storage.write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from gaam_jax import encoders
+from gaam_jax import encoders, storage
 from gaam_jax.adapters import Adapters
 from gaam_jax.adapters.lora import COLLECTION, LoRA, paths
 from gaam_jax.encoders import beit
@@ -514,18 +514,6 @@ def _target_modules(
     return chosen
 
 
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: dict[str, str]) -> bytes:
     """The safetensors encoding of float32 tensors (sorted by name, contiguous, header padded)."""
     header: dict[str, Any] = {"__metadata__": metadata}
@@ -566,11 +554,12 @@ def save(
     ``lora_alpha = alpha`` with ``use_rslora``, ``raw_alpha`` ``lora_alpha = alpha * r`` (so
     :func:`load` gives back ``alpha_over_r`` with the same scale, up to the rounding of
     ``alpha * r / r``). Other adapters in the collection (DAAM gates) are not a peft type and
-    are not written. Each file is written to a temporary file and renamed into place, the
-    config last.
+    are not written. Each file is written whole (:func:`gaam_jax.storage.write_atomic`: renamed
+    into place locally, one upload on an object store), the config last.
 
     Args:
-      folder: the adapter folder (created if missing; existing adapter files are replaced).
+      folder: the adapter folder, local or a URL such as ``gs://bucket/adapter`` (created if
+        missing; existing adapter files are replaced).
       lora: the adapters' :class:`~gaam_jax.adapters.lora.LoRA` (rank and scale).
       adapters: the ``adapters`` collection: ``lora_a`` ``[layers, in, r]`` / ``lora_b``
         ``[layers, r, out]`` leaves at the adapted ``Dense`` s' module paths.
@@ -627,7 +616,9 @@ def save(
         target_modules=targets,
         use_rslora=lora.scaling == "rslora",
     )
-    folder = pathlib.Path(folder).expanduser()
+    folder = storage.path(os.path.expanduser(folder))
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / WEIGHTS_FILE, _safetensors_bytes(tensors, {"format": "pt"}))
-    _write_atomic(folder / CONFIG_FILE, (json.dumps(raw, indent=2, sort_keys=True) + "\n").encode())
+    storage.write_atomic(folder / WEIGHTS_FILE, _safetensors_bytes(tensors, {"format": "pt"}))
+    storage.write_atomic(
+        folder / CONFIG_FILE, (json.dumps(raw, indent=2, sort_keys=True) + "\n").encode()
+    )
