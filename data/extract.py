@@ -32,6 +32,14 @@ appended for a split other than ``train``, e.g. the test split used as a validat
 Every user error is one line ``error: ...`` and exit code 2, before any file is written
 (``--debug`` shows tracebacks).
 
+``--data-dir`` may be an object-store URL (``gs://bucket/data``): tfds and array_record write
+local files only, so the work is staged in a local folder keyed by the URL
+(``~/.cache/gaam_jax/staging/<hash>``, under ``$GAAM_JAX_CACHE`` when set), the source dataset
+is read from ``<url>/<dataset>/<version>`` when the bucket holds it, every finished shard is
+also uploaded to ``<url>/shards/<name>`` (a job restarted on another machine resumes from
+them), and the dataset is uploaded to ``<url>/encoder_features/<name>/1.0.0`` with
+``dataset_info.json`` last, so a reader never sees part of it (:class:`_Remote`).
+
 The dataset's metadata records the encoder as ``extraction`` (:meth:`FeatureEncoder.record`:
 the packaged MiniLM, the folder, or the hub id and commit; a fingerprint of config.json and the
 weights; the tokenizer's or preprocessor's SHA-256; pooling, layers, ``max_length``, compute
@@ -58,6 +66,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import socket
 import sys
 import time
@@ -70,7 +79,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.datasets import encoder_features, registry
-from gaam_jax import cli, sharding
+from gaam_jax import cli, sharding, storage
 from gaam_jax.encoders import checkpoint
 
 POOLINGS = ("mean", "mean_with_padding")
@@ -678,6 +687,91 @@ def feature_name(dataset: str, encoder_name: str, pooling: str, split: str) -> s
     return name
 
 
+_DISTRIBUTED_URL = (
+    "--distributed with an object-store --data-dir ({data_dir}) is not supported: extract into "
+    "a folder every process shares, then copy its encoder_features/<name> to the bucket."
+)
+
+
+class _Remote:
+    """The object-store side of an extraction into a URL ``data_dir`` (one process).
+
+    tfds and array_record write local files only, so the work happens in a local staging folder
+    keyed by the URL (:func:`storage.staging`), laid out as a local ``data_dir``:
+
+    * the source dataset is read as :func:`data.datasets.registry.load_examples` reads a URL
+      data folder (the bucket's copy, or one built in the same staging folder);
+    * the manifest, the encoder's record and every finished shard are also uploaded to
+      ``<url>/shards/<name>``; a job started on another machine first checks them against its
+      settings and downloads the shards there before deciding what to compute;
+    * the built dataset is uploaded to ``<url>/encoder_features/<name>/1.0.0`` with
+      ``dataset_info.json`` last (readers treat a folder without it as absent). A published
+      dataset of the same shards' settings is reused; one whose ``dataset_info.json`` differs
+      from the one built here is refused, not overwritten.
+    """
+
+    def __init__(self, url: str | os.PathLike, name: str):
+        self.root = storage.path(url)
+        self.staging = storage.staging(url)
+        self.shards = self.root / "shards" / name
+        self.dataset = (
+            self.root / "encoder_features" / name / str(encoder_features.EncoderFeatures.VERSION)
+        )
+        self._listed: set[str] | None = None
+
+    def _names(self) -> set[str]:
+        """File names in the bucket's shards folder (listed once)."""
+        if self._listed is None:
+            try:
+                self._listed = {p.name for p in self.shards.iterdir()}
+            except FileNotFoundError:
+                self._listed = set()
+        return self._listed
+
+    def check(self, file: str, value: dict, what: str) -> None:
+        """Refuses the bucket's shards whose ``file`` (manifest, record) is not ``value``."""
+        if file in self._names() and json.loads((self.shards / file).read_text()) != value:
+            raise ValueError(
+                f"{self.shards} holds shards {what} ({self.shards / file}); remove it or choose "
+                "another --encoder-name."
+            )
+
+    def built(self, record: dict | None) -> bool:
+        """Whether the dataset is published and was built from shards of these settings."""
+        return (
+            (self.dataset / "dataset_info.json").exists()
+            and encoder_features.MANIFEST in self._names()  # equal to ours: check() passed
+            and (record is None or encoder_features.EXTRACTION in self._names())
+        )
+
+    def pull(self, shards_dir: pathlib.Path, indices: Sequence[int]) -> None:
+        """Downloads the bucket's shards ``indices`` into ``shards_dir`` (those it holds)."""
+        for index in indices:
+            name = encoder_features.shard_name(index)
+            if name in self._names():
+                storage.copy_file(self.shards / name, shards_dir / name)
+
+    def push(self, file: pathlib.Path, *, missing_only: bool = False) -> None:
+        """Uploads a staged shards-folder file to the bucket's shards folder."""
+        if missing_only and file.name in self._names():
+            return
+        storage.copy_file(file, self.shards / file.name)
+        self._names().add(file.name)
+
+    def publish(self, built: pathlib.Path) -> None:
+        """Uploads the staged dataset folder ``built``, ``dataset_info.json`` last."""
+        info = self.dataset / "dataset_info.json"
+        if info.exists():
+            if info.read_bytes() == (built / "dataset_info.json").read_bytes():
+                return  # this dataset is published already
+            raise ValueError(
+                f"{self.dataset} already holds a different dataset (its dataset_info.json "
+                f"differs from the one built in {built}); remove it or choose another "
+                "--encoder-name."
+            )
+        storage.upload(built, self.dataset, last="dataset_info.json")
+
+
 def extract(
     dataset: str,
     data_dir: str | pathlib.Path,
@@ -694,12 +788,14 @@ def extract(
     on_shard: Callable[[int], None] | None = None,
     progress: bool = True,
     processes: Processes | None = None,
-) -> pathlib.Path:
+) -> storage.AnyPath:
     """Extracts features shard by shard (resumable), then builds the tfds dataset.
 
     Args:
       dataset: a name from :data:`data.datasets.registry.MODALITY`.
-      data_dir: tfds data folder (source dataset, shards and the result live here).
+      data_dir: tfds data folder (source dataset, shards and the result live here), or an
+        object-store URL (``gs://bucket/data``): the work is then staged locally and published
+        there (see :class:`_Remote`).
       encoder: the :class:`FeatureEncoder` (its modality must be the dataset's).
       encoder_name: recorded in the dataset name and metadata.
       split: source split; a split other than ``train`` is named in the result
@@ -718,7 +814,8 @@ def extract(
         the same folder. Default: one process.
 
     Returns:
-      The folder of the built ``encoder_features`` dataset version.
+      The folder of the built ``encoder_features`` dataset version: a ``pathlib.Path``, or
+      for a URL ``data_dir`` its ``epath.Path`` on the object store.
     """
     procs = processes or Processes()
     if dtype not in FEATURE_DTYPES:
@@ -742,6 +839,18 @@ def extract(
             f"({encoder.modality}) encoder; pass --encoder with a {kinds[want]} folder."
         )
     name = feature_name(dataset, encoder_name, encoder.pooling, split)
+    remote = None
+    if storage.is_url(data_dir):
+        if procs.count > 1:
+            raise ValueError(_DISTRIBUTED_URL.format(data_dir=data_dir))
+        if shards_dir is not None:
+            raise ValueError(
+                f"shards_dir is for a local data_dir; with {data_dir} the shards are staged "
+                f"locally and mirrored to {data_dir}/shards/{name}: drop shards_dir."
+            )
+        storage.check_bucket(data_dir)
+        remote = _Remote(data_dir, name)
+        data_dir = remote.staging
     shards_dir = pathlib.Path(shards_dir or pathlib.Path(data_dir) / "shards" / name)
     manifest_path = shards_dir / encoder_features.MANIFEST
     record_path = shards_dir / encoder_features.EXTRACTION
@@ -754,7 +863,9 @@ def extract(
                 f"{manifest_path}, written by process 0, is not visible to process "
                 f"{procs.index}: --data-dir must be a folder every process shares."
             )
-        source, info = registry.load_examples(dataset, data_dir, split, manual_dir=manual_dir)
+        source, info = registry.load_examples(
+            dataset, data_dir if remote is None else remote.root, split, manual_dir=manual_dir
+        )
         n = len(source) if limit is None else min(limit, len(source))
         if n == 0:
             raise ValueError(f"{dataset}/{split} is empty: nothing to extract.")
@@ -781,7 +892,11 @@ def extract(
             del manifest["encoder_dir"]
             manifest["encoder_id"] = encoder.hub_id
             manifest["encoder_revision"] = encoder.commit
-        if manifest_path.exists() and json.loads(manifest_path.read_text()) != manifest:
+        stale = False  # a URL data_dir: staged shards of other settings (the bucket decides)
+        if remote is not None:
+            remote.check(encoder_features.MANIFEST, manifest, "made with other settings")
+            stale = manifest_path.exists() and json.loads(manifest_path.read_text()) != manifest
+        elif manifest_path.exists() and json.loads(manifest_path.read_text()) != manifest:
             raise ValueError(
                 f"{shards_dir} holds shards made with other settings ({manifest_path}); remove "
                 "it or choose another --shards-dir."
@@ -794,27 +909,47 @@ def extract(
             record = encoder.record()  # reads every weight byte (about 1 s per GB)
             if encoder.modality == "audio":
                 record["samples"] = int(len(source[0]["audio"]))
-            if record_path.exists() and json.loads(record_path.read_text()) != record:
+            if remote is not None:
+                remote.check(encoder_features.EXTRACTION, record,
+                             "of another encoder's weights or preprocessing")  # fmt: skip
+                stale = stale or (
+                    record_path.exists() and json.loads(record_path.read_text()) != record
+                )
+            elif record_path.exists() and json.loads(record_path.read_text()) != record:
                 raise ValueError(
                     f"{shards_dir} holds shards of another encoder's weights or preprocessing "
                     f"({record_path}); remove it or choose another --shards-dir."
                 )
         mine = [index for index in range(num_shards) if procs.owns(index)]
-        todo = {
-            index
-            for index in mine
-            if not _shard_ok(
+
+        def ok(index: int) -> bool:
+            return _shard_ok(
                 shards_dir / encoder_features.shard_name(index),
                 min(n, (index + 1) * shard_size) - index * shard_size,
                 shape,
             )
-        }
+
+        if remote is not None:
+            if remote.built(record):  # published from these settings' shards: reuse it
+                reused.append(True)
+                return source, n, [], set()
+            if stale:  # the staging folder is a cache: the bucket's shards decide
+                shutil.rmtree(shards_dir, ignore_errors=True)
+                shutil.rmtree(pathlib.Path(data_dir) / "encoder_features" / name,
+                              ignore_errors=True)  # fmt: skip
+            remote.pull(shards_dir, [index for index in mine if not ok(index)])
+        todo = {index for index in mine if not ok(index)}
         if todo:
             encoder.load()  # a bad checkpoint fails here, before anything is written
         if procs.index == 0:
             shards_dir.mkdir(parents=True, exist_ok=True)
             _write_atomic_text(manifest_path, json.dumps(manifest, indent=2))
             _write_atomic_text(record_path, json.dumps(record, indent=2))
+        if remote is not None:
+            remote.push(manifest_path)
+            remote.push(record_path)
+            for index in sorted(set(mine) - todo):  # valid here but not yet in the bucket
+                remote.push(shards_dir / encoder_features.shard_name(index), missing_only=True)
         return source, n, mine, todo
 
     def compute(prepared: tuple[Any, int, list[int], set[int]]) -> None:
@@ -851,6 +986,8 @@ def extract(
                 id=np.array([r["id"] for r in records], np.int64),
                 group=np.array([r.get("group", -1) for r in records], np.int64),
             )
+            if remote is not None:  # a job restarted on another machine resumes from it
+                remote.push(shards_dir / encoder_features.shard_name(index))
             if on_shard is not None:
                 on_shard(index)
         bar.close()
@@ -862,12 +999,20 @@ def extract(
             )
 
     def build() -> Any:
-        return encoder_features.build(shards_dir, data_dir, name)
+        if reused:
+            return None
+        builder = encoder_features.build(shards_dir, data_dir, name)
+        if remote is not None:
+            remote.publish(pathlib.Path(builder.data_dir))
+        return builder
 
+    reused: list[bool] = []  # a URL data_dir whose dataset is already published
     # Process 0 first: it may build the source dataset, and it writes the manifest.
     prepared = procs.step("gaam_extract_source", prepare if procs.index == 0 else None)
     procs.step("gaam_extract_shards", lambda: compute(prepared or prepare()))
     builder = procs.step("gaam_extract_dataset", build if procs.index == 0 else None)
+    if remote is not None:
+        return remote.dataset
     if builder is None:  # the other processes open what process 0 built
         builder = build()
     return pathlib.Path(builder.data_dir)
@@ -877,7 +1022,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: exit 0, or 2 with ``error: <cause and fix>`` for user errors."""
     parser = cli.Parser("python -m data.extract", __doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True, help=", ".join(registry.MODALITY))
-    parser.add_argument("--data-dir", required=True, help="tfds data folder")
+    parser.add_argument(
+        "--data-dir", required=True,
+        help="tfds data folder, or an object-store URL (gs://bucket/data; staged locally)",
+    )  # fmt: skip
     parser.add_argument("--split", default="train")
     parser.add_argument(
         "--encoder", "--encoder-dir", dest="encoder", default=None,
@@ -936,6 +1084,8 @@ def _run(args: argparse.Namespace) -> int:
         if value is not None and value <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}.")
     processes = None
+    if args.distributed and storage.is_url(args.data_dir):
+        raise ValueError(_DISTRIBUTED_URL.format(data_dir=args.data_dir))
     if args.distributed:
         if not jax.distributed.is_initialized():  # a caller (a test) may have done it
             try:

@@ -24,6 +24,11 @@ is printed; train on it with ``configs/features.py``::
 Importing the same arrays again under the same name reuses the dataset; different arrays under
 an existing name are refused. Every user error prints one line ``error: <cause and fix>`` and
 exits with code 2 (``--debug`` shows tracebacks).
+
+``--data-dir`` may be an object-store URL (``gs://bucket/data``): the dataset is built in a
+local staging folder (:func:`gaam_jax.storage.staging`; tfds writes local files only) and
+uploaded to ``<url>/encoder_features/<name>/1.0.0`` with ``dataset_info.json`` last, so a
+reader never sees part of it; the URL is printed.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gaam_jax import cli
+from gaam_jax import cli, storage
 
 VERSION = "1.0.0"
 REQUIRED_KEYS = ("features", "label")
@@ -55,8 +60,13 @@ class FeatureImportError(ValueError):
     """A user error: the message is one line naming the cause and the fix."""
 
 
-def dataset_path(data_dir: str | pathlib.Path, name: str) -> pathlib.Path:
-    """``<data_dir>/encoder_features/<name>/1.0.0``, the folder the trainer reads."""
+def dataset_path(data_dir: str | pathlib.Path, name: str) -> storage.AnyPath:
+    """``<data_dir>/encoder_features/<name>/1.0.0``, the folder the trainer reads.
+
+    An ``epath.Path`` for a URL ``data_dir`` (``gs://...``), else a ``pathlib.Path``.
+    """
+    if storage.is_url(data_dir):
+        return storage.path(data_dir) / "encoder_features" / name / VERSION
     return pathlib.Path(data_dir).expanduser() / "encoder_features" / name / VERSION
 
 
@@ -246,7 +256,7 @@ def _writable_dir(path: pathlib.Path) -> None:
         )
 
 
-def _existing_fingerprint(path: pathlib.Path) -> str:
+def _existing_fingerprint(path: storage.AnyPath) -> str:
     """The fingerprint recorded in a built dataset's metadata ("" if it has none)."""
     try:
         return str(json.loads((path / "metadata.json").read_text()).get("fingerprint", ""))
@@ -256,16 +266,18 @@ def _existing_fingerprint(path: pathlib.Path) -> str:
 
 def import_features(
     npz: str | pathlib.Path, name: str, data_dir: str | pathlib.Path
-) -> pathlib.Path:
+) -> storage.AnyPath:
     """Validates ``npz`` and builds ``encoder_features/<name>`` in ``data_dir``.
 
     Args:
       npz: the ``.npz`` file (see the module docstring for its keys).
       name: the dataset name: lowercase letters, digits and ``_``, starting with a letter.
-      data_dir: the tfds data folder (``configs/features.py``'s ``data_dir``).
+      data_dir: the tfds data folder (``configs/features.py``'s ``data_dir``), or an
+        object-store URL: the dataset is built in :func:`storage.staging` and uploaded there,
+        ``dataset_info.json`` last.
 
     Returns:
-      The built dataset's version folder.
+      The built dataset's version folder (for a URL ``data_dir``, its ``epath.Path`` there).
 
     Raises:
       FeatureImportError: any user error, before anything is written.
@@ -275,18 +287,32 @@ def import_features(
             f"--name {name!r} is not a valid dataset name; use lowercase letters, digits and _, "
             "starting with a letter (e.g. my_features)."
         )
-    data_dir = pathlib.Path(data_dir).expanduser()
+    remote = storage.is_url(data_dir)
+    data_dir = storage.path(data_dir) if remote else pathlib.Path(data_dir).expanduser()
     checked = validate(load_arrays(npz))
-    _writable_dir(data_dir)
+    if remote:
+        try:
+            storage.check_bucket(data_dir)
+        except OSError as err:
+            raise FeatureImportError(f"--data-dir {err}") from None
+    else:
+        _writable_dir(data_dir)
     digest = fingerprint(checked)
     target = dataset_path(data_dir, name)
-    if target.exists():
+    # On an object store a folder without dataset_info.json is an unfinished upload: absent.
+    if (target / "dataset_info.json").exists() if remote else target.exists():
         if _existing_fingerprint(target) == digest:
             return target  # the same arrays were imported before: nothing to do
         raise FeatureImportError(
             f"{target} already holds a different dataset named {name!r}; choose another --name, "
             "or delete that folder to replace it."
         )
+    published = target
+    if remote:  # built in the staging folder, then uploaded
+        data_dir = storage.staging(data_dir)
+        target = dataset_path(data_dir, name)
+        if target.exists() and _existing_fingerprint(target) != digest:
+            shutil.rmtree(target)  # a staged build of other arrays (the bucket has none)
 
     from data.datasets import encoder_features
 
@@ -325,6 +351,9 @@ def import_features(
             builder = encoder_features.build(shards, data_dir, name)
     finally:
         shutil.rmtree(shards, ignore_errors=True)  # the dataset holds its own copy
+    if remote:
+        storage.upload(builder.data_dir, published, last="dataset_info.json")
+        return published
     return pathlib.Path(builder.data_dir)
 
 
@@ -333,7 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = cli.Parser("python -m data.import_features", __doc__.split("\n")[0])
     parser.add_argument("--npz", required=True, help="features [N, layers, d], label [N], ...")
     parser.add_argument("--name", required=True, help="dataset name, e.g. my_features")
-    parser.add_argument("--data-dir", required=True, help="tfds data folder, e.g. out/data")
+    parser.add_argument(
+        "--data-dir", required=True,
+        help="tfds data folder, e.g. out/data, or an object-store URL (gs://bucket/data)",
+    )  # fmt: skip
     args, _ = parser.parse(argv)
 
     def work() -> int:

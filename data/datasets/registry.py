@@ -9,11 +9,13 @@ AG News use tfds' own builders, which download only when a user asks for it
 from __future__ import annotations
 
 import pathlib
+import shutil
 
 import tensorflow_datasets as tfds
 
 from data.datasets import iemocap
 from data.datasets.offline import MiniNewsgroup, MlxtendMnist, PangLeePolarity
+from gaam_jax import storage
 
 TEXT_DATASETS = {"pang_lee_polarity": PangLeePolarity, "mini_newsgroup": MiniNewsgroup}
 EXTRACTABLE = (*TEXT_DATASETS, "ag_news_subset")
@@ -174,6 +176,45 @@ def load_iemocap(
     return builder.as_data_source(split=split), builder.info
 
 
+def source_folder(dataset: str) -> str:
+    """The dataset's folder in a tfds data folder, e.g. ``pang_lee_polarity/1.0.0``."""
+    name = "ag_news_subset" if dataset == "ag_news" else dataset
+    if name in OFFLINE_DATASETS:
+        cls = OFFLINE_DATASETS[name]
+    elif name == "iemocap":
+        cls = iemocap.Iemocap
+    else:
+        cls = tfds.builder_cls(name)
+    return f"{cls.name}/{cls.VERSION}"
+
+
+def local_data_dir(url: str, dataset: str) -> pathlib.Path:
+    """A local tfds data folder holding ``dataset`` of the object-store data folder ``url``.
+
+    array_record reads local files only: the bucket's ``<url>/<name>/<version>`` (when it holds
+    a built one) is copied once (:func:`gaam_jax.storage.local_copy`) and linked into the URL's
+    staging folder (:func:`gaam_jax.storage.staging`); otherwise the dataset is built or opened
+    in that staging folder as in a local data folder (offline datasets from installed packages,
+    the paper's from their downloads).
+    """
+    folder = source_folder(dataset)
+    root = storage.path(url)
+    staging = storage.staging(url)
+    remote, local = root / folder, staging / folder
+    if (remote / "dataset_info.json").exists():
+        copy = storage.local_copy(remote)
+        if not (local.is_symlink() and local.resolve() == copy.resolve()):
+            if local.is_symlink() or local.is_file():
+                local.unlink()
+            elif local.exists():
+                shutil.rmtree(local)  # built here before the bucket had one
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.symlink_to(copy, target_is_directory=True)
+    elif local.is_symlink() and not local.exists():  # its cached copy was deleted
+        local.unlink()
+    return staging
+
+
 def load_examples(
     name: str,
     data_dir: str | pathlib.Path,
@@ -184,6 +225,8 @@ def load_examples(
 ):
     """Opens any dataset of :data:`MODALITY` as records for the extractor.
 
+    ``data_dir`` may be an object-store URL (``gs://bucket/data``): see :func:`local_data_dir`.
+
     Returns:
       ``(records, info)``: ``records[i]`` is a dict with ``label``, ``id``, ``group`` and the
       input: ``text`` (str), ``image`` (uint8 ``[H, W, C]``) or ``audio`` (int16 chunk) with
@@ -191,6 +234,15 @@ def load_examples(
     """
     if name not in MODALITY:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(MODALITY)}.")
+    if storage.is_url(data_dir):
+        url, data_dir = str(data_dir), local_data_dir(str(data_dir), name)
+        try:
+            return load_examples(name, data_dir, split, manual_dir=manual_dir, download=download)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"{url}/{source_folder(name)} holds no built {name} (no dataset_info.json), "
+                f"and {err}"
+            ) from None
     if name == "cifar100":
         source, info = load_paper(name, data_dir, split, download=download)
         return ImageRecords(source), info
