@@ -34,6 +34,7 @@ import optax
 
 from data import pipeline
 from gaam_jax import adapters as adapters_lib
+from gaam_jax import storage
 from gaam_jax.encoders import checkpoint, heads
 from train import steps as steps_lib
 from train.config import ConfigError, one_line
@@ -436,7 +437,12 @@ def identity(config: ml_collections.ConfigDict) -> dict:
 
     found = runs.identity(with_fingerprint(config))
     for name, path in dict(config.dataset_paths).items():
-        infos = sorted(pathlib.Path(path, name).glob("*/dataset_info.json"))
+        folder = storage.path(path) / name
+        infos = sorted(
+            p / "dataset_info.json"
+            for p in (folder.iterdir() if folder.is_dir() else ())
+            if (p / "dataset_info.json").exists()
+        )
         found["data"][name]["fingerprint"] = runs.dataset_fingerprint(infos[-1].parent) if infos \
             else None  # fmt: skip
     return found
@@ -531,11 +537,11 @@ def run(
     )
     if config.adapters.lora_rank and jax.process_index() == 0:
         for record in results["records"]:
-            _write_adapter(config, pathlib.Path(workdir), record)
+            _write_adapter(config, storage.path(workdir), record)
     return results
 
 
-def _write_adapter(config: ml_collections.ConfigDict, workdir: pathlib.Path, record: dict) -> None:
+def _write_adapter(config: ml_collections.ConfigDict, workdir: Any, record: dict) -> None:
     from gaam_jax.adapters import peft
     from train import artefacts
     from train.runs import run_folder
