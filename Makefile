@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run features reproduce demo bench bench-loop device-wheels test test-fast lint format fixtures clean
+.PHONY: run features reproduce demo bench bench-loop device-wheels test test-slow test-fast lint format fixtures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,10 +52,17 @@ device-wheels:
 demo: $(STAMP)
 	$(PY) -m gaam_jax.demo
 
+# The default run: ruff, then every test but the integration tests marked slow (~4 min of
+# pytest on 2 cores). CI (.ci/run) runs it, then test-slow.
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -n 2 --durations=10 tests
+	$(PY) -m pytest -n 2 --durations=10 -m "not slow" tests
+
+# The integration tests marked slow (kill-and-restart, gs:// on an emulator, multi-process, the
+# notebook, reproduce, fine-tuning end to end, ...): ~4 min on 2 cores.
+test-slow: $(STAMP)
+	$(PY) -m pytest -n 2 --durations=10 -m slow tests
 
 # The edit loop (not CI): every test function but the integration tests marked slow, each with
 # its first parameters only (make test runs every case).

@@ -167,10 +167,11 @@ def test_loraplus_groups(paper_faithful, tiny_bert):
 
     model = _model(tiny_bert, 2.828, paper_faithful)
     tx = model.optimizer(load("configs/finetune.py:loraplus_r4").optimizer)
-    params = model.init(jax.random.key(0), jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype),
-                                                        model.example))["params"]  # fmt: skip
+    example = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), model.example)
+    # Compiled, not op by op: a second instead of ten.
+    params = jax.jit(model.init)(jax.random.key(0), example)["params"]
     grads = jax.tree.map(lambda x: jnp.full(x.shape, 1e-3, x.dtype), params)
-    updates, _ = tx.update(grads, tx.init(params), params)
+    updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
     flat = {"/".join(k): np.abs(np.asarray(v)) for k, v in flatten_dict(updates).items()}
     a = [v for k, v in flat.items() if k.endswith("lora_a")]
     b = [v for k, v in flat.items() if k.endswith("lora_b")]
@@ -229,6 +230,7 @@ def finished(tmp_path_factory, tfds_dir):
     return c, datasets, cache, workdir, results
 
 
+@pytest.mark.slow
 def test_finetune_run_on_gcs_resumes_bit_identically_and_leaves_the_base_unchanged(
     finished, gcs, tmp_path, monkeypatch
 ):

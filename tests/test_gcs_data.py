@@ -14,6 +14,8 @@ import pytest
 from data import extract, import_features, pipeline
 from gaam_jax import storage
 
+pytestmark = pytest.mark.slow  # gs:// tests run in make test-slow (and CI)
+
 BUCKET = gcs_emulator.BUCKET
 NAME = "pang_lee_polarity_minilm_mean"
 SOURCE = "pang_lee_polarity/1.0.0"
