@@ -132,10 +132,7 @@ def local_copy(url: str | os.PathLike) -> pathlib.Path:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
     try:
         for name, p in listed:
-            dest = tmp / name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with p.open("rb") as src, dest.open("wb") as out:
-                shutil.copyfileobj(src, out, 1 << 22)
+            copy_file(p, tmp / name)
         os.replace(tmp, target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
