@@ -595,7 +595,7 @@ def encoder_from_record(record: dict, *, batch_size: int = 32) -> FeatureEncoder
 
 
 # The errors main() reports as one line (exit 2): user errors, on any process.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ConnectionError)
 _MESSAGE_CHARS = 1024  # of a failed process's message, exchanged at the next barrier
 
 

@@ -100,21 +100,12 @@ def check_workdir(workdir: str | pathlib.Path) -> None:
 
 
 def _check_remote_workdir(workdir: str | pathlib.Path) -> None:
-    path = storage.path(workdir)
     try:
-        if path.exists() and not path.is_dir():
+        storage.check_bucket(workdir)
+        if storage.path(workdir).is_file():
             raise ConfigError(f"workdir {workdir} is an object, not a folder; give a folder.")
-        bucket = storage.path("/".join(str(path).split("/")[:3]))  # gs://bucket
-        if not bucket.exists():
-            raise ConfigError(f"workdir {workdir}: the bucket {bucket} does not exist.")
-    except ConfigError:
-        raise
-    except Exception as err:  # noqa: BLE001 - fsspec backends raise their own types
-        raise ConfigError(
-            f"workdir {workdir}: the object store cannot be read ({type(err).__name__}: "
-            f"{one_line(err)}); check the credentials (gcloud auth application-default login) "
-            "and the bucket's name."
-        ) from err
+    except OSError as err:  # unreachable, no such bucket, unreadable: one line each
+        raise ConfigError(f"workdir {one_line(err)}") from None
 
 
 def check_data(config: ml_collections.ConfigDict, split: DatasetFolds) -> None:
