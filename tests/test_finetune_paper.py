@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from test_data_extract import beit_folder, llama_folder, wavlm_folder
 from test_extract_paper import fake_iemocap, mocked_sources  # noqa: F401 - a fixture
@@ -69,3 +70,14 @@ def test_iemocap_daam_adapter_on_wavlm(tmp_path):
     results = _results(tmp_path / "run")
     assert results["columns"] == ["F1", "F2"]  # leave one session out
     assert not (tmp_path / "run" / "iemocap" / "seed42_fold1" / "adapter").exists()  # no LoRA
+    # The finished run predicts raw waveforms of any lengths (zero-padded to the longest).
+    from train.inference import Predictor
+
+    predictor = Predictor.from_run(tmp_path / "run" / "iemocap" / "seed42_fold1")
+    waves = [np.zeros(1600, np.int16), (1000 * np.sin(np.arange(2400))).astype(np.int16)]
+    inputs = predictor.preprocess(waves)
+    assert inputs["input_values"].shape == (2, 2400)
+    classes = predictor.predict_raw(waves)
+    assert classes.shape == (2,) and (0 <= classes).all() and (classes < 4).all()
+    with pytest.raises(ValueError, match="too short for one frame"):
+        predictor.preprocess([np.zeros(10, np.int16)])

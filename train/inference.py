@@ -294,22 +294,18 @@ class FineTunedPredictor:
         """Raw inputs -> model inputs, by the preprocessing the run was trained with.
 
         Args:
-          inputs: texts, images (uint8 ``[H, W, C]``) or waveforms (int16 or float, 16 kHz).
+          inputs: texts, images (uint8 ``[H, W, C]``) or waveforms (int16 or float, 16 kHz;
+            zero-padded to the longest, with the mask of their samples).
+
+        Raises:
+          ValueError: a waveform too short to make one frame.
         """
         from train import finetune
 
-        modality = finetune.modality(self.config)
-        if modality == "text":
-            records = [{"text": t} for t in inputs]
-        elif modality == "image":
-            records = [{"image": np.asarray(x)} for x in inputs]
-        else:
-            longest = max(len(x) for x in inputs)
-            records = [
-                {"audio": np.pad(np.asarray(x), (0, longest - len(x))), "length": len(x)}
-                for x in inputs
-            ]
-        return finetune.preprocess(self.config, records, length=self.length)
+        if self._preprocess is None:  # the tokenizer or preprocessor files, read once
+            self._preprocess = finetune.preprocessor(self.config)
+        records = self._preprocess.raw_records(list(inputs))
+        return finetune.preprocess(self.config, records, self.length, self._preprocess)
 
     def logits(self, **inputs: np.ndarray) -> np.ndarray:
         """Float32 logits ``[batch, classes]`` of model inputs (``input_ids``, ...)."""
