@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -75,6 +76,24 @@ def bare_step_seconds(steps: Steps, shape: tuple, repeats: int = 100) -> float:
         jax.block_until_ready(state)
         times.append((time.perf_counter() - start) / repeats)
     return float(np.min(times))
+
+
+def program_only_seconds(steps: Steps, feed: Any, plan: feeds.Plan, epochs: int) -> float:
+    """Seconds of the training program alone over ``epochs`` epochs of ``plan``.
+
+    The same ``train_steps`` calls as the loop, dispatched back to back: no evaluation, no
+    epoch end, no fetch, no checkpoint. What the loop adds per epoch is the difference.
+    """
+    state = steps.init_state(np.array(plan.seeds, np.uint32))
+    orders = [feed.orders(plan, e) for e in range(epochs)]
+    positions = int(orders[0][0].shape[1])
+    state, _ = feed.train(state, steps.zero_sums(plan.runs), orders[0], 0, positions)  # warm
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for order in orders:
+        state, _ = feed.train(state, steps.zero_sums(plan.runs), order, 0, positions)
+    jax.block_until_ready(state)
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +154,19 @@ def main(argv: list[str] | None = None) -> int:
         label = f"steady state, {size} runs x {out[0].history[-1]['step']} steps"
         rows[f"{label}: wall (s)"] = float(np.median([w for _, w, _ in measured]))
         rows[f"{label}: efficiency"] = float(np.median([e for e, _, _ in measured]))
+        # The same epochs' training programs alone: the loop's per-epoch cost is the rest.
+        epochs = 2 if args.quick else 10
+        alone = []
+        for _ in range(repeats):
+            before = bare_step_seconds(steps, shape, n)
+            wall = program_only_seconds(steps, feed, plan, epochs)
+            bare = (before + bare_step_seconds(steps, shape, n)) / 2
+            total = epochs * int(feeds.steps_per_epoch(plan, steps.batch_size).sum())
+            alone.append((total * bare / wall, wall, bare))
+        steady += alone
+        rows[f"{label}: efficiency of the training program alone"] = float(
+            np.median([e for e, _, _ in alone])
+        )
     timings = list(steady)
     if not args.synthetic:
         modes = {
