@@ -78,22 +78,26 @@ def bare_step_seconds(steps: Steps, shape: tuple, repeats: int = 100) -> float:
     return float(np.min(times))
 
 
-def program_only_seconds(steps: Steps, feed: Any, plan: feeds.Plan, epochs: int) -> float:
-    """Seconds of the training program alone over ``epochs`` epochs of ``plan``.
+def program_only_seconds(
+    steps: Steps, feed: Any, plan: feeds.Plan, epochs: int
+) -> tuple[float, int]:
+    """The training program alone over ``epochs`` epochs of ``plan``: (seconds, steps taken).
 
-    The same ``train_steps`` calls as the loop, dispatched back to back: no evaluation, no
-    epoch end, no fetch, no checkpoint. What the loop adds per epoch is the difference.
+    The steps are every run's optimisation steps, counted on the state. The same
+    ``train_steps`` calls as the loop, dispatched back to back: no evaluation, no epoch end, no
+    fetch, no checkpoint. What the loop adds per epoch is the difference.
     """
     state = steps.init_state(np.array(plan.seeds, np.uint32))
     orders = [feed.orders(plan, e) for e in range(epochs)]
     positions = int(orders[0][0].shape[1])
     state, _ = feed.train(state, steps.zero_sums(plan.runs), orders[0], 0, positions)  # warm
-    jax.block_until_ready(state)
+    warm = np.asarray(state.step).copy()
     start = time.perf_counter()
     for order in orders:
         state, _ = feed.train(state, steps.zero_sums(plan.runs), order, 0, positions)
     jax.block_until_ready(state)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    return wall, int((np.asarray(state.step) - warm).sum())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,9 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         alone = []
         for _ in range(repeats):
             before = bare_step_seconds(steps, shape, n)
-            wall = program_only_seconds(steps, feed, plan, epochs)
+            wall, total = program_only_seconds(steps, feed, plan, epochs)
             bare = (before + bare_step_seconds(steps, shape, n)) / 2
-            total = epochs * int(feeds.steps_per_epoch(plan, steps.batch_size).sum())
             alone.append((total * bare / wall, wall, bare))
         steady += alone
         rows[f"{label}: efficiency of the training program alone"] = float(

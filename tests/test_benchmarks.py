@@ -34,3 +34,20 @@ def test_encoder_scale_13b_section_runs_quick():
 
     table = encoder_scale.section_13b(quick=True)  # 8 fake devices (conftest): meshes 1 to 8
     assert table.count("GiB") == 12
+
+
+def test_the_training_program_alone_takes_every_step_of_its_epochs():
+    """loop_efficiency's "program alone" row times exactly the loop's training steps."""
+    from benchmarks import loop_efficiency
+    from train import config as config_lib
+    from train import feeds
+    from train.steps import Steps
+
+    config = config_lib.load("configs/default.py:runlocal")
+    source, classes, shape, folds = loop_efficiency.synthetic_source(n=40, shape=(4, 16))
+    steps = Steps(config, classes, shape)
+    feed = feeds.make_feed(steps, source, classes, "auto")
+    plan = feeds.Plan(tuple(t for t, _ in folds[:3]), tuple(v for _, v in folds[:3]), (0, 1, 2))
+    seconds, taken = loop_efficiency.program_only_seconds(steps, feed, plan, epochs=2)
+    assert seconds > 0
+    assert taken == 2 * int(feeds.steps_per_epoch(plan, steps.batch_size).sum())
