@@ -219,8 +219,8 @@ def endpoint(url: str | os.PathLike) -> tuple[str, int] | None:
 def check_bucket(url: str | os.PathLike) -> None:
     """Checks that the bucket of the URL ``url`` exists and can be read (nothing is written).
 
-    The store's endpoint is tried first with a 10-second connection: without a network gcsfs
-    retries for about a minute before it fails.
+    The store's endpoint is tried first with a 10-second connection (not when an HTTPS proxy is
+    set): without a network gcsfs retries for about a minute before it fails.
 
     Raises:
       ConnectionError: the store's endpoint cannot be reached (one line, naming it).
@@ -228,7 +228,11 @@ def check_bucket(url: str | os.PathLike) -> None:
       PermissionError: the store cannot be read (no credentials, ...): one line with the cause.
     """
     where = endpoint(url)
-    if where is not None:
+    # Behind a proxy a direct connection may fail where the client's own would not.
+    proxied = any(
+        os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    )
+    if where is not None and not proxied:
         try:
             socket.create_connection(where, timeout=10).close()
         except OSError as err:

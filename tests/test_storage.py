@@ -39,6 +39,8 @@ def test_an_unreachable_store_is_one_line_at_once(monkeypatch, capsys, tmp_path)
 
     port = _closed_port()
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
     assert storage.endpoint("gs://bkt/run") == ("127.0.0.1", port)
     start = time.perf_counter()
     with pytest.raises(ConnectionError, match=f"127.0.0.1:{port} cannot be reached") as err:
