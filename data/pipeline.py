@@ -132,7 +132,9 @@ class FeatureSource:
     """A random-access view of ``source`` restricted to ``indices``, yielding model inputs.
 
     Each record becomes ``{'x': float32 [N, d], 'label': int32, 'id': int64}``; a record whose
-    features are not finite raises a ValueError naming its id.
+    features are not finite raises a ValueError naming its id. Features that are a dict of model
+    inputs (raw examples, :class:`train.finetune.RawSource`) are kept as they are, their
+    floating-point inputs checked the same way.
     """
 
     source: Any
@@ -143,9 +145,15 @@ class FeatureSource:
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         record = self.source[int(self.indices[i])]
-        x = np.asarray(record["features"], np.float32)
-        if not np.all(np.isfinite(x)):
-            raise ValueError(f"example id {record['id']}: features contain NaN or Inf.")
+        x = record["features"]
+        if isinstance(x, dict):  # model inputs (token ids and mask, pixels, waveform)
+            for v in x.values():
+                if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v)):
+                    raise ValueError(f"example id {record['id']}: inputs contain NaN or Inf.")
+        else:
+            x = np.asarray(x, np.float32)
+            if not np.all(np.isfinite(x)):
+                raise ValueError(f"example id {record['id']}: features contain NaN or Inf.")
         return {"x": x, "label": np.int32(record["label"]), "id": np.int64(record["id"])}
 
 

@@ -100,10 +100,7 @@ class TensorBoard:
             self.writer.add_hparams(hparams, metrics, name="hparams")
         self.writer.close()
         if self.local is not None:
-            for name, file in storage.files(self.local):
-                target = self.remote / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(file.read_bytes())
+            storage.upload(self.local, self.remote)
             shutil.rmtree(self.local, ignore_errors=True)
             self.local = None
 

@@ -236,7 +236,7 @@ class GrainFeed:
 
         local = rows[..., jax.process_index() :: jax.process_count()]
         shape = local.shape[1:]
-        view = _view(self.source, local.reshape(-1))
+        view = pipeline.FeatureSource(self.source, local.reshape(-1))
         per = int(np.prod(shape))
 
         def stack(values: list) -> Any:  # [runs * batch] records -> [runs, batch, ...]
@@ -288,34 +288,6 @@ class GrainFeed:
             out = self.steps.evaluate_batch(state, put)
             totals = out if totals is None else jax.tree.map(np.add, totals, out)
         return self.steps.placed(totals)  # as DeviceFeed's: epoch_end compiles once
-
-
-@dataclasses.dataclass(frozen=True)
-class _RawView:
-    """Raw records as model inputs: ``{'x': {name: array}, 'label', 'id'}``.
-
-    :class:`data.pipeline.FeatureSource` for records whose features are a dict of model inputs
-    (:class:`train.finetune.RawSource`).
-    """
-
-    source: Any
-    indices: np.ndarray
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        record = self.source[int(self.indices[i])]
-        x = record["features"]
-        for v in x.values():
-            if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v)):
-                raise ValueError(f"example id {record['id']}: inputs contain NaN or Inf.")
-        return {"x": x, "label": np.int32(record["label"]), "id": np.int64(record["id"])}
-
-
-def _view(source: Any, indices: np.ndarray) -> Any:
-    """The records ``indices`` of ``source`` as model inputs (features, or raw inputs)."""
-    parts = source.sources if isinstance(source, pipeline.ConcatSource) else [source]
-    if all(hasattr(p, "example") for p in parts):  # train.finetune.RawSource
-        return _RawView(source, indices)
-    return pipeline.FeatureSource(source, indices)
 
 
 def make_feed(steps: Steps, source: Any, num_classes: int, on_device: str | bool) -> Any:

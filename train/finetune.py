@@ -358,11 +358,11 @@ def open_raw_folds(config: ml_collections.ConfigDict, name: str) -> DatasetFolds
         )
         sources.append(source)
     on_device = config.get("data_on_device", "auto")
-    lazy = None
+    lazy, encoder = None, None
     if on_device is not True:
         lazy = RawSource(config, sources, sources[0][0])
         if on_device == "auto" and lazy.nbytes() <= feeds.AUTO_DEVICE_BYTES:
-            lazy = None
+            lazy, encoder = None, lazy.encoder  # its preprocessor serves the arrays too
     # Labels, ids and groups: one pass over the records, keeping only those.
     keys = ("label", "id", "group") if kind == "leave_one_group_out" else ("label", "id")
     every: list[dict] = []
@@ -373,7 +373,7 @@ def open_raw_folds(config: ml_collections.ConfigDict, name: str) -> DatasetFolds
     labels = np.array([int(r["label"]) for r in every], np.int64)
     ids = np.array([int(r["id"]) for r in every], np.int64)
     if lazy is None:
-        inputs = preprocess(config, every)
+        inputs = preprocess(config, every, encoder=encoder)
         source = pipeline.ArraySource(inputs, labels, ids)
         shape = tuple(sorted((k, tuple(v.shape[1:])) for k, v in inputs.items()))
     else:
