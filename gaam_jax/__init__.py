@@ -9,9 +9,11 @@ Public API:
   * :mod:`gaam_jax.importance`: the Importance Factor.
   * :func:`decoder_param_counts`, :func:`count_params`: parameter counts.
   * :mod:`gaam_jax.interop`: load weights trained with the authors' PyTorch package.
+  * :data:`COMPUTE_DTYPES`: the compute dtypes by the names configs use.
 """
 
 from gaam_jax import functional, importance, interop
+from gaam_jax._validation import COMPUTE_DTYPES
 from gaam_jax.gaussian_attention import GaussianAdaptiveAttention
 from gaam_jax.gqa import GroupedQueryAttention, PaperCodeGroupedQueryAttention
 from gaam_jax.gqgaam import GQGAAM
@@ -20,6 +22,7 @@ from gaam_jax.param_count import count_params, decoder_param_counts
 from gaam_jax.transformer import GaussianAdaptiveTransformer
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "GQGAAM",
     "GaussianAdaptiveAttention",
     "GaussianAdaptiveTransformer",

@@ -5,6 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# The compute dtypes configs and flags name (decoders, encoders, fine-tuning): the one table.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 
 def positive_int(value: object, name: str) -> int:
     """Returns ``value`` if it is a positive int (not a bool), else raises ValueError."""

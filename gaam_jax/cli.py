@@ -63,22 +63,26 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """``'data=-1,model=2'`` -> ``{'data': -1, 'model': 2}``.
+    """``'data=-1,model=2'`` -> ``{'data': -1, 'model': 2}`` (the commands' ``--mesh``).
 
     Raises:
-      ValueError: naming the malformed entry.
+      ValueError: naming the malformed or repeated entry.
     """
     mesh: dict[str, int] = {}
     for entry in text.split(","):
-        name, sep, size = entry.strip().partition("=")
+        name, sep, size = (part.strip() for part in entry.partition("="))
         try:
             if not sep or not name.isidentifier():
                 raise ValueError
-            mesh[name] = int(size)
+            value = int(size)
         except ValueError:
             raise ValueError(
-                f"--mesh {text!r}: {entry!r} is not axis=size; e.g. --mesh data=-1,model=2."
+                f"--mesh {text!r}: {entry.strip()!r} is not axis=size with an integer size; "
+                "e.g. --mesh data=-1,model=2."
             ) from None
+        if name in mesh:
+            raise ValueError(f"--mesh {text!r}: axis {name!r} is given twice.")
+        mesh[name] = value
     return mesh
 
 

@@ -62,7 +62,8 @@ def write_atomic(path: str | pathlib.Path, text: str | bytes, *, durable: bool =
             target.write_text(text)
         return
     path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # Host and pid: processes of a multi-host job may share a folder (and pids).
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     with tmp.open("wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
         f.flush()

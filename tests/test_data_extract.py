@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data import extract, pipeline
+from data import extract, feature_encoder, pipeline
 from data.datasets import encoder_features
 from data.preprocess import audio, image, text
 from gaam_jax.encoders import pooling
@@ -65,7 +65,7 @@ def wavlm_folder(dst: pathlib.Path, do_normalize: bool = True) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def encoder():
     # Batches of 8 rows: one per shard of the resume test (the default 32 pads each to 32).
-    return extract.TextEncoder(max_length=64, batch_size=8)
+    return feature_encoder.TextEncoder(max_length=64, batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_pooling_is_mask_aware_by_default():
 def test_llama_batches_equal_the_papers_one_text_at_a_time(llama):
     """Right padding with pad = eos and a masked mean give the paper's unpadded features."""
     texts = ["world news", "the science of tech and business in the world", "a", "sports"]
-    enc = extract.TextEncoder(llama, max_length=32)
+    enc = feature_encoder.TextEncoder(llama, max_length=32)
     pre = enc.preprocess
     assert pre.pad_id == 2 and pre.max_length == 32  # eos; Llama has no pad token
     ids = pre.encode(texts)
@@ -304,9 +304,10 @@ def test_every_user_error_is_one_line_and_exit_2(tmp_path, capsys, llama):
         (["--dataset", "imdb"], "unknown dataset 'imdb'; choose one of"),
         (["--dataset", "ag_news", "--encoder", str(tmp_path / "nope")], "is not a folder"),
         (["--dataset", "ag_news", "--mesh", "data=2,pipe=2"], "axes must be data and model"),
-        (["--dataset", "ag_news", "--mesh", "model=x"], "'x' is not an integer"),
+        (["--dataset", "ag_news", "--mesh", "model=x"], "'model=x' is not axis=size"),
         (["--dataset", "ag_news", "--mesh", "data=-1,model=3"], "3 does not divide the 8"),
         (["--dataset", "ag_news", "--mesh", "data=2,model=2"], "4 devices but 8 are visible"),
+        (["--dataset", "ag_news", "--mesh", "data=2,data=4"], "axis 'data' is given twice"),
         (["--dataset", "ag_news", "--dtype", "float16"], "--dtype must be float32 or bfloat16"),
         (["--dataset", "ag_news", "--batch-size", "0"], "--batch-size must be positive"),
         (["--dataset", "ag_news", "--pooling", "max"], "invalid choice: 'max'"),

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from test_data_extract import FIXTURES, _cli_error, llama_folder
 
-from data import extract
+from data import extract, feature_encoder
 from data.datasets import encoder_features
 from gaam_jax.encoders import checkpoint, from_pretrained, open_host_params
 
@@ -119,8 +119,8 @@ def test_an_existing_folder_that_looks_like_an_id_is_a_folder(hub, tmp_path, mon
 
 
 def test_the_extraction_cli_takes_a_hub_id(hub, tfds_dir, tmp_path, capsys):
-    assert extract.default_encoder_name(hub) == "tiny_llama"
-    encoder = extract.FeatureEncoder(REPO, revision=COMMIT)  # validates, loads nothing
+    assert feature_encoder.default_encoder_name(hub) == "tiny_llama"
+    encoder = feature_encoder.FeatureEncoder(REPO, revision=COMMIT)  # validates, loads nothing
     assert (encoder.hub_id, encoder.commit, encoder.model_dir) == (REPO, COMMIT, hub)
     argv = ["--encoder", REPO, "--dataset", "pang_lee_polarity", "--data-dir", str(tfds_dir),
             "--limit", "8", "--batch-size", "4", "--no-progress"]  # fmt: skip

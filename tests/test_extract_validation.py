@@ -12,7 +12,7 @@ import pathlib
 import pytest
 from test_data_extract import WORDS, _cli_error, beit_folder, llama_folder, wavlm_folder
 
-from data import extract
+from data import feature_encoder
 from data.preprocess import text
 from gaam_jax.encoders import bert, llama
 
@@ -53,7 +53,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, capsys):
         "tokenizer does not belong to this model."
     )
     with pytest.raises(ValueError) as err:
-        extract.FeatureEncoder(folder)
+        feature_encoder.FeatureEncoder(folder)
     assert _one_line(err) == message
     # The CLI: one line, exit 2, neither the source dataset nor an output folder is created.
     data = tmp_path / "data"
@@ -114,7 +114,7 @@ def test_max_length_beyond_the_positions_is_refused(tmp_path, capsys, tiny_llama
     unstated = config | {"max_position_embeddings": None}
     assert text.TextPreprocessor(tiny_llama, unstated).max_length == 4096
     with pytest.raises(ValueError, match="--max-length 65 is more than .*_embeddings 64 "):
-        extract.FeatureEncoder(tiny_llama, max_length=65)
+        feature_encoder.FeatureEncoder(tiny_llama, max_length=65)
     data = tmp_path / "data"
     line = _cli_error(
         ["--dataset", "pang_lee_polarity", "--data-dir", str(data), "--max-length", "600",
@@ -139,19 +139,19 @@ def test_images_of_another_size_than_the_model_are_refused(tmp_path):
         where.write_text(original)
         _edit_json(where, **changes)
         with pytest.raises(ValueError) as err:
-            extract.FeatureEncoder(folder)
+            feature_encoder.FeatureEncoder(folder)
         assert _one_line(err).startswith(f"{where}: ") and message in str(err.value), changes
     # Resize then crop to the model's size is accepted.
     where.write_text(original)
     _edit_json(where, size=28, do_center_crop=True, crop_size=24)
-    assert extract.FeatureEncoder(folder).preprocess.crop_size == (24, 24)
+    assert feature_encoder.FeatureEncoder(folder).preprocess.crop_size == (24, 24)
 
 
 def test_audio_at_another_sampling_rate_is_refused(tmp_path):
     folder = wavlm_folder(tmp_path / "wavlm")
     _edit_json(folder / "preprocessor_config.json", sampling_rate=8000)
     with pytest.raises(ValueError) as err:
-        extract.FeatureEncoder(folder)
+        feature_encoder.FeatureEncoder(folder)
     assert _one_line(err) == (
         f"{folder / 'preprocessor_config.json'}: sampling_rate=8000 but the audio is 16 kHz."
     )
@@ -163,7 +163,7 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path, capsys, monk
     fix = "copy config.json and the weights from the same snapshot."
     _edit_json(config, intermediate_size=128)
     with pytest.raises(ValueError) as err:
-        extract.FeatureEncoder(folder)
+        feature_encoder.FeatureEncoder(folder)
     assert _one_line(err) == (
         f"{folder}: the weights do not match config.json (checkpoint: layers.0.mlp.gate_proj."
         f"weight has shape (96, 64), expected (128, 64)); {fix}"
@@ -184,10 +184,11 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path, capsys, monk
     real = llama.params_from_hf
     monkeypatch.setattr(llama, "params_from_hf", lambda c, t: real(c, t) | {"norm": {}})
     with pytest.raises(ValueError) as err:
-        extract.FeatureEncoder(folder)
+        feature_encoder.FeatureEncoder(folder)
     assert _one_line(err) == (
         f"{folder}: the weights do not match config.json (llama.params_from_hf: norm/scale is "
         f"None, the module expects (64,)); {fix}"
     )
     monkeypatch.undo()
-    assert extract.FeatureEncoder(folder).encoder is None  # matching: accepted, nothing loaded
+    # Matching: accepted, nothing loaded.
+    assert feature_encoder.FeatureEncoder(folder).encoder is None

@@ -11,7 +11,7 @@ import gcs_emulator
 import numpy as np
 import pytest
 
-from data import extract, import_features, pipeline
+from data import extract, feature_encoder, import_features, pipeline
 from gaam_jax import storage
 
 pytestmark = pytest.mark.slow  # gs:// tests run in make test-slow (and CI)
@@ -92,7 +92,7 @@ def test_extract_resumes_from_the_buckets_shards_on_another_machine(
     """Killed after shard 0, restarted with an empty cache: downloads it, computes 1 and 2."""
     url = f"gs://{BUCKET}/extract-resume/data"
     gcs_emulator.upload(tfds_dir / SOURCE, f"{url}/{SOURCE}")  # the source read from the bucket
-    encoder = extract.FeatureEncoder(batch_size=8)
+    encoder = feature_encoder.FeatureEncoder(batch_size=8)
     common = dict(encoder=encoder, shard_size=8, limit=24, progress=False)
 
     def stop(index):

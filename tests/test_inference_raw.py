@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from test_data_extract import wavlm_folder
 
-from data import extract, pipeline
+from data import extract, feature_encoder, pipeline
 from data.datasets import encoder_features, registry
 from gaam_jax.encoders import checkpoint
 from tests.test_finetune import tiny_bert_folder
@@ -49,7 +49,7 @@ def text_run(tmp_path_factory, tfds_dir):
     dataset) and ``run`` (a run folder): tiny BERT features, one epoch."""
     tmp = tmp_path_factory.mktemp("raw")
     folder = tiny_bert_folder(tmp / "bert")
-    encoder = extract.FeatureEncoder(folder, max_length=16, batch_size=8)
+    encoder = feature_encoder.FeatureEncoder(folder, max_length=16, batch_size=8)
     # The session's tfds folder holds the source texts; a name of this folder's own keeps
     # the shards and dataset apart from any other (a reordered run sets this fixture up again).
     name = f"rawinf_{tmp.name}"
@@ -81,14 +81,14 @@ def test_extraction_records_its_encoder_and_the_run_keeps_it(text_run, tfds_dir,
     assert (record["first_layer"], record["compute_dtype"]) == (1, "float32")
     assert json.loads((run / "config.json").read_text())["data"]["extraction"] == record
     # The packaged MiniLM is recorded as such, without its install-specific folder.
-    minilm = extract.FeatureEncoder(max_length=32).record()
+    minilm = feature_encoder.FeatureEncoder(max_length=32).record()
     assert minilm["encoder"] == "minilm" and "folder" not in minilm
     # Shards of other weights are refused on resume (the manifest alone would not see them).
     shards = tmp_path / "shards"
     shutil.copytree(tfds_dir / "shards" / path.parent.name, shards)
     stale = json.loads((shards / encoder_features.EXTRACTION).read_text())
     (shards / encoder_features.EXTRACTION).write_text(json.dumps(stale | {"fingerprint": "0"}))
-    encoder = extract.FeatureEncoder(folder, max_length=16, batch_size=8)
+    encoder = feature_encoder.FeatureEncoder(folder, max_length=16, batch_size=8)
     with pytest.raises(ValueError, match="shards of another encoder's weights"):
         extract.extract("pang_lee_polarity", tfds_dir, encoder=encoder, shards_dir=shards,
                         encoder_name=text_run.name, limit=24, shard_size=24,
@@ -199,7 +199,7 @@ def test_audio_raw_inputs_through_the_recorded_wavlm(tmp_path, monkeypatch):
     info = types.SimpleNamespace(features={"label": types.SimpleNamespace(names=["a", "b"])})
     monkeypatch.setattr(registry, "load_examples", lambda *a, **k: (records, info))
     folder = wavlm_folder(tmp_path / "wavlm")
-    encoder = extract.FeatureEncoder(folder, pooling="mean", batch_size=8)
+    encoder = feature_encoder.FeatureEncoder(folder, pooling="mean", batch_size=8)
     path = extract.extract("iemocap", tmp_path / "data", encoder=encoder, encoder_name="w",
                            progress=False)  # fmt: skip
     source, meta = pipeline.load_features(path)

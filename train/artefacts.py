@@ -38,8 +38,8 @@ def run_config(config: ml_collections.ConfigDict, dataset: DatasetFolds) -> dict
     """What one run folder records: the config and its data (enough to rebuild the model).
 
     ``data.extraction`` is the feature dataset's record of the encoder that made it
-    (:meth:`data.extract.FeatureEncoder.record`), which raw-input inference rebuilds; features
-    extracted before datasets recorded it (and imported ones) have none.
+    (:meth:`data.feature_encoder.FeatureEncoder.record`), which raw-input inference rebuilds;
+    features extracted before datasets recorded it (and imported ones) have none.
     """
     metadata = dataset.info.metadata or {}
     data = {

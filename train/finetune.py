@@ -33,14 +33,13 @@ import numpy as np
 import optax
 
 from data import pipeline
+from gaam_jax import COMPUTE_DTYPES, storage
 from gaam_jax import adapters as adapters_lib
-from gaam_jax import storage
 from gaam_jax.encoders import checkpoint, heads
 from train import steps as steps_lib
 from train.config import ConfigError, one_line
 from train.splits import CV_KINDS, DatasetFolds
 
-DTYPES = steps_lib.DTYPES
 # Shared with data.extract, which records it in feature datasets (kept here by name).
 weights_fingerprint = checkpoint.weights_fingerprint
 
@@ -195,7 +194,7 @@ def build_model(
     folder = encoder_folder(config)
     encoder = from_pretrained(
         folder,
-        dtype=DTYPES[enc_cfg.dtype],
+        dtype=COMPUTE_DTYPES[enc_cfg.dtype],
         mesh=mesh,
         attention=enc_cfg.attention,
         remat=enc_cfg.remat,
@@ -236,15 +235,15 @@ def build_model(
 
 def modality(config: ml_collections.ConfigDict) -> str:
     """``text``, ``image`` or ``audio``: what the config's encoder reads."""
-    from data.extract import MODALITY_OF_MODEL
+    from data.feature_encoder import MODALITY_OF_MODEL
 
     raw = json.loads((encoder_folder(config) / "config.json").read_text())
     return MODALITY_OF_MODEL[raw["model_type"]]
 
 
 def preprocessor(config: ml_collections.ConfigDict) -> Any:
-    """The :class:`data.extract.FeatureEncoder` whose preprocessing the config's runs use."""
-    from data.extract import FeatureEncoder
+    """The :class:`data.feature_encoder.FeatureEncoder` whose preprocessing the runs use."""
+    from data.feature_encoder import FeatureEncoder
 
     return FeatureEncoder(
         encoder_folder(config),
@@ -457,7 +456,8 @@ def check(config: ml_collections.ConfigDict, workdir: Any) -> list[DatasetFolds]
     validate.check_mesh(config)
     if config.get("runs_per_program", 1) != 1:
         raise ConfigError("fine-tuning trains one run per program: set runs_per_program=1.")
-    for key, allowed in (("encoder.dtype", tuple(DTYPES)), ("model.head", ("auto", *heads.HEADS))):
+    choices = (("encoder.dtype", tuple(COMPUTE_DTYPES)), ("model.head", ("auto", *heads.HEADS)))
+    for key, allowed in choices:
         value = validate._get(config, key)
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}.")

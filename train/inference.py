@@ -10,10 +10,10 @@
     load_exported("raw.jaxexport")(**predictor.preprocess(["a fine film ."]))  # jax alone
 
 Raw inputs go through the encoder that made the run's features, as the feature dataset records
-it (:meth:`data.extract.FeatureEncoder.record`, in the run's ``config.json`` as
+it (:meth:`data.feature_encoder.FeatureEncoder.record`, in the run's ``config.json`` as
 ``data.extraction``): the packaged MiniLM, a model folder or a hub snapshot, with the recorded
 pooling, layers, ``max_length`` and compute dtype, and extraction's own preprocessing and
-encoder classes (:func:`data.extract.encoder_from_record`). Its weights' fingerprint and its
+encoder classes (:func:`data.feature_encoder.encoder_from_record`). Its weights' fingerprint and its
 tokenizer or preprocessor file are checked first; a missing or changed encoder is refused in
 one line. Features extracted before datasets recorded their encoder still load and predict;
 only raw inputs are refused.
@@ -112,7 +112,7 @@ class Predictor:
 
     @property
     def encoder(self) -> Any:
-        """The :class:`data.extract.FeatureEncoder` that made the features, loaded once.
+        """The :class:`data.feature_encoder.FeatureEncoder` that made the features, loaded once.
 
         Raises:
           ValueError: the features record no encoder, or its weights, tokenizer or
@@ -127,7 +127,7 @@ class Predictor:
                     "re-extract them with python -m data.extract (remove the old dataset folder "
                     "first) and retrain."
                 )
-            from data.extract import encoder_from_record
+            from data.feature_encoder import encoder_from_record
 
             encoder = encoder_from_record(self.extraction)
             if (encoder.num_layers, encoder.dim) != self.input_shape:
@@ -186,7 +186,8 @@ class Predictor:
           raw: False: ``features [batch, N, d] -> logits``. True: ``model inputs -> logits``
             (those of :meth:`preprocess`: texts at the recorded ``max_length``), the recorded
             encoder, extraction's pooling and layer selection
-            (:meth:`data.extract.FeatureEncoder.pooled_inputs`) and the decoder in one program.
+            (:meth:`data.feature_encoder.FeatureEncoder.pooled_inputs`) and the decoder in one
+            program.
 
         Raises:
           ValueError, FileNotFoundError: for ``raw``, as :attr:`encoder`.

@@ -34,10 +34,9 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from gaam_jax import GaussianAdaptiveTransformer, importance, sharding
+from gaam_jax import COMPUTE_DTYPES, GaussianAdaptiveTransformer, importance, sharding
 from train import losses, plateau
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 GATED_FRONTS = ("gaam", "gqgaam", "mixture")
 
 
@@ -82,13 +81,16 @@ class Sums:
 def make_model(model_cfg: ml_collections.ConfigDict, num_classes: int) -> Any:
     """``GaussianAdaptiveTransformer(num_classes, **config.model)``.
 
-    The config holds plain values: ``dtype`` is a name from :data:`DTYPES`, and an empty
-    ``map_shape`` or ``layers`` means the model's default (most square map, every layer).
+    The config holds plain values: ``dtype`` is a name from :data:`gaam_jax.COMPUTE_DTYPES`,
+    and an empty ``map_shape`` or ``layers`` means the model's default (most square map, every
+    layer).
     """
     kwargs = model_cfg.to_dict()
-    if kwargs.get("dtype", "float32") not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {kwargs['dtype']!r}.")
-    kwargs["dtype"] = DTYPES[kwargs.get("dtype", "float32")]
+    if kwargs.get("dtype", "float32") not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"model.dtype must be one of {sorted(COMPUTE_DTYPES)}, got {kwargs['dtype']!r}."
+        )
+    kwargs["dtype"] = COMPUTE_DTYPES[kwargs.get("dtype", "float32")]
     for key in ("map_shape", "layers"):
         kwargs[key] = tuple(kwargs.get(key) or ()) or None
     return GaussianAdaptiveTransformer(num_classes, **kwargs)

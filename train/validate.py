@@ -18,16 +18,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from gaam_jax import storage
+from gaam_jax import COMPUTE_DTYPES, storage
 from gaam_jax.transformer import FRONTS
 from train import feeds, losses, runs
 from train.config import ConfigError, one_line
 from train.splits import CV_KINDS, DatasetFolds, open_folds
-from train.steps import DTYPES, Steps
+from train.steps import Steps
 
 CHOICES = {
     "model.front": FRONTS,  # typing.get_args of the model's Front
-    "model.dtype": tuple(DTYPES),
+    "model.dtype": tuple(COMPUTE_DTYPES),
     "model.gqa": ("paper_code", "textbook"),
     "model.variance": ("shifted", "one_pass"),
     "loss": tuple(losses.LOSSES),

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 MANIFEST = "manifest.json"
-# The extractor's record of its encoder (data.extract.FeatureEncoder.record), beside the
+# The extractor's record of its encoder (data.feature_encoder.FeatureEncoder.record), beside the
 # manifest; the built dataset's metadata holds it as "extraction".
 EXTRACTION = "extraction.json"
 
