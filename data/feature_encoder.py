@@ -315,25 +315,24 @@ class FeatureEncoder:
             records.append({"audio": np.pad(x, (0, width - length)), "length": length})
         return records
 
-    def model_inputs(self, records: Sequence[dict]) -> dict[str, np.ndarray]:
+    def model_inputs(
+        self, records: Sequence[dict], length: int | None = None
+    ) -> dict[str, np.ndarray]:
         """Records -> model inputs of fixed shapes, by extraction's preprocessing.
 
-        Texts are padded to ``max_length`` (extraction pads each batch to a bucketed length
-        instead; the mask makes the features the same up to float rounding).
+        Texts are padded on the right (or cut) to ``length`` tokens, default ``max_length``
+        (extraction pads each batch to a bucketed length instead; the mask makes the features
+        the same up to float rounding).
 
         Returns:
-          texts: ``input_ids``, ``attention_mask`` int32 ``[n, max_length]``; images:
+          texts: ``input_ids``, ``attention_mask`` int32 ``[n, length]``; images:
           ``pixel_values`` float32 ``[n, C, H, W]``; audio: ``input_values`` float32 ``[n, T]``
           and, with ``mean`` pooling, ``attention_mask`` int32 ``[n, T]``.
         """
         if self.modality == "text":
             pre = self.preprocess
-            batch = pre.collate(pre.encode([r["text"] for r in records]))
-            pad = ((0, 0), (0, pre.max_length - batch["input_ids"].shape[1]))
-            return {
-                "input_ids": np.pad(batch["input_ids"], pad, constant_values=pre.pad_id),
-                "attention_mask": np.pad(batch["attention_mask"], pad),
-            }
+            ids = pre.encode([r["text"] for r in records])
+            return pre.collate(ids, length=length or pre.max_length)
         if self.modality == "image":
             return dict(self.preprocess([r["image"] for r in records]))
         audio = np.stack([r["audio"] for r in records])

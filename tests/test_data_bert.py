@@ -28,6 +28,25 @@ def test_tokenizer_matches_hugging_face():
     assert not ref["token_type_ids"].any()
 
 
+def test_collate_to_a_given_length_pads_or_cuts_on_the_right():
+    folder = bert.minilm_dir()
+    pre = TextPreprocessor(folder, json.loads((folder / "config.json").read_text()))
+    ids = pre.encode(["a fine film .", "a long and rather dull film about nothing much at all ."])
+    whole = pre.collate(ids)  # the bucketed length: both texts whole
+    for length in (40, 6):
+        batch = pre.collate(ids, length=length)
+        assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, length)
+        for row, seq in enumerate(ids):
+            n = min(len(seq), length)
+            np.testing.assert_array_equal(batch["input_ids"][row, :n], seq[:n])
+            assert batch["attention_mask"][row].sum() == n
+            assert (batch["input_ids"][row, n:] == pre.pad_id).all()
+    t = whole["input_ids"].shape[1]  # the longer text's tokens, bucketed (16)
+    np.testing.assert_array_equal(
+        pre.collate(ids, length=40)["input_ids"][:, :t], whole["input_ids"]
+    )
+
+
 @pytest.mark.parametrize("attention", ["xla", "blockwise"])
 def test_hidden_states_match_hugging_face(attention):
     ref = np.load(FIXTURE)

@@ -272,24 +272,9 @@ def preprocess(
         tokenizer or preprocessor files).
     """
     encoder = encoder or preprocessor(config)
-    if encoder.modality == "text":  # input_ids, attention_mask int32 [n, T]
-        out = encoder.preprocess([r["text"] for r in records])
-        if length is not None and out["input_ids"].shape[1] != length:
-            pad = {"input_ids": encoder.preprocess.pad_id}
-            out = {k: _fit(v, length, pad.get(k, 0)) for k, v in out.items()}
-        return out
-    if encoder.modality == "image":
-        return dict(encoder.preprocess([r["image"] for r in records]))
-    audio = np.stack([r["audio"] for r in records])
-    lengths = np.array([r["length"] for r in records])
-    return dict(encoder.preprocess(audio, lengths))
-
-
-def _fit(x: np.ndarray, length: int, value: int) -> np.ndarray:
-    """``[B, T]`` padded on the right with ``value`` (or cut) to ``[B, length]``."""
-    if x.shape[1] >= length:
-        return x[:, :length]
-    return np.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
+    if encoder.modality == "text" and length is None:  # the longest text's bucketed length
+        return encoder.preprocess([r["text"] for r in records])
+    return encoder.model_inputs(records, length)
 
 
 class RawSource:

@@ -158,22 +158,32 @@ class TextPreprocessor:
             out.append(np.asarray(ids, np.int32))
         return out
 
-    def collate(self, ids: Sequence[np.ndarray], rows: int | None = None) -> dict[str, np.ndarray]:
+    def collate(
+        self, ids: Sequence[np.ndarray], rows: int | None = None, length: int | None = None
+    ) -> dict[str, np.ndarray]:
         """Pads token ids on the right into a batch of ``rows`` (default ``len(ids)``) rows.
 
         Rows past ``len(ids)`` are all padding (with a mask of one leading 1, so no row is
         empty); they fill the last batch to a fixed shape and are dropped by the caller.
 
+        Args:
+          ids: each text's token ids (:meth:`encode`).
+          rows: the batch's rows.
+          length: the batch's token length (longer ids are cut); default ``max_length`` with
+            ``pad_to_max``, else :func:`bucket_length` of the longest.
+
         Returns:
           ``input_ids`` and ``attention_mask``, int32 ``[rows, length]``.
         """
         rows = rows or len(ids)
-        longest = max(len(i) for i in ids)
-        length = self.max_length if self.pad_to_max else bucket_length(longest, self.max_length)
+        if length is None:
+            longest = max(len(i) for i in ids)
+            length = self.max_length if self.pad_to_max else bucket_length(longest, self.max_length)
         input_ids = np.full((rows, length), self.pad_id, np.int32)
         mask = np.zeros((rows, length), np.int32)
         mask[len(ids) :, 0] = 1
         for row, seq in enumerate(ids):
+            seq = seq[:length]
             input_ids[row, : len(seq)] = seq
             mask[row, : len(seq)] = 1
         # BERT's token_type_ids are all 0 for single texts: the encoder's default.
