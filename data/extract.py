@@ -33,7 +33,7 @@ local files only, so the work is staged in a local folder keyed by the URL
 is read from ``<url>/<dataset>/<version>`` when the bucket holds it, every finished shard is
 also uploaded to ``<url>/shards/<name>`` (a job restarted on another machine resumes from
 them), and the dataset is uploaded to ``<url>/encoder_features/<name>/1.0.0`` with
-``dataset_info.json`` last, so a reader never sees part of it (:class:`data.remote.RemoteDataDir`).
+``dataset_info.json`` last, so a reader never sees part of it (:mod:`data.data_dir`).
 
 The dataset's metadata records the encoder as ``extraction``
 (:meth:`data.feature_encoder.FeatureEncoder.record`), written beside the manifest as
@@ -54,6 +54,7 @@ failure on one process ends every process with its message instead of leaving th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import pathlib
@@ -67,7 +68,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from data import remote as remote_lib
+from data.data_dir import DISTRIBUTED_URL, open_data_dir
 from data.datasets import encoder_features, registry
 from data.feature_encoder import POOLINGS, FeatureEncoder, default_encoder_name
 from data.processes import USER_ERRORS, Processes
@@ -122,6 +123,17 @@ def parse_mesh(
     return sizes
 
 
+@dataclasses.dataclass
+class _Work:
+    """What :func:`extract` found to do: the source, its size, this process's shards."""
+
+    source: Any
+    n: int
+    mine: list[int]
+    todo: set[int]
+    reused: bool = False  # a URL data_dir whose dataset is published from these settings
+
+
 def _npz(**arrays: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -167,7 +179,7 @@ def extract(
       dataset: a name from :data:`data.datasets.registry.MODALITY`.
       data_dir: tfds data folder (source dataset, shards and the result live here), or an
         object-store URL (``gs://bucket/data``): the work is then staged locally and published
-        there (see :class:`data.remote.RemoteDataDir`).
+        there (see :mod:`data.data_dir`).
       encoder: the :class:`FeatureEncoder` (its modality must be the dataset's).
       encoder_name: recorded in the dataset name and metadata.
       split: source split; a split other than ``train`` is named in the result
@@ -211,33 +223,20 @@ def extract(
             f"({encoder.modality}) encoder; pass --encoder with a {kinds[want]} folder."
         )
     name = feature_name(dataset, encoder_name, encoder.pooling, split)
-    remote = None
-    if storage.is_url(data_dir):
-        if procs.count > 1:
-            raise ValueError(remote_lib.DISTRIBUTED_URL.format(data_dir=data_dir))
-        if shards_dir is not None:
-            raise ValueError(
-                f"shards_dir is for a local data_dir; with {data_dir} the shards are staged "
-                f"locally and mirrored to {data_dir}/shards/{name}: drop shards_dir."
-            )
-        storage.check_bucket(data_dir)
-        remote = remote_lib.RemoteDataDir(data_dir, name)
-        data_dir = remote.staging
-    shards_dir = pathlib.Path(shards_dir or pathlib.Path(data_dir) / "shards" / name)
+    out = open_data_dir(data_dir, name, shards_dir=shards_dir, distributed=procs.count > 1)
+    shards_dir = out.shards_dir
     manifest_path = shards_dir / encoder_features.MANIFEST
     record_path = shards_dir / encoder_features.EXTRACTION
     shape = (encoder.num_layers, encoder.dim)
 
-    def prepare() -> tuple[Any, int, list[int], set[int]]:
+    def prepare() -> _Work:
         """Opens the source; checks (process 0: writes) the manifest; lists this process's work."""
         if procs.index and not manifest_path.exists():
             raise FileNotFoundError(
                 f"{manifest_path}, written by process 0, is not visible to process "
                 f"{procs.index}: --data-dir must be a folder every process shares."
             )
-        source, info = registry.load_examples(
-            dataset, data_dir if remote is None else remote.root, split, manual_dir=manual_dir
-        )
+        source, info = registry.load_examples(dataset, out.root, split, manual_dir=manual_dir)
         n = len(source) if limit is None else min(limit, len(source))
         if n == 0:
             raise ValueError(f"{dataset}/{split} is empty: nothing to extract.")
@@ -264,15 +263,8 @@ def extract(
             del manifest["encoder_dir"]
             manifest["encoder_id"] = encoder.hub_id
             manifest["encoder_revision"] = encoder.commit
-        stale = False  # a URL data_dir: staged shards of other settings (the bucket decides)
-        if remote is not None:
-            remote.check(encoder_features.MANIFEST, manifest, "made with other settings")
-            stale = manifest_path.exists() and json.loads(manifest_path.read_text()) != manifest
-        elif manifest_path.exists() and json.loads(manifest_path.read_text()) != manifest:
-            raise ValueError(
-                f"{shards_dir} holds shards made with other settings ({manifest_path}); remove "
-                "it or choose another --shards-dir."
-            )
+        # Shards of other settings are refused (staged copies of a URL's are discarded).
+        stale = out.settle(encoder_features.MANIFEST, manifest, "made with other settings")
         # The encoder's record (metadata "extraction", for raw-input inference) is a file of
         # its own: manifests stay as before (older shard folders resume), and shards of other
         # weights are refused. A folder from before records is resumed and gets one.
@@ -281,17 +273,8 @@ def extract(
             record = encoder.record()  # reads every weight byte (about 1 s per GB)
             if encoder.modality == "audio":
                 record["samples"] = int(len(source[0]["audio"]))
-            if remote is not None:
-                remote.check(encoder_features.EXTRACTION, record,
-                             "of another encoder's weights or preprocessing")  # fmt: skip
-                stale = stale or (
-                    record_path.exists() and json.loads(record_path.read_text()) != record
-                )
-            elif record_path.exists() and json.loads(record_path.read_text()) != record:
-                raise ValueError(
-                    f"{shards_dir} holds shards of another encoder's weights or preprocessing "
-                    f"({record_path}); remove it or choose another --shards-dir."
-                )
+            other = "of another encoder's weights or preprocessing"
+            stale = out.settle(encoder_features.EXTRACTION, record, other) or stale
         mine = [index for index in range(num_shards) if procs.owns(index)]
 
         def ok(index: int) -> bool:
@@ -301,15 +284,12 @@ def extract(
                 shape,
             )
 
-        if remote is not None:
-            if remote.built(record):  # published from these settings' shards: reuse it
-                reused.append(True)
-                return source, n, [], set()
-            if stale:  # the staging folder is a cache: the bucket's shards decide
-                shutil.rmtree(shards_dir, ignore_errors=True)
-                shutil.rmtree(pathlib.Path(data_dir) / "encoder_features" / name,
-                              ignore_errors=True)  # fmt: skip
-            remote.pull(shards_dir, [index for index in mine if not ok(index)])
+        if out.built(record):  # published from these settings' shards: reuse it
+            return _Work(source, n, [], set(), reused=True)
+        if stale:
+            shutil.rmtree(shards_dir, ignore_errors=True)
+            shutil.rmtree(out.work / "encoder_features" / name, ignore_errors=True)
+        out.pull([index for index in mine if not ok(index)])
         todo = {index for index in mine if not ok(index)}
         if todo:
             encoder.load()  # a bad checkpoint fails here, before anything is written
@@ -317,16 +297,15 @@ def extract(
             shards_dir.mkdir(parents=True, exist_ok=True)
             storage.write_atomic(manifest_path, json.dumps(manifest, indent=2))
             storage.write_atomic(record_path, json.dumps(record, indent=2))
-        if remote is not None:
-            remote.push(manifest_path)
-            remote.push(record_path)
-            for index in sorted(set(mine) - todo):  # valid here but not yet in the bucket
-                remote.push(shards_dir / encoder_features.shard_name(index), missing_only=True)
-        return source, n, mine, todo
+            out.push(manifest_path)
+            out.push(record_path)
+        for index in sorted(set(mine) - todo):  # valid here but not yet in the bucket
+            out.push(shards_dir / encoder_features.shard_name(index), missing_only=True)
+        return _Work(source, n, mine, todo)
 
-    def compute(prepared: tuple[Any, int, list[int], set[int]]) -> None:
+    def compute(work: _Work) -> None:
         """Computes and writes this process's unfinished shards."""
-        source, n, mine, todo = prepared
+        source, n, mine, todo = work.source, work.n, work.mine, work.todo
         from tqdm import tqdm
 
         total = sum(min(n, (i + 1) * shard_size) - i * shard_size for i in mine)
@@ -358,8 +337,7 @@ def extract(
                 group=np.array([r.get("group", -1) for r in records], np.int64),
             )  # written whole or not at all: a restart redoes a missing shard
             storage.write_atomic(shards_dir / encoder_features.shard_name(index), shard)
-            if remote is not None:  # a job restarted on another machine resumes from it
-                remote.push(shards_dir / encoder_features.shard_name(index))
+            out.push(shards_dir / encoder_features.shard_name(index))  # a restart elsewhere
             if on_shard is not None:
                 on_shard(index)
         bar.close()
@@ -370,24 +348,17 @@ def extract(
                 file=sys.stderr,
             )
 
-    def build() -> Any:
-        if reused:
-            return None
-        builder = encoder_features.build(shards_dir, data_dir, name)
-        if remote is not None:
-            remote.publish(pathlib.Path(builder.data_dir))
-        return builder
+    def build() -> storage.AnyPath:
+        if prepared is not None and prepared.reused:
+            return out.dataset
+        builder = encoder_features.build(shards_dir, out.work, name)
+        return out.publish(pathlib.Path(builder.data_dir))
 
-    reused: list[bool] = []  # a URL data_dir whose dataset is already published
     # Process 0 first: it may build the source dataset, and it writes the manifest.
     prepared = procs.step("gaam_extract_source", prepare if procs.index == 0 else None)
     procs.step("gaam_extract_shards", lambda: compute(prepared or prepare()))
-    builder = procs.step("gaam_extract_dataset", build if procs.index == 0 else None)
-    if remote is not None:
-        return remote.dataset
-    if builder is None:  # the other processes open what process 0 built
-        builder = build()
-    return pathlib.Path(builder.data_dir)
+    built = procs.step("gaam_extract_dataset", build if procs.index == 0 else None)
+    return built if built is not None else build()  # the others open what process 0 built
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -457,7 +428,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}.")
     processes = None
     if args.distributed and storage.is_url(args.data_dir):
-        raise ValueError(remote_lib.DISTRIBUTED_URL.format(data_dir=args.data_dir))
+        raise ValueError(DISTRIBUTED_URL.format(data_dir=args.data_dir))
     if args.distributed:
         if not jax.distributed.is_initialized():  # a caller (a test) may have done it
             try:
