@@ -51,3 +51,32 @@ def test_the_training_program_alone_takes_every_step_of_its_epochs():
     seconds, taken = loop_efficiency.program_only_seconds(steps, feed, plan, epochs=2)
     assert seconds > 0
     assert taken == 2 * int(feeds.steps_per_epoch(plan, steps.batch_size).sum())
+
+
+@pytest.mark.slow
+def test_loop_efficiency_quick_prints_every_row(tmp_path, capsys):
+    """The issue's measuring instrument runs: its steady-state rows on synthetic features."""
+    import json
+
+    from benchmarks import loop_efficiency
+
+    assert loop_efficiency.main(["--quick", "--synthetic", "--out", str(tmp_path / "o.json")]) == 0
+    rows = json.loads((tmp_path / "o.json").read_text())
+    label = "steady state, 5 runs x 30 steps"  # runlocal: 3 epochs of 10 steps per fold
+    for key in ("wall (s)", "efficiency", "efficiency of the training program alone"):
+        assert rows[f"{label}: {key}"] > 0
+    assert rows["bare step (ms), mean of all timings"] > 0
+    assert f"| {label}: efficiency |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_loop_efficiency_end_to_end_counts_the_cli_runs_steps(toy, tmp_path):
+    """end_to_end times one training CLI and reads its steps from results.json."""
+    from train_helpers import tiny_config
+
+    from benchmarks import loop_efficiency
+
+    config = tiny_config(tmp_path / "c.py", toy, num_epochs=2, k=2)
+    result = loop_efficiency.end_to_end(str(config), ["--config.runs_per_program=0"])
+    assert result["wall"] > 0
+    assert result["steps"] == 2 * 2 * (40 // 8)  # folds x epochs x steps (40 examples each)
