@@ -193,5 +193,6 @@ class RemoteDataDir:
                 f"differs from the one built in {built}); remove it or choose another "
                 "--encoder-name."
             )
-        storage.upload(built, self.dataset, last="dataset_info.json")
+        # Unpublished (no dataset_info.json): what is there is an interrupted upload's.
+        storage.upload(built, self.dataset, last="dataset_info.json", prune=True)
         return self.dataset

@@ -427,8 +427,10 @@ def _run(args: argparse.Namespace) -> int:
         if value is not None and value <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}.")
     processes = None
-    if args.distributed and storage.is_url(args.data_dir):
-        raise ValueError(DISTRIBUTED_URL.format(data_dir=args.data_dir))
+    if storage.is_url(args.data_dir):
+        if args.distributed:
+            raise ValueError(DISTRIBUTED_URL.format(data_dir=args.data_dir))
+        storage.check_bucket(args.data_dir)  # seconds, not gcsfs's minute of retries
     if args.distributed:
         if not jax.distributed.is_initialized():  # a caller (a test) may have done it
             try:

@@ -352,7 +352,8 @@ def import_features(
     finally:
         shutil.rmtree(shards, ignore_errors=True)  # the dataset holds its own copy
     if remote:
-        storage.upload(builder.data_dir, published, last="dataset_info.json")
+        # Unpublished (checked above): what is there is an interrupted upload's.
+        storage.upload(builder.data_dir, published, last="dataset_info.json", prune=True)
         return published
     return pathlib.Path(builder.data_dir)
 

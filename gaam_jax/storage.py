@@ -181,13 +181,20 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copyfileobj(f, out, 1 << 22)
 
 
-def upload(local: str | os.PathLike, url: str | os.PathLike, *, last: str | None = None) -> None:
+def upload(
+    local: str | os.PathLike,
+    url: str | os.PathLike,
+    *,
+    last: str | None = None,
+    prune: bool = False,
+) -> None:
     """Copies every file under the local folder ``local`` to ``url``, same relative paths.
 
     ``last`` (a relative path, e.g. ``dataset_info.json``) is copied after all the others: a
     reader that treats a folder without it as absent (:func:`local_copy`, tfds) never sees a
     partly uploaded folder. Existing objects of the same names are overwritten; others under
-    ``url`` are left as they are.
+    ``url`` are left as they are, or, with ``prune``, deleted first (what an interrupted upload
+    of another build left: a rebuilt dataset may have other shard files).
 
     Raises:
       FileNotFoundError: ``last`` is not a file under ``local``.
@@ -198,6 +205,11 @@ def upload(local: str | os.PathLike, url: str | os.PathLike, *, last: str | None
             raise FileNotFoundError(f"{local} holds no {last} to upload last.")
         listed = [item for item in listed if item[0] != last] + [(last, path(local) / last)]
     remote = path(url)
+    if prune and remote.exists():
+        keep = {name for name, _ in listed}
+        for name, p in files(remote):
+            if name not in keep:
+                p.unlink()
     for name, p in listed:
         copy_file(p, remote / name)
 

@@ -178,3 +178,25 @@ def test_bad_inputs_to_gcs_are_one_line_and_write_nothing(gcs, machine, tmp_path
     assert gcs_emulator.objects(gcs, "import-bad/") == []
     assert not machine.exists()  # nothing staged either
     _no_gs_folder(tmp_path)
+
+
+def test_a_dataset_upload_replaces_what_an_interrupted_one_left(gcs, tmp_path):
+    """An upload cut before ``dataset_info.json`` leaves objects a rebuilt dataset may not
+    have (other shard files); publishing prunes them, while a plain upload keeps them."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    for folder, names in (
+        (old, ["a-00000-of-00002", "a-00001-of-00002"]),
+        (new, ["a-00000-of-00001"]),
+    ):
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_text(f"{folder.name} {name}")
+        (folder / "dataset_info.json").write_text(folder.name)
+    url = f"gs://{BUCKET}/prune/ds/1.0.0"
+    for name, p in storage.files(old):
+        if name != "dataset_info.json":  # interrupted before its last file
+            storage.copy_file(p, storage.path(url) / name)
+    storage.upload(new, url, last="dataset_info.json")
+    assert "a-00001-of-00002" in _files(url)  # upload alone leaves the other build's shards
+    storage.upload(new, url, last="dataset_info.json", prune=True)
+    assert _files(url) == _files(new)

@@ -35,7 +35,7 @@ def test_an_unreachable_store_is_one_line_at_once(monkeypatch, capsys, tmp_path)
     """Without a network gcsfs retries for about a minute; the endpoint is tried first, and
     the CLIs refuse a gs:// workdir or data folder in one line, before any work."""
     import train.__main__ as train_cli
-    from data import import_features
+    from data import extract, import_features
 
     port = _closed_port()
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
@@ -55,8 +55,10 @@ def test_an_unreachable_store_is_one_line_at_once(monkeypatch, capsys, tmp_path)
     np.savez(npz, features=np.zeros((4, 2, 3), np.float32), label=np.array([0, 1, 0, 1]))
     code = import_features.main(["--npz", str(npz), "--name", "f", "--data-dir", "gs://bkt/d"])
     assert code == 2
+    code = extract.main(["--dataset", "pang_lee_polarity", "--data-dir", "gs://bkt/d"])
+    assert code == 2
     assert time.perf_counter() - start < 30  # not gcsfs's minute of retries per command
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines), lines
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), lines
     assert all("cannot be reached" in line for line in lines), lines
     assert not pathlib.Path("gs:").exists()
