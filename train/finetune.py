@@ -40,9 +40,6 @@ from train import steps as steps_lib
 from train.config import ConfigError, one_line
 from train.splits import CV_KINDS, DatasetFolds
 
-# Shared with data.extract, which records it in feature datasets (kept here by name).
-weights_fingerprint = checkpoint.weights_fingerprint
-
 
 def is_finetune(config: ml_collections.ConfigDict) -> bool:
     """Whether ``config`` fine-tunes an encoder (it has an ``encoder`` section)."""
@@ -390,7 +387,7 @@ def example_of(split: DatasetFolds) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def with_fingerprint(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """``config`` with ``encoder.fingerprint`` set (:func:`weights_fingerprint`), once.
+    """``config`` with ``encoder.fingerprint`` set (:func:`checkpoint.weights_fingerprint`), once.
 
     The fingerprint is part of the run identity: a workdir trained on other base weights is
     refused like one of another config, and :class:`train.inference.FineTunedPredictor` refuses
@@ -398,14 +395,14 @@ def with_fingerprint(config: ml_collections.ConfigDict) -> ml_collections.Config
     """
     if not config.encoder.get("fingerprint"):
         with config.unlocked():
-            config.encoder.fingerprint = weights_fingerprint(encoder_folder(config))
+            config.encoder.fingerprint = checkpoint.weights_fingerprint(encoder_folder(config))
     return config
 
 
 def check_fingerprint(config: ml_collections.ConfigDict) -> None:
     """Raises a one-line ValueError when the encoder's weights are not the recorded ones."""
     folder = encoder_folder(config)
-    if weights_fingerprint(folder) != config.encoder.get("fingerprint"):
+    if checkpoint.weights_fingerprint(folder) != config.encoder.get("fingerprint"):
         raise ValueError(
             f"{folder}: the encoder's weights are not the ones this run was trained on "
             "(their fingerprint differs); point encoder.path at the original weights."
