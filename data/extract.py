@@ -25,7 +25,8 @@ run restarted with the same command redoes only the unfinished shards. Finally t
 turned into ``<data-dir>/encoder_features/<dataset>_<encoder-name>_<pooling>`` (with ``_<split>``
 appended for a split other than ``train``, e.g. the test split used as a validation set).
 Every user error is one line ``error: ...`` and exit code 2, before any file is written
-(``--debug`` shows tracebacks).
+(``--debug`` shows tracebacks). Standard output is the one line ``wrote <dataset folder>: ...``;
+progress, tfds' own messages and the encoder's description go to standard error.
 
 ``--data-dir`` may be an object-store URL (``gs://bucket/data``): tfds and array_record write
 local files only, so the work is staged in a local folder keyed by the URL
@@ -54,6 +55,7 @@ failure on one process ends every process with its message instead of leaving th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -490,19 +492,20 @@ def _run(args: argparse.Namespace) -> int:
     encoder, name = setup() if processes is None else processes.step("gaam_extract_setup", setup)
     if not args.no_progress and (processes is None or processes.index == 0):
         print(encoder.describe(), file=sys.stderr)
-    path = extract(
-        args.dataset,
-        args.data_dir,
-        encoder=encoder,
-        encoder_name=name,
-        split=args.split,
-        shard_size=args.shard_size,
-        dtype=args.feature_dtype,
-        limit=args.limit,
-        manual_dir=args.manual_dir,
-        progress=not args.no_progress,
-        processes=processes,
-    )
+    with contextlib.redirect_stdout(sys.stderr):  # tfds' own lines: stdout is the result only
+        path = extract(
+            args.dataset,
+            args.data_dir,
+            encoder=encoder,
+            encoder_name=name,
+            split=args.split,
+            shard_size=args.shard_size,
+            dtype=args.feature_dtype,
+            limit=args.limit,
+            manual_dir=args.manual_dir,
+            progress=not args.no_progress,
+            processes=processes,
+        )
     print(
         f"wrote {path}: features [{encoder.num_layers}, {encoder.dim}] per example, "
         f"{time.perf_counter() - start:.1f} s"

@@ -258,7 +258,8 @@ def test_cli_runs_end_to_end(tfds_dir, tmp_path, capsys):
     )  # fmt: skip
     assert code == 0
     out, err = capsys.readouterr()
-    assert "features [6, 384] per example" in out
+    (line,) = out.splitlines()  # tfds' own lines go to stderr: stdout is the result only
+    assert line.startswith(f"wrote {tmp_path}/encoder_features/") and "[6, 384] per example" in line
     assert "compute float32" in err and "matmul precision" in err and "examples/s" in err
     folder = tmp_path / "encoder_features" / "mini_newsgroup_minilm_mean_with_padding" / "1.0.0"
     source, info = pipeline.load_features(folder)

@@ -68,7 +68,7 @@ def test_extract_to_gcs_equals_the_local_extraction(gcs, reference, machine, tmp
     url = f"gs://{BUCKET}/extract-test/data"
     capsys.readouterr()
     assert extract.main(["--data-dir", url, *ARGS]) == 0
-    out = capsys.readouterr().out.splitlines()[-1]  # after tfds' own lines
+    (out,) = capsys.readouterr().out.splitlines()  # tfds' own lines go to stderr
     assert out.startswith(f"wrote {url}/encoder_features/{NAME}/1.0.0: "), out
     remote = f"{url}/encoder_features/{NAME}/1.0.0"
     # Byte for byte: nothing in the dataset names the data folder or the staging folder.
