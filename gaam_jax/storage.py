@@ -47,6 +47,12 @@ def absolute(value: str | os.PathLike) -> AnyPath:
     return p if is_url(p) else p.absolute()
 
 
+def _temp_beside(path: pathlib.Path) -> pathlib.Path:
+    """A temporary file's name beside ``path``, renamed over it once written."""
+    # Host and pid: processes of a multi-host job may share a folder (and pids).
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
 def write_atomic(path: str | pathlib.Path, text: str | bytes, *, durable: bool = True) -> None:
     """Writes ``text`` to ``path`` so that a crash leaves either the old or the new file.
 
@@ -62,8 +68,7 @@ def write_atomic(path: str | pathlib.Path, text: str | bytes, *, durable: bool =
             target.write_text(text)
         return
     path = pathlib.Path(path)
-    # Host and pid: processes of a multi-host job may share a folder (and pids).
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    tmp = _temp_beside(path)
     with tmp.open("wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
         f.flush()
@@ -169,7 +174,7 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     source, target = path(src), path(dst)
     if not is_url(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp = _temp_beside(target)
         try:
             with source.open("rb") as f, tmp.open("wb") as out:
                 shutil.copyfileobj(f, out, 1 << 22)

@@ -28,7 +28,7 @@ import numpy as np
 
 from gaam_jax import importance, storage
 from train.loop import RunResult
-from train.runs import RECORD, RunRecord, flatten, plain, write_bytes_atomic
+from train.runs import RECORD, RunRecord, flatten, plain
 from train.splits import DatasetFolds
 
 BEST_STATE = "best_state.msgpack"
@@ -145,7 +145,7 @@ def finish_run(identity: dict, result: RunResult, run_dir: pathlib.Path, title: 
     )
     run_dir = storage.path(run_dir)
     if jax.process_index() == 0:
-        write_bytes_atomic(run_dir / BEST_STATE, data)
+        storage.write_atomic(run_dir / BEST_STATE, data)
         if gate_file is not None:
             with (run_dir / gate_file).open("wb") as f:
                 np.save(f, gate)

@@ -37,13 +37,8 @@ IGNORED_KEYS = frozenset({
 })  # fmt: skip
 
 
-def write_bytes_atomic(path: str | pathlib.Path, data: bytes) -> None:
-    """:func:`write_atomic` of bytes."""
-    storage.write_atomic(path, data)
-
-
 def write_json_atomic(path: str | pathlib.Path, obj: Any) -> None:
-    """:func:`write_atomic` of ``obj`` as indented JSON."""
+    """:func:`gaam_jax.storage.write_atomic` of ``obj`` as indented JSON."""
     storage.write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
