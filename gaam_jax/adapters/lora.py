@@ -1,41 +1,41 @@
-"""LoRA on any ``nn.Dense`` of a Flax model, chosen by a regular expression over module paths.
+"""LoRA: what it adapts, the shapes of its factors for each kind of projection, and merging.
 
-A LoRA adds a trainable low-rank update to a frozen ``Dense``: ``y = x W + b + s * (x A) B``
-with ``A`` ``[in, r]``, ``B`` ``[r, out]`` and the scale ``s`` of :attr:`LoRA.scale`. The
-update is attached by method interception (``nn.intercept_methods``) rather than by rewriting
-the model: every ``Dense.__call__`` inside :func:`applied` whose module path (``'layers/query'``,
-``'layers/self_attn/q_proj'``) matches :attr:`LoRA.targets` gets its ``A`` and ``B`` as the
-variables ``lora_a`` / ``lora_b`` of the collection :data:`COLLECTION`, at that module's own
-path. Inside an ``nn.scan`` over layers they are stacked ``[layers, in, r]`` like the layer's
-parameters. The base parameters stay in ``params``: a fine-tuning step differentiates the
-adapter collection only, so the base is never differentiated nor held in an optimiser state.
+A LoRA adds a trainable low-rank update to a frozen projection: ``y = f(x; W) + s * f(x; A B)``
+with the scale ``s`` of :attr:`LoRA.scale`. The factors are float32 whatever the model's dtype,
+the update is computed in float32 (``r`` is small: its cost is about ``r / in`` of the base
+matmul) and cast to the base output's dtype; ``B`` starts at zero, so an adapted model starts
+as its base.
 
-Adapters are float32 whatever the model's dtype and the update is computed in float32 (``r``
-is small: the cost is ``r / in`` of the base matmul), then cast to the base output's dtype.
-They are annotated with logical axes ``(None, None)``: replicated on a mesh, never split along
-the rank, while the base keeps its own shardings (tensor-parallel fine-tuning).
+Three kinds of projection are adapted, in Linen and in NNX alike (:class:`Projection` says how
+the input meets ``A`` and ``B`` for each):
 
-:func:`merge` folds the adapters into the base kernels for inference.
+* ``Dense`` / ``Linear``: ``A`` ``[in, r]``, ``B`` ``[r, out]`` (peft's ``lora_A.weight.T`` and
+  ``lora_B.weight.T``).
+* ``DenseGeneral`` / ``LinearGeneral`` (any input ``axis`` and output ``features``; no batch
+  dimensions): ``A`` ``[*in, r]``, ``B`` ``[r, *out]``, where the kernel is ``[*in, *out]``.
+* ``Einsum`` (``'lhs,rhs->out'``, the kernel on the right): ``A`` has the kernel's shape with
+  every dimension that is not shared with the input set to 1, then ``r``; ``B`` the kernel's
+  shape with every shared dimension set to 1, then ``r``. So ``W + s * sum_r A B`` is the merged
+  kernel however the kernel's dimensions are ordered (``'BTD,NDH->BTNH'``).
+
+Stacked kernels (``nn.scan`` over layers: ``[layers, ...]``) have factors stacked the same way.
+:func:`merge` folds the factors into kernels of any of these kinds.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import math
 import re
-from collections.abc import Callable, Iterator
+import string
+from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from gaam_jax import sharding
-
-__all__ = ["COLLECTION", "LoRA", "PAPER_TARGETS", "applied", "in_call", "merge", "paths"]
+__all__ = ["COLLECTION", "INITS", "LoRA", "PAPER_TARGETS", "SCALINGS", "Projection", "merge"]
 
 COLLECTION = "adapters"
 # The query and value projections of every encoder: bert/beit name them query/value,
@@ -52,12 +52,12 @@ class LoRA:
     Attributes:
       rank: ``r``, the inner dimension of ``A`` and ``B``.
       alpha: the scale's numerator.
-      targets: regular expression searched in each ``Dense``'s module path (``'/'``-joined).
+      targets: regular expression searched in each projection's module path (``'/'``-joined,
+        relative to the adapted model: ``'layers/query'``, ``'blocks/0/attn/query'``).
       scaling: ``alpha_over_r`` (peft's ``alpha / r``, the default), ``raw_alpha`` (``alpha``
         itself, the paper's scripts) or ``rslora`` (``alpha / sqrt(r)``, rank-stabilised).
-      init: ``peft`` (``A`` Kaiming-uniform as ``torch.nn.init.kaiming_uniform_(a=sqrt(5))``
-        on ``[r, in]``: uniform in ``+-1/sqrt(in)``) or ``paper`` (``A ~ N(0, 1/r)``);
-        ``B`` is zero in both, so an adapted model starts as its base.
+      init: ``peft`` (``A`` Kaiming-uniform as ``torch.nn.init.kaiming_uniform_(a=sqrt(5))``:
+        uniform in ``+-1/sqrt(fan_in)``) or ``paper`` (``A ~ N(0, 1/r)``); ``B`` is zero in both.
     """
 
     rank: int = 8
@@ -67,7 +67,7 @@ class LoRA:
     init: str = "peft"
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}.")
         if self.scaling not in SCALINGS:
             raise ValueError(f"LoRA scaling={self.scaling!r} is not one of {', '.join(SCALINGS)}.")
@@ -82,7 +82,7 @@ class LoRA:
 
     @property
     def scale(self) -> float:
-        """The factor on ``x A B``."""
+        """The factor on the update."""
         if self.scaling == "raw_alpha":
             return float(self.alpha)
         if self.scaling == "rslora":
@@ -90,73 +90,152 @@ class LoRA:
         return float(self.alpha) / self.rank
 
     def matches(self, path: str) -> bool:
-        """Whether the ``Dense`` at module path ``path`` (``'layers/query'``) is adapted."""
+        """Whether the projection at module path ``path`` (``'layers/query'``) is adapted."""
         return re.search(self.targets, path) is not None
 
-    def init_a(self, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        """``A`` ``[in, r]`` (float32)."""
-        n_in = shape[-2]
+    def init_a(self, key: jax.Array, shape: Sequence[int], fan_in: int) -> jax.Array:
+        """A fresh ``A`` (float32) of the stored ``shape``."""
         if self.init == "paper":
-            return jax.random.normal(key, shape, jnp.float32) / math.sqrt(self.rank)
-        bound = 1.0 / math.sqrt(n_in)
-        return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+            return jax.random.normal(key, tuple(shape), jnp.float32) / math.sqrt(self.rank)
+        bound = 1.0 / math.sqrt(fan_in)
+        return jax.random.uniform(key, tuple(shape), jnp.float32, -bound, bound)
 
 
-def _interceptor(lora: LoRA):
-    def intercept(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__" or not isinstance(module, nn.Dense):
-            return next_fun(*args, **kwargs)
-        path = "/".join(module.path)
-        if not lora.matches(path):
-            return next_fun(*args, **kwargs)
-        y = next_fun(*args, **kwargs)
-        x = args[0] if args else kwargs["inputs"]
-        shape_a, shape_b = (x.shape[-1], lora.rank), (lora.rank, module.features)
-        init_a = sharding.with_logical_axes(lora.init_a, (None, None))
-        init_b = sharding.with_logical_axes(nn.initializers.zeros_init(), (None, None))
-        # Lazily initialised: make_rng is only called when the variables are created.
-        a = module.variable(
-            COLLECTION, "lora_a", lambda: init_a(module.make_rng("params"), shape_a)
-        ).value
-        b = module.variable(COLLECTION, "lora_b", lambda: init_b(None, shape_b, jnp.float32)).value
-        update = (x.astype(jnp.float32) @ a.astype(jnp.float32)) @ b.astype(jnp.float32)
-        return y + (lora.scale * update).astype(y.dtype)
+@dataclasses.dataclass(frozen=True)
+class Projection:
+    """How one projection's input meets its LoRA factors.
 
-    return intercept
+    The update is ``einsum(mid,b->out)(einsum(lhs,a->mid)(x, A), B)`` on the factors with the
+    axes ``squeeze_a`` / ``squeeze_b`` of their stored shapes removed.
 
-
-@contextlib.contextmanager
-def applied(lora: LoRA | None) -> Iterator[None]:
-    """Within this context every targeted ``Dense`` call adds its LoRA update (None: no-op).
-
-    Use it inside a module's ``__call__`` (the encoders do, given ``adapters.lora``) or around
-    ``init``/``apply``; it acts while the model is traced.
-    """
-    if lora is None:
-        yield
-        return
-    with nn.intercept_methods(_interceptor(lora)):
-        yield
-
-
-def in_call(call: Callable) -> Callable:
-    """Decorates a module's ``__call__`` to run inside :func:`applied` of ``self.adapters.lora``.
-
-    The encoders' ``__call__`` use it (under ``@nn.compact``), so an encoder module built with
-    ``adapters=Adapters(lora=...)`` is adapted wherever it is applied.
+    Attributes:
+      lhs: the input's subscripts.
+      a: the (squeezed) ``A``'s subscripts, ending with the rank's.
+      mid: ``x A``'s subscripts.
+      b: the (squeezed) ``B``'s subscripts.
+      out: the output's subscripts.
+      a_shape: the stored ``A`` shape.
+      b_shape: the stored ``B`` shape.
+      squeeze_a: axes of the stored ``A`` that are 1 by layout (Einsum kernels).
+      squeeze_b: likewise for ``B``.
+      fan_in: the number of input elements each output element sums (``A``'s init bound).
     """
 
-    @functools.wraps(call)
-    def wrapper(self, *args, **kwargs):
-        with applied(self.adapters.lora):
-            return call(self, *args, **kwargs)
+    lhs: str
+    a: str
+    mid: str
+    b: str
+    out: str
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    squeeze_a: tuple[int, ...] = ()
+    squeeze_b: tuple[int, ...] = ()
+    fan_in: int = 1
 
-    return wrapper
+    @classmethod
+    def dense_general(
+        cls, x_ndim: int, axis: Sequence[int], kernel_shape: Sequence[int], rank: int
+    ) -> Projection:
+        """A kernel ``[*in, *out]`` contracted with the input's ``axis`` (``Dense``: ``(-1,)``).
+
+        Raises:
+          ValueError: the kernel has batch dimensions (``DenseGeneral(batch_dims=...)``).
+        """
+        axes = sorted(a % x_ndim for a in axis)  # Flax contracts the sorted, normalised axes
+        n_in = len(axes)
+        n_out = len(kernel_shape) - n_in
+        if n_out < 1:
+            raise ValueError(
+                f"LoRA: a kernel {tuple(kernel_shape)} contracted over {n_in} input axes has no "
+                "output axes (a DenseGeneral with batch_dims is not supported)."
+            )
+        letters = iter(string.ascii_letters)
+        x_letters = [next(letters) for _ in range(x_ndim)]
+        out_letters = "".join(next(letters) for _ in range(n_out))
+        r = next(letters)
+        in_letters = "".join(x_letters[a] for a in axes)
+        free = "".join(c for i, c in enumerate(x_letters) if i not in axes)
+        return cls(
+            lhs="".join(x_letters),
+            a=in_letters + r,
+            mid=free + r,
+            b=r + out_letters,
+            out=free + out_letters,
+            a_shape=(*kernel_shape[:n_in], rank),
+            b_shape=(rank, *kernel_shape[n_in:]),
+            fan_in=math.prod(kernel_shape[:n_in]),
+        )
+
+    @classmethod
+    def einsum(cls, equation: str, kernel_shape: Sequence[int], rank: int) -> Projection:
+        """An ``Einsum`` kernel: ``equation`` is ``'lhs,rhs->out'`` with the kernel as ``rhs``.
+
+        Raises:
+          ValueError: the equation is implicit, has an ellipsis in the kernel's operand or does
+            not fit the kernel's rank.
+        """
+        eq = equation.replace(" ", "")
+        if "->" not in eq or eq.count(",") != 1:
+            raise ValueError(f"LoRA: einsum {equation!r} must be explicit with two operands.")
+        ins, out = eq.split("->")
+        lhs, rhs = ins.split(",")
+        if "." in rhs or len(rhs) != len(kernel_shape):
+            raise ValueError(
+                f"LoRA: einsum {equation!r} does not name the {len(kernel_shape)} axes of the "
+                f"kernel {tuple(kernel_shape)} (an ellipsis on the kernel is not supported)."
+            )
+        r = sorted(set(string.ascii_letters) - set(eq))[0]
+        shared = [c in lhs for c in rhs]
+        sizes = dict(zip(rhs, kernel_shape, strict=True))
+        return cls(
+            lhs=lhs,
+            a="".join(c for c, s in zip(rhs, shared, strict=True) if s) + r,
+            mid="".join(c for c in out if c in lhs) + r,
+            b="".join(c for c, s in zip(rhs, shared, strict=True) if not s) + r,
+            out=out,
+            a_shape=(*(k if s else 1 for k, s in zip(kernel_shape, shared, strict=True)), rank),
+            b_shape=(*(1 if s else k for k, s in zip(kernel_shape, shared, strict=True)), rank),
+            squeeze_a=tuple(i for i, s in enumerate(shared) if not s),
+            squeeze_b=tuple(i for i, s in enumerate(shared) if s),
+            fan_in=math.prod(sizes[c] for c in rhs if c in lhs and c not in out) or 1,
+        )
+
+    def update(self, x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+        """``scale * f(x; A B)`` in float32 (``a``, ``b`` in their stored shapes)."""
+        if self.squeeze_a:
+            a = jnp.squeeze(a, self.squeeze_a)
+        if self.squeeze_b:
+            b = jnp.squeeze(b, self.squeeze_b)
+        xa = jnp.einsum(f"{self.lhs},{self.a}->{self.mid}", x.astype(jnp.float32), a)
+        return scale * jnp.einsum(f"{self.mid},{self.b}->{self.out}", xa, b.astype(jnp.float32))
+
+
+def kernel_delta(kernel_shape: Sequence[int], a: jax.Array, b: jax.Array) -> jax.Array:
+    """``A B`` (float32) laid out like a kernel of ``kernel_shape``, from the stored factors.
+
+    Works for every layout of :class:`Projection`, stacked or not: an Einsum layout has
+    ``A.ndim == B.ndim == kernel.ndim + 1`` with the rank last in both; otherwise ``A`` is
+    ``[*lead, *in, r]`` and ``B`` ``[*lead, r, *out]``.
+    """
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    ndim = len(kernel_shape)
+    if a.ndim == ndim + 1 and b.ndim == ndim + 1 and a.shape[-1] == b.shape[-1]:
+        letters = string.ascii_letters
+        a_sub = "".join(letters[i] for i in range(ndim) if a.shape[i] != 1)
+        b_sub = "".join(letters[i] for i in range(ndim) if b.shape[i] != 1)
+        out = "".join(letters[i] for i in range(ndim) if letters[i] in a_sub + b_sub)
+        squeeze = lambda f: jnp.squeeze(f, tuple(i for i in range(ndim) if f.shape[i] == 1))  # noqa: E731
+        delta = jnp.einsum(f"{a_sub}Z,{b_sub}Z->{out}", squeeze(a), squeeze(b))
+        return delta.reshape(tuple(kernel_shape))
+    lead = a.ndim + b.ndim - 2 - ndim
+    rank = a.shape[-1]
+    a2 = a.reshape((*a.shape[:lead], -1, rank))
+    b2 = b.reshape((*b.shape[:lead], rank, -1))
+    return jnp.matmul(a2, b2).reshape(tuple(kernel_shape))
 
 
 def paths(adapters: Any) -> list[tuple[str, ...]]:
-    """Module paths (``('layers', 'query')``) of the adapted ``Dense`` s in an adapter tree."""
+    """Module paths (``('layers', 'query')``) of the adapted projections in an adapter tree."""
     flat = flatten_dict(adapters)
     return sorted({k[:-1] for k in flat if k[-1] == "lora_a"})
 
@@ -164,9 +243,9 @@ def paths(adapters: Any) -> list[tuple[str, ...]]:
 def merge(params: Any, adapters: Any, lora: LoRA) -> Any:
     """``params`` with every adapted kernel replaced by ``W + scale * A B`` (in W's dtype).
 
+    Every kind of kernel (``Dense``, ``DenseGeneral``, ``Einsum``, stacked or not) is merged.
     Traceable: jit it with the params' shardings as ``out_shardings`` (and the params donated)
-    to merge in place on a mesh. Kernels may be stacked ``[layers, in, out]`` with adapters
-    ``[layers, in, r]`` / ``[layers, r, out]``.
+    to merge in place on a mesh.
 
     Args:
       params: the base ``params`` collection.
@@ -183,8 +262,7 @@ def merge(params: Any, adapters: Any, lora: LoRA) -> Any:
         kernel = flat.get((*path, "kernel"))
         if kernel is None:
             raise ValueError(f"LoRA merge: no kernel at {'/'.join(path)} in params.")
-        a, b = ad[(*path, "lora_a")], ad[(*path, "lora_b")]
-        delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32))
+        delta = kernel_delta(kernel.shape, ad[(*path, "lora_a")], ad[(*path, "lora_b")])
         flat[(*path, "kernel")] = (kernel.astype(jnp.float32) + lora.scale * delta).astype(
             kernel.dtype
         )

@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gaam_jax import adapters, sharding
-from gaam_jax.adapters import Adapters, lora
+from gaam_jax import adapters as adapters_lib
+from gaam_jax import sharding
+from gaam_jax.adapters import Adapters
 from gaam_jax.encoders import pooling, stack
 from gaam_jax.encoders.attention import dot_product_attention
 
@@ -221,7 +222,6 @@ class _Layer(nn.Module):
     dtype: Dtype = jnp.float32
     options: stack.EncoderOptions = stack.EncoderOptions()
     collect: stack.Collect = pooling.identity
-    adapters: Adapters = Adapters()
 
     @nn.compact
     def __call__(
@@ -300,7 +300,7 @@ class _Layer(nn.Module):
         h = jax.nn.gelu(dense(cfg.intermediate_size, ("embed", "mlp"), "fc1")(h), approximate=False)
         h = dense(d, ("mlp", "embed"), "fc2")(h)
         x = x + scale("lambda_2") * h.astype(jnp.float32)
-        x = adapters.after_layer(self.adapters, x, None)
+        x = stack.LayerOutput(name="layer_output")(x, None)
         return x, self.collect(x, pool_mask)
 
 
@@ -320,7 +320,7 @@ class BeitEncoder(nn.Module):
     adapters: Adapters = Adapters()
 
     @nn.compact
-    @lora.in_call
+    @adapters_lib.in_call
     def __call__(
         self,
         pixel_values: jax.Array,
@@ -390,7 +390,7 @@ class BeitEncoder(nn.Module):
             shared = _RelativePositionBias(cfg, name="shared_relative_position_bias")()[None]
         layers = stack.scanned(_Layer, cfg.num_hidden_layers, 2, self.options)
         first = collect(x, pool_mask)
-        _, emitted = layers(cfg, self.dtype, self.options, collect, self.adapters, name="layers")(
+        _, emitted = layers(cfg, self.dtype, self.options, collect, name="layers")(
             x, shared, pool_mask
         )
         return stack.with_layer_axis(first, emitted)

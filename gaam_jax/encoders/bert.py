@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gaam_jax import adapters, sharding
-from gaam_jax.adapters import Adapters, lora
+from gaam_jax import adapters as adapters_lib
+from gaam_jax import sharding
+from gaam_jax.adapters import Adapters
 from gaam_jax.encoders import pooling, stack
 from gaam_jax.encoders.attention import dot_product_attention
 
@@ -118,7 +119,6 @@ class BertLayer(nn.Module):
     dtype: Dtype = jnp.float32
     options: stack.EncoderOptions = stack.EncoderOptions()
     collect: stack.Collect = pooling.identity
-    adapters: Adapters = Adapters()
 
     @nn.compact
     def __call__(
@@ -177,7 +177,7 @@ class BertLayer(nn.Module):
         h = dense(cfg.intermediate_size, "intermediate", ("embed", "mlp"))(x)
         h = jax.nn.gelu(h, approximate=False)
         x = norm("output_norm")(x + dense(d, "output", ("mlp", None))(h)).astype(self.dtype)
-        x = adapters.after_layer(self.adapters, x, key_mask)
+        x = stack.LayerOutput(name="layer_output")(x, key_mask)
         return x, self.collect(x.astype(jnp.float32), pool_mask)
 
 
@@ -196,7 +196,7 @@ class BertEncoder(nn.Module):
     adapters: Adapters = Adapters()
 
     @nn.compact
-    @lora.in_call
+    @adapters_lib.in_call
     def __call__(
         self,
         input_ids: jax.Array,
@@ -263,7 +263,7 @@ class BertEncoder(nn.Module):
         )(x)
         first = collect(x.astype(jnp.float32), pool_mask)
         layers = stack.scanned(BertLayer, cfg.num_hidden_layers, 2, self.options)
-        _, emitted = layers(cfg, self.dtype, self.options, collect, self.adapters, name="layers")(
+        _, emitted = layers(cfg, self.dtype, self.options, collect, name="layers")(
             x.astype(self.dtype), key_mask, pool_mask
         )
         return stack.with_layer_axis(first, emitted)

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gaam_jax import adapters, sharding
-from gaam_jax.adapters import Adapters, lora
+from gaam_jax import adapters as adapters_lib
+from gaam_jax import sharding
+from gaam_jax.adapters import Adapters
 from gaam_jax.encoders import pooling, stack
 from gaam_jax.encoders.attention import dot_product_attention
 
@@ -297,7 +298,6 @@ class LlamaDecoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
     options: stack.EncoderOptions = stack.EncoderOptions()
     collect: stack.Collect = pooling.identity
-    adapters: Adapters = Adapters()
 
     @nn.compact
     def __call__(
@@ -315,7 +315,7 @@ class LlamaDecoderLayer(nn.Module):
         x = x + attn(h, cos, sin, key_mask)
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
         x = x + LlamaMLP(self.config, self.dtype, name="mlp")(h).astype(jnp.float32)
-        x = adapters.after_layer(self.adapters, x, key_mask)
+        x = stack.LayerOutput(name="layer_output")(x, key_mask)
         return x, self.collect(x, pool_mask)
 
 
@@ -335,7 +335,7 @@ class LlamaEncoder(nn.Module):
     adapters: Adapters = Adapters()
 
     @nn.compact
-    @lora.in_call
+    @adapters_lib.in_call
     def __call__(
         self,
         input_ids: jax.Array,
@@ -388,7 +388,7 @@ class LlamaEncoder(nn.Module):
 
         layers = stack.scanned(LlamaDecoderLayer, cfg.num_hidden_layers, 4, self.options)
         first = collect(x, pool_mask)
-        x, emitted = layers(cfg, self.dtype, self.options, collect, self.adapters, name="layers")(
+        x, emitted = layers(cfg, self.dtype, self.options, collect, name="layers")(
             x, cos, sin, key_mask, pool_mask
         )
         last = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x).astype(jnp.float32)

@@ -100,6 +100,20 @@ def scanned(layer: type[nn.Module], num_layers: int, num_args: int, options: Enc
     )
 
 
+class LayerOutput(nn.Module):
+    """The identity: marks a layer's output, where DAAM adapters go.
+
+    Every encoder layer ends with ``LayerOutput(name="layer_output")(x, mask)``;
+    :data:`gaam_jax.adapters.ENCODER_DAAM` targets it, reading the token mask from ``mask``.
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Returns ``x`` (``mask``: bool ``[B, T]`` of the real tokens, for the adapters)."""
+        del mask
+        return x
+
+
 def with_layer_axis(first: jax.Array, stacked: jax.Array, last: jax.Array | None = None):
     """``[B, ...]`` (embeddings) and ``[L, B, ...]`` (layers) -> ``[B, L + 1, ...]``.
 

@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gaam_jax import adapters, sharding
-from gaam_jax.adapters import Adapters, lora
+from gaam_jax import adapters as adapters_lib
+from gaam_jax import sharding
+from gaam_jax.adapters import Adapters
 from gaam_jax.encoders import pooling, stack
 from gaam_jax.encoders.attention import dot_product_attention
 
@@ -272,7 +273,6 @@ class _Layer(nn.Module):
     dtype: Dtype = jnp.float32
     options: stack.EncoderOptions = stack.EncoderOptions()
     collect: stack.Collect = pooling.identity
-    adapters: Adapters = Adapters()
 
     @nn.compact
     def __call__(
@@ -342,7 +342,7 @@ class _Layer(nn.Module):
         else:
             x = attn_norm(x)
             x = ff_norm(x + feed_forward(x))
-        x = adapters.after_layer(self.adapters, x, key_mask)
+        x = stack.LayerOutput(name="layer_output")(x, key_mask)
         return x, self.collect(x, pool_mask)
 
 
@@ -366,7 +366,7 @@ class WavLMEncoder(nn.Module):
     adapters: Adapters = Adapters()
 
     @nn.compact
-    @lora.in_call
+    @adapters_lib.in_call
     def __call__(
         self,
         input_values: jax.Array,
@@ -429,7 +429,7 @@ class WavLMEncoder(nn.Module):
 
         layers = stack.scanned(_Layer, cfg.num_hidden_layers, 3, self.options)
         first = collect(x, pool_mask)
-        x, emitted = layers(cfg, self.dtype, self.options, collect, self.adapters, name="layers")(
+        x, emitted = layers(cfg, self.dtype, self.options, collect, name="layers")(
             x, position_bias, key_mask, pool_mask
         )
         last = None
