@@ -1,6 +1,6 @@
 r"""Gaussian Adaptive Attention as pure JAX functions (no Flax).
 
-Two forms are provided; ``docs/design.md`` sections 2-4 say where they come from.
+Three forms are provided; ``docs/design.md`` sections 2-4 and 15 say where they come from.
 
 **Paper form** (Algorithm 1 + 3 of the paper and the authors' experiment code; every reported
 DAAMv1/DAAMv2/GQDAAM number was produced by it). Along ``axis`` the input is split into ``H``
@@ -40,7 +40,23 @@ and :math:`C = \sum_k w_k (m_k - M)^2`,
 so the cost does not grow with ``K``. The normalisation is done in log space (logsumexp), so
 no K-fold product of densities is ever formed and none can underflow or overflow.
 
-Both forms compute statistics and exponentials in float32 whatever the input dtype and cast the
+**Density gate** (the authors' newest form, from their Density-Adaptive-JEPA code;
+``docs/design.md`` section 15). ``K`` scalar pairs :math:`(m_k, \ell_k)` (``mean_offsets``,
+``log_sigma``) shared by every feature and position (no heads). With population statistics
+along ``axis``, :math:`s = \sqrt{\max(\mathrm{var}(x), 10^{-6})}` and
+:math:`\sigma_k = \mathrm{softplus}(\ell_k) + 10^{-3}`,
+
+.. math::
+
+    z_k = \frac{x - (\mu + m_k)}{s\,\sigma_k + 10^{-8}}, \qquad
+    G = \frac{1}{K} \sum_{k=1}^{K} \frac{1}{\sigma_k \sqrt{2\pi}}
+        \exp\!\left(-\frac{z_k^2}{2}\right), \qquad y = x \odot G,
+
+the mean of K normalised densities, evaluated in the log domain (a log-sum-exp over k, shifted
+by the largest normalising constant so that no term can overflow). It is not normalised along
+the axis.
+
+All forms compute statistics and exponentials in float32 whatever the input dtype and cast the
 output back. An optional boolean ``mask`` (True = valid, broadcastable to ``x``) excludes
 elements from counts, means, variances and the normalisation sum; masked elements pass through
 unchanged (their gate is 1) and their values never reach the valid outputs or the gradients.
@@ -61,6 +77,8 @@ __all__ = [
     "gaussian_adaptive_attention",
     "mixture_gate",
     "mixture_gaussian_adaptive_attention",
+    "density_gate",
+    "density_mean_gate",
     "head_sizes",
 ]
 
@@ -434,5 +452,123 @@ def mixture_gaussian_adaptive_attention(
       ``(y, gate)`` where ``gate`` is float32.
     """
     gate = mixture_gate(x, mean_offsets, c, axis=axis, mask=mask, eps=eps)
+    y = (x.astype(jnp.float32) * gate).astype(x.dtype)
+    return (y, gate) if return_gate else y
+
+
+# --------------------------------------------------------------------------------------------
+# Density gate (the authors' Density-Adaptive-JEPA code)
+# --------------------------------------------------------------------------------------------
+
+# Constants of the authors' density gate: variance floor under the square root, floor of the
+# relative width sigma_k = softplus(log_sigma_k) + floor, and the denominator's epsilon.
+DENSITY_VAR_FLOOR = 1e-6
+DENSITY_SIGMA_FLOOR = 1e-3
+DENSITY_EPS = 1e-8
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def density_gate(
+    x: jax.Array,
+    mean_offsets: jax.Array,
+    log_sigma: jax.Array,
+    *,
+    axis: int,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Gate ``G`` of the density form: the mean of K normalised Gaussian densities.
+
+    Along ``axis``, with the population statistics ``mean`` and ``var`` (shifted one-pass
+    moments, as everywhere in this module), ``std = sqrt(max(var, 1e-6))`` and
+    ``sigma_k = softplus(log_sigma_k) + 1e-3``::
+
+        z_k    = (x - (mean + mean_offsets_k)) / (std * sigma_k + 1e-8)
+        log g_k = -z_k^2 / 2 - log sigma_k - log sqrt(2 pi)
+        G      = exp(logsumexp_k(log g_k) - log K)
+
+    The K pairs are shared by every feature and position (no heads), and ``G`` is not
+    normalised along ``axis``: at ``z_k = 0`` it is ``1 / (sigma sqrt(2 pi))`` (0.98 at init),
+    not 1.
+
+    Args:
+      x: input of any floating dtype and rank >= 1, e.g. ``[batch, time, features]``.
+      mean_offsets: ``[K]`` offsets ``m_k``, in units of ``x`` (init 0).
+      log_sigma: ``[K]`` width parameters; despite the name (the authors'),
+        ``sigma_k = softplus(log_sigma_k) + 1e-3`` (init ``log 0.5``, so ``sigma_k = 0.4065``).
+      axis: the axis the statistics are taken over (time in the authors' residual gate).
+      mask: optional boolean, broadcastable to ``x``, True = valid. Masked elements are left out
+        of the counts, means and variances; their gate is 1.
+
+    Returns:
+      The gate, float32, with the shape of ``x``; 1 at masked positions.
+
+    Raises:
+      ValueError: on a bad axis, parameter shape or mask.
+    """
+    check.floating_input(x)
+    red = check.canonical_axis(axis, x.ndim, "axis")
+    mean_offsets = jnp.asarray(mean_offsets)
+    log_sigma = jnp.asarray(log_sigma)
+    k = mean_offsets.shape[0] if mean_offsets.ndim == 1 else 0
+    if k == 0 or log_sigma.shape != mean_offsets.shape:
+        raise ValueError(
+            "mean_offsets and log_sigma must both have shape [num_gaussians] with "
+            f"num_gaussians >= 1; got {mean_offsets.shape} and {log_sigma.shape}."
+        )
+    mask = check.broadcast_mask(mask, x.shape)
+
+    xf = x.astype(jnp.float32)
+    if mask is not None:
+        xf = jnp.where(mask, xf, 0.0)  # masked values never reach statistics or gradients
+    pivot, mean_c, var = _centred_moments(xf, mask, red, ddof=0, variance="shifted")
+    # The floor keeps std >= 1e-3, so a constant slice (var ~ 0, or a negative rounding
+    # residue) gives finite values and a zero, not infinite, gradient through the variance.
+    std = jnp.sqrt(jnp.maximum(var, DENSITY_VAR_FLOOR))
+
+    # Per-Gaussian factors, shaped [1, ..., 1, K] against x's new trailing axis.
+    kshape = (1,) * x.ndim + (k,)
+    sigma = jax.nn.softplus(log_sigma.astype(jnp.float32)) + DENSITY_SIGMA_FLOOR
+    offsets = mean_offsets.astype(jnp.float32).reshape(kshape)
+    log_norm = -jnp.log(sigma) - _LOG_SQRT_2PI  # log g_k <= log_norm_k (at z_k = 0)
+    # The log-sum-exp is shifted by the bound max_k log_norm_k instead of the data's max over
+    # k: every exp(log g_k - bound) <= 1 whatever z is, so nothing can overflow, and one
+    # reduction suffices. The usual max shift needs two passes over log g, which XLA may fuse
+    # separately and recompute with different rounding: at |log g| ~ 1e5 (a constant slice,
+    # where std is floored at 1e-3) the two differed by hundreds and exp overflowed to inf
+    # (seen on XLA:CPU, jaxlib 0.10 at -O0 with the classic emitters). Precision is lost only
+    # for gates below ~1e-35, where the terms become subnormal. The shift cancels in the
+    # result, so its gradient is not needed.
+    bound = jax.lax.stop_gradient(jnp.max(log_norm))
+    # Per-slice, per-Gaussian reciprocal widths ([..., 1, ..., K]), so the elementwise pass
+    # multiplies only.
+    inv_width = 1.0 / (std[..., None] * sigma.reshape(kshape) + DENSITY_EPS)
+    centred = ((xf - pivot) - mean_c)[..., None]  # x - mean, [..., 1]
+    z = (centred - offsets) * inv_width  # [..., K]
+    terms = jnp.exp(-0.5 * jnp.square(z) + (log_norm - bound).reshape(kshape))
+    # exp(logsumexp_k(log g_k) - log K) = exp(bound - log K) * sum_k exp(log g_k - bound)
+    gate = jnp.exp(bound - math.log(k)) * jnp.sum(terms, axis=-1)
+    if mask is not None:
+        gate = jnp.where(mask, gate, 1.0)
+    return gate
+
+
+def density_mean_gate(
+    x: jax.Array,
+    mean_offsets: jax.Array,
+    log_sigma: jax.Array,
+    *,
+    axis: int,
+    mask: jax.Array | None = None,
+    return_gate: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The authors' density gate applied: ``y = x * G`` (no residual, no normalisation).
+
+    Args and the gate are as in :func:`density_gate`.
+
+    Returns:
+      ``y`` with the shape and dtype of ``x`` (masked elements are ``x`` unchanged); with
+      ``return_gate=True``, ``(y, gate)`` where ``gate`` is float32.
+    """
+    gate = density_gate(x, mean_offsets, log_sigma, axis=axis, mask=mask)
     y = (x.astype(jnp.float32) * gate).astype(x.dtype)
     return (y, gate) if return_gate else y
