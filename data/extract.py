@@ -72,7 +72,12 @@ import numpy as np
 
 from data.data_dir import DISTRIBUTED_URL, open_data_dir
 from data.datasets import encoder_features, registry
-from data.feature_encoder import POOLINGS, FeatureEncoder, default_encoder_name
+from data.feature_encoder import (
+    MODALITY_OF_MODEL,
+    POOLINGS,
+    FeatureEncoder,
+    default_encoder_name,
+)
 from data.processes import USER_ERRORS, Processes
 from gaam_jax import COMPUTE_DTYPES, cli, sharding, storage
 from gaam_jax.encoders import checkpoint
@@ -219,10 +224,10 @@ def extract(
     if want is None:
         raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(registry.MODALITY)}.")
     if want != encoder.modality:
-        kinds = {"text": "bert or llama", "image": "beit", "audio": "wavlm"}
+        kinds = " or ".join(t for t, m in MODALITY_OF_MODEL.items() if m == want)
         raise ValueError(
             f"{dataset} holds {want} but {encoder.model_dir} is a {encoder.model_type} "
-            f"({encoder.modality}) encoder; pass --encoder with a {kinds[want]} folder."
+            f"({encoder.modality}) encoder; pass --encoder with a {kinds} folder."
         )
     name = feature_name(dataset, encoder_name, encoder.pooling, split)
     out = open_data_dir(data_dir, name, shards_dir=shards_dir, distributed=procs.count > 1)

@@ -27,16 +27,18 @@ import os
 import pathlib
 import re
 from collections.abc import Callable, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import jax
 import numpy as np
 
 from gaam_jax import COMPUTE_DTYPES
-from gaam_jax.encoders import checkpoint
+from gaam_jax.encoders import checkpoint, registry
 
 POOLINGS = ("mean", "mean_with_padding")
-MODALITY_OF_MODEL = {"bert": "text", "llama": "text", "beit": "image", "wavlm": "audio"}
+# What each architecture reads (text, image or audio), by model_type.
+MODALITY_OF_MODEL = MappingProxyType({t: registry.get(t).modality for t in registry.model_types()})
 
 
 def default_encoder_name(folder: pathlib.Path) -> str:
@@ -104,7 +106,7 @@ class FeatureEncoder:
         self.commit = self.model_dir.name if self.hub_id else None
         self.raw = checkpoint.read_config(self.model_dir)
         self.model_type = self.raw["model_type"]
-        self.modality = MODALITY_OF_MODEL[self.model_type]
+        self.modality = registry.get(self.model_type).modality
         if self.modality == "text":
             self.preprocess: Any = text.TextPreprocessor(
                 self.model_dir,

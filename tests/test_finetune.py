@@ -20,7 +20,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from gaam_jax.adapters import Adapters, LoRA
-from gaam_jax.encoders import _configured, _example_inputs, heads
+from gaam_jax.encoders import configure, heads, registry
 from gaam_jax.param_count import count_params
 from tests.train_helpers import Stop, stop_after
 from train import config as config_lib
@@ -53,14 +53,14 @@ LLAMA_13B = dict(
 
 def _trainable(raw: dict, rank: int, num_classes: int, paper_faithful: bool) -> int:
     lora = LoRA(rank=rank, alpha=16.0, scaling="raw_alpha" if paper_faithful else "alpha_over_r")
-    _, _, module = _configured(raw, adapters=Adapters(lora=lora))
+    _, _, module = configure(raw, adapters=Adapters(lora=lora))
     kind = raw["model_type"]
     if kind == "wavlm":  # transformers' head reads last_hidden_state (final LayerNorm applied)
         module = module.clone(final_norm_on_last_state=True)
     classifier = heads.SequenceClassifier(
         module, num_classes, "auto", heads.head_kwargs_from_hf(kind, raw), parent=None
     )
-    example = _example_inputs(kind, raw)
+    example = registry.get(kind).example_inputs(raw)
     shapes = nn.unbox(jax.eval_shape(classifier.init, jax.random.key(0), example))
     pattern = heads.trainable_head_paths(kind, paper_faithful)
     head = {

@@ -19,10 +19,10 @@ prefix; :func:`save` writes base-model keys, to be read with
 
 Module names are the live transformers-5 ones; BEiT's transformers-4 names
 (``encoder.layer.N.attention.attention.query`` for ``layers.N.attention.q_proj``) are read too.
-The name of each ``Dense`` comes from one table per architecture (:data:`_LAYER_NAMES`,
-:data:`_TOP_NAMES`; BEiT's from :func:`gaam_jax.encoders.beit._layer_names`, the table its
-checkpoint loader uses); which ``Dense`` s exist and their shapes come from the Flax module
-itself (``jax.eval_shape``; nothing runs).
+The names of each ``Dense``, the head models' prefix and the base model class are the
+architecture's (``ARCHITECTURE.peft_module_names`` etc., :mod:`gaam_jax.encoders.registry`);
+which ``Dense`` s exist and their shapes come from the Flax module itself (``jax.eval_shape``;
+nothing runs).
 
 WavLM: transformers' ``WavLMAttention`` hands ``q_proj.weight``, ``k_proj.weight``, ... to
 ``F.multi_head_attention_forward`` instead of calling the modules, so an *unmerged* peft LoRA on
@@ -48,10 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from gaam_jax import encoders, storage
+from gaam_jax import storage
 from gaam_jax.adapters import Adapters
 from gaam_jax.adapters.lora import COLLECTION, LoRA, paths
-from gaam_jax.encoders import beit
+from gaam_jax.encoders import registry
 from gaam_jax.encoders.checkpoint import SafetensorsFile
 
 __all__ = ["CONFIG_FILE", "PEFT_VERSION", "WEIGHTS_FILE", "hf_module_names", "load", "save"]
@@ -63,45 +63,6 @@ KEY_PREFIX = "base_model.model."  # peft's PeftModel -> LoraModel -> the wrapped
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
 Path = tuple[str, ...]
-
-# Our Dense's module path inside the scanned layer stack -> its module path in the transformers-5
-# base model ("{i}": the layer index). Llama's modules mirror transformers' (layers/self_attn/q_proj
-# is layers.{i}.self_attn.q_proj) and BEiT's come from beit._layer_names.
-_LAYER_NAMES: dict[str, dict[str, str]] = {
-    "bert": {
-        "query": "encoder.layer.{i}.attention.self.query",
-        "key": "encoder.layer.{i}.attention.self.key",
-        "value": "encoder.layer.{i}.attention.self.value",
-        "attention_output": "encoder.layer.{i}.attention.output.dense",
-        "intermediate": "encoder.layer.{i}.intermediate.dense",
-        "output": "encoder.layer.{i}.output.dense",
-    },
-    "wavlm": {
-        "q_proj": "encoder.layers.{i}.attention.q_proj",
-        "k_proj": "encoder.layers.{i}.attention.k_proj",
-        "v_proj": "encoder.layers.{i}.attention.v_proj",
-        "out_proj": "encoder.layers.{i}.attention.out_proj",
-        "gru_rel_pos_linear": "encoder.layers.{i}.attention.gru_rel_pos_linear",
-        "intermediate_dense": "encoder.layers.{i}.feed_forward.intermediate_dense",
-        "output_dense": "encoder.layers.{i}.feed_forward.output_dense",
-    },
-}
-# Dense layers outside the layer stack: our module path -> the base model's.
-_TOP_NAMES: dict[str, dict[str, str]] = {
-    "wavlm": {"feature_projection": "feature_projection.projection"},
-}
-# Linear modules of the transformers base model that the encoders do not have (a target list
-# written by save must not select them).
-_OTHER_LINEARS: dict[str, tuple[str, ...]] = {"bert": ("pooler.dense",)}
-# The base model's attribute in the head models (BertForSequenceClassification.bert, ...): the
-# prefix of head-model adapter keys after KEY_PREFIX.
-_HEAD_PREFIX = {"bert": "bert.", "llama": "model.", "beit": "beit.", "wavlm": "wavlm."}
-_BASE_CLASS = {
-    "bert": "BertModel",
-    "llama": "LlamaModel",
-    "beit": "BeitModel",
-    "wavlm": "WavLMModel",
-}
 
 # Options of adapter_config.json that change what the adapter computes; each is honoured only
 # unset (None, False, empty, or bias "none"), with the reason given when refused.
@@ -174,21 +135,9 @@ _PEFT_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _layer_table(model_type: str, i: int) -> dict[str, tuple[str, ...]]:
-    """Our in-layer Dense path -> the base model's module names of layer ``i``, newest first."""
-    if model_type == "beit":
-        return {k: (new, old) for k, (old, new) in beit._layer_names(i).items()}
-    return {k: (v.format(i=i),) for k, v in _LAYER_NAMES.get(model_type, {}).items()}
-
-
 def _hf_names(model_type: str, path: Path, i: int | None) -> tuple[str, ...]:
     """The base model's module names of our Dense at ``path`` (layer ``i``), newest first."""
-    if i is None:
-        name = _TOP_NAMES.get(model_type, {}).get("/".join(path))
-        return () if name is None else (name,)
-    if model_type == "llama":
-        return (f"layers.{i}." + ".".join(path[1:]),)
-    return _layer_table(model_type, i).get("/".join(path[1:]), ())
+    return registry.get(model_type).peft_module_names(path, i)
 
 
 def _denses(model_type: str, config: Any, rank: int) -> dict[Path, tuple[tuple[int, ...], ...]]:
@@ -207,11 +156,9 @@ def _denses(model_type: str, config: Any, rank: int) -> dict[Path, tuple[tuple[i
 def _traced_denses(
     model_type: str, config: Any, rank: int
 ) -> dict[Path, tuple[tuple[int, ...], ...]]:
-    arch = encoders._arch_module(model_type)
-    module = getattr(arch, encoders._CLASSES[model_type][1])(
-        config, adapters=Adapters(lora=LoRA(rank=rank, targets=".*"))
-    )
-    example = encoders._example_inputs(model_type, dataclasses.asdict(config))
+    arch = registry.get(model_type)
+    module = arch.encoder_cls(config, adapters=Adapters(lora=LoRA(rank=rank, targets=".*")))
+    example = arch.example_inputs(dataclasses.asdict(config))
 
     def init(key: jax.Array, example: dict[str, Any]) -> Any:
         return module.init(key, **example)[COLLECTION]
@@ -253,8 +200,10 @@ def _names(
     return out
 
 
-def _namings(model_type: str) -> int:
-    return 2 if model_type == "beit" else 1
+def _namings(model_type: str, denses: Mapping[Path, Any]) -> int:
+    """How many namings the architecture's module names come in (BEiT: transformers 5 and 4)."""
+    counts = [len(_hf_names(model_type, p, 0 if p[0] == "layers" else None)) for p in denses]
+    return max(counts, default=1)
 
 
 def _matches(targets: str | Sequence[str], key: str) -> bool:
@@ -365,7 +314,7 @@ def _split_keys(folder: pathlib.Path, keys: Sequence[str], model_type: str) -> t
                 "saved modules are not supported)."
             )
         modules.setdefault(key[len(KEY_PREFIX) : -len(_A)], {})[kind] = key
-    head = _HEAD_PREFIX[model_type]
+    head = registry.get(model_type).hf_prefix
     prefixed = [m.startswith(head) for m in modules]
     prefix = head if prefixed and all(prefixed) else ""
     return prefix, {m[len(prefix) :]: kinds for m, kinds in modules.items()}
@@ -409,7 +358,8 @@ def load(folder: str | os.PathLike, model_type: str, config: Any) -> tuple[LoRA,
     prefix, modules = _split_keys(folder, list(tensors), model_type)
     denses = _denses(model_type, config, r)
     # The naming (transformers 5, or BEiT's transformers 4) that names most of the file's modules.
-    tables = [_names(model_type, config, denses, n) for n in range(_namings(model_type))]
+    namings = range(_namings(model_type, denses))
+    tables = [_names(model_type, config, denses, n) for n in namings]
     table = max(tables, key=lambda t: sum(m in t for m in modules))
     where = f"{folder}: {CONFIG_FILE}"
 
@@ -597,7 +547,8 @@ def save(
             tensors[f"{KEY_PREFIX}{name}{_A}"] = pa.T
             tensors[f"{KEY_PREFIX}{name}{_B}"] = pb.T
         per_module.append(names)
-    universe = set(_names(model_type, config, denses, 0)) | set(_OTHER_LINEARS.get(model_type, ()))
+    arch = registry.get(model_type)
+    universe = set(_names(model_type, config, denses, 0)) | set(arch.hf_other_linears)
     targets = _target_modules({n for ns in per_module for n in ns}, universe, per_module)
 
     if lora.scaling == "raw_alpha":
@@ -607,7 +558,7 @@ def save(
     raw = dict(_PEFT_DEFAULTS)
     raw.update(
         auto_mapping={
-            "base_model_class": _BASE_CLASS[model_type],
+            "base_model_class": arch.hf_base_class,
             "parent_library": f"transformers.models.{model_type}.modeling_{model_type}",
         },
         base_model_name_or_path=base_model_name_or_path,

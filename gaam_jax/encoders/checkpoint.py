@@ -4,8 +4,8 @@
 then a JSON header of ``dtype``/``shape``/``data_offsets``) and returns numpy views of a
 read-only memory map: nothing is read from disk until a tensor's values are used, so a loader
 can move a 26 GB checkpoint to its devices one tensor (or one shard of a tensor) at a time.
-bfloat16 tensors are viewed as ``ml_dtypes.bfloat16``. Only numpy, ml_dtypes and the standard
-library are needed here (no torch, no safetensors package).
+bfloat16 tensors are viewed as ``ml_dtypes.bfloat16``. Reading needs only numpy, ml_dtypes and
+the standard library (no torch, no safetensors package).
 
 :func:`resolve` turns a Hugging Face hub id (``org/name``) into its snapshot folder in the hub
 cache (fetching only the files read here and by :mod:`data.preprocess` when online; the cache
@@ -25,8 +25,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-# config.json's model_type -> module of gaam_jax.encoders implementing it.
-SUPPORTED = ("bert", "llama", "beit", "wavlm")
+from gaam_jax.encoders import registry
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -251,10 +250,10 @@ def read_config(folder: str | pathlib.Path) -> dict:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}.") from None
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    if model_type not in SUPPORTED:
+    if model_type not in registry.model_types():
         raise ValueError(
             f"{path}: model_type={model_type!r} is not supported (supported: "
-            f"{', '.join(SUPPORTED)})."
+            f"{', '.join(registry.model_types())})."
         )
     return raw
 

@@ -10,6 +10,9 @@ Positions are ``arange(T)`` for every row (``LlamaModel`` without ``position_ids
 left-padded row's first real token sits at position > 0, exactly as in transformers. Query rows
 whose keys are all masked (the padding positions of a left-padded row) get a zero attention output,
 as torch's sdpa gives them.
+
+:data:`ARCHITECTURE` holds what the rest of the project knows about Llama (classes, Hugging Face
+names, inputs); :class:`LlamaHead` is ``LlamaForSequenceClassification``'s head.
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ import numpy as np
 from gaam_jax import adapters as adapters_lib
 from gaam_jax import sharding
 from gaam_jax.adapters import Adapters
-from gaam_jax.encoders import pooling, stack
+from gaam_jax.encoders import head_parts, pooling, stack
+from gaam_jax.encoders.architecture import Architecture, HfHead
 from gaam_jax.encoders.attention import dot_product_attention
 
 Dtype = Any
 
 MODEL_TYPE = "llama"
+# LlamaModel's attribute in the head models (LlamaForCausalLM.model, ...).
+_HF_PREFIX = "model."
 
 _ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -410,7 +416,7 @@ def params_from_hf(config: LlamaConfig, tensors: Mapping[str, np.ndarray]) -> di
     Raises:
       ValueError: a tensor is missing or has the wrong shape.
     """
-    prefix = "model." if "model.embed_tokens.weight" in tensors else ""
+    prefix = _HF_PREFIX if f"{_HF_PREFIX}embed_tokens.weight" in tensors else ""
     d, ff = config.hidden_size, config.intermediate_size
     h, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
 
@@ -459,3 +465,115 @@ def params_from_hf(config: LlamaConfig, tensors: Mapping[str, np.ndarray]) -> di
     params["layers"] = stack.stack_layers([layer(i) for i in range(config.num_hidden_layers)])
     params["norm"] = norm("norm")
     return params
+
+
+def example_inputs(config_json: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract inputs of batch 1 for ``jax.eval_shape``: int32 ``input_ids`` ``[1, 8]``."""
+    del config_json
+    return {"input_ids": jax.ShapeDtypeStruct((1, 8), jnp.int32)}
+
+
+def peft_module_names(path: tuple[str, ...], layer: int | None) -> tuple[str, ...]:
+    """``LlamaModel``'s module name of our Dense at ``path`` in layer ``layer`` (none on top).
+
+    The layer's modules mirror transformers' (``layers/self_attn/q_proj`` is
+    ``layers.{i}.self_attn.q_proj``).
+    """
+    if layer is None:
+        return ()
+    return (f"layers.{layer}." + ".".join(path[1:]),)
+
+
+class LlamaHead(nn.Module):
+    """``LlamaForSequenceClassification``'s head: ``score`` (no bias) on the last non-pad token.
+
+    Attributes:
+      num_classes: C.
+      pad_token_id: the pad id whose positions are skipped (``config.pad_token_id``); None: the
+        last position, batch size 1 only (as transformers).
+      init_std: std of the fresh kernel.
+    """
+
+    num_classes: int
+    pad_token_id: int | None = None
+    init_std: float = head_parts.DEFAULT_STD
+
+    @nn.compact
+    def __call__(self, features: jax.Array, *, train: bool = False) -> jax.Array:
+        """Classifies.
+
+        Args:
+          features: float32 ``[B, L+1, H]``, every layer's state at the last non-pad token
+            (pooling ``last`` over ``input_ids != pad_token_id``).
+          train: unused (no dropout in this head).
+
+        Returns:
+          float32 logits ``[B, C]``.
+        """
+        del train
+        axes = ("embed", "classes")
+        score = head_parts.dense(self.num_classes, self.init_std, "score", axes, False)
+        return score(head_parts.last_state(features))
+
+
+def head_options_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
+    """:class:`LlamaHead`'s options in ``config.json``: ``pad_token_id``, ``init_std``."""
+    pad = config.get("pad_token_id")
+    pad = None if pad is None else int(pad)
+    return {"pad_token_id": pad, "init_std": head_parts.init_std(config)}
+
+
+def head_params_from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> dict:
+    """:class:`LlamaHead`'s parameters in a checkpoint: ``score.weight`` -> ``score/kernel``."""
+    d = int(config.get("hidden_size", 768))
+    return {"score": head_parts.HeadTensors(tensors).dense(["score"], d, None, use_bias=False)}
+
+
+def head_pool_mask(
+    options: Mapping[str, Any], encoder: nn.Module, inputs: Mapping[str, jax.Array]
+) -> jax.Array:
+    """The last non-pad token: bool ``[B, T]`` ``input_ids != pad_token_id``.
+
+    That is the last real token with right padding, the last position with left padding and
+    position 0 for a row of pads, whatever ``attention_mask`` says. With ``pad_token_id`` None,
+    the last position.
+
+    Raises:
+      ValueError: no ``input_ids``, or no ``pad_token_id`` and a batch of more than one row
+        (transformers refuses it too).
+    """
+    del encoder
+    ids = head_parts.required_input(MODEL_TYPE, inputs, "input_ids")
+    pad = options.get("pad_token_id")
+    if pad is None:
+        if ids.shape[0] != 1:
+            raise ValueError(
+                "llama head: pad_token_id is None, so the last real token of a padded row is "
+                f"unknown; transformers refuses batch size {ids.shape[0]} > 1 (set "
+                "head_kwargs pad_token_id)."
+            )
+        return jnp.ones(ids.shape, bool)  # the last position, whatever attention_mask says
+    return ids != int(pad)
+
+
+ARCHITECTURE = Architecture(
+    model_type=MODEL_TYPE,
+    config_cls=LlamaConfig,
+    encoder_cls=LlamaEncoder,
+    # Looked up when called, so that a replaced module function (a test's) is the one used.
+    params_from_hf=lambda config, tensors: params_from_hf(config, tensors),
+    modality="text",
+    example_inputs=example_inputs,
+    hf_base_class="LlamaModel",
+    hf_prefix=_HF_PREFIX,
+    peft_module_names=peft_module_names,
+    head=HfHead(
+        module=LlamaHead,
+        options_from_hf=head_options_from_hf,
+        params_from_hf=head_params_from_hf,
+        pooling=lambda options: "last",
+        pool_mask=head_pool_mask,
+        # Llama's score has no "classifier" in its name: the paper's scripts never train it.
+        paper_trainable="classifier",
+    ),
+)

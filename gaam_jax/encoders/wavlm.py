@@ -14,6 +14,9 @@ embedding and the layers are post-norm. ``True`` (WavLM-Large): pre-norm layers 
 LayerNorm after them. transformers 5 records the hidden states as the layers' outputs, so its last
 hidden state is WITHOUT that final LayerNorm; transformers 4 (and the WavLM paper's features)
 applied it. :attr:`WavLMEncoder.final_norm_on_last_state` selects the transformers 4 behaviour.
+
+:data:`ARCHITECTURE` holds what the rest of the project knows about WavLM (classes, Hugging Face
+names, inputs); :class:`WavLMHead` is ``WavLMForSequenceClassification``'s head.
 """
 
 from __future__ import annotations
@@ -31,10 +34,25 @@ import numpy as np
 from gaam_jax import adapters as adapters_lib
 from gaam_jax import sharding
 from gaam_jax.adapters import Adapters
-from gaam_jax.encoders import pooling, stack
+from gaam_jax.encoders import head_parts, pooling, stack
+from gaam_jax.encoders.architecture import Architecture, HfHead
 from gaam_jax.encoders.attention import dot_product_attention
 
 MODEL_TYPE = "wavlm"
+# WavLMModel's attribute in the head models (WavLMForSequenceClassification.wavlm, ...).
+_HF_PREFIX = "wavlm."
+# Each Dense: its module in WavLMModel ("{i}": the layer index), which the checkpoint names its
+# weights after and peft its adapters; in the layer stack, then outside it.
+_HF_LAYER_LINEARS = {
+    "q_proj": "encoder.layers.{i}.attention.q_proj",
+    "k_proj": "encoder.layers.{i}.attention.k_proj",
+    "v_proj": "encoder.layers.{i}.attention.v_proj",
+    "out_proj": "encoder.layers.{i}.attention.out_proj",
+    "gru_rel_pos_linear": "encoder.layers.{i}.attention.gru_rel_pos_linear",
+    "intermediate_dense": "encoder.layers.{i}.feed_forward.intermediate_dense",
+    "output_dense": "encoder.layers.{i}.feed_forward.output_dense",
+}
+_HF_TOP_LINEARS = {"feature_projection": "feature_projection.projection"}
 
 Dtype = Any
 
@@ -453,7 +471,6 @@ def _frame_mask(cfg: WavLMConfig, attention_mask: jax.Array, frames: int) -> jax
     return jnp.arange(frames)[None, :] <= last[:, None]
 
 
-_HEAD_PREFIX = "wavlm."
 _WEIGHT_NORM_NAMES = (
     ("parametrizations.weight.original0", "parametrizations.weight.original1"),
     ("weight_g", "weight_v"),
@@ -478,7 +495,7 @@ def params_from_hf(config: WavLMConfig, tensors: Mapping[str, np.ndarray]) -> di
     Raises:
       ValueError: (one line) for a missing tensor or a wrong shape.
     """
-    prefix = _HEAD_PREFIX if any(k.startswith(_HEAD_PREFIX) for k in tensors) else ""
+    prefix = _HF_PREFIX if any(k.startswith(_HF_PREFIX) for k in tensors) else ""
 
     def has(name: str) -> bool:
         return prefix + name in tensors
@@ -518,7 +535,7 @@ def params_from_hf(config: WavLMConfig, tensors: Mapping[str, np.ndarray]) -> di
         in_dim = dim
     params["feature_extractor"] = fe
     params["feature_projection_norm"] = norm("feature_projection.layer_norm", cfg.conv_dim[-1])
-    params["feature_projection"] = dense("feature_projection.projection", cfg.conv_dim[-1], d)
+    params["feature_projection"] = dense(_HF_TOP_LINEARS["feature_projection"], cfg.conv_dim[-1], d)
 
     k, groups = cfg.num_conv_pos_embeddings, cfg.num_conv_pos_embedding_groups
     conv = "encoder.pos_conv_embed.conv"
@@ -542,19 +559,195 @@ def params_from_hf(config: WavLMConfig, tensors: Mapping[str, np.ndarray]) -> di
     def layer(i: int) -> dict:
         p = f"encoder.layers.{i}"
         a = f"{p}.attention"
+        name = {k: v.format(i=i) for k, v in _HF_LAYER_LINEARS.items()}
         return {
             "layer_norm": norm(f"{p}.layer_norm", d),
             "final_layer_norm": norm(f"{p}.final_layer_norm", d),
-            "q_proj": dense(f"{a}.q_proj", d, d),
-            "k_proj": dense(f"{a}.k_proj", d, d),
-            "v_proj": dense(f"{a}.v_proj", d, d),
-            "out_proj": dense(f"{a}.out_proj", d, d),
-            "gru_rel_pos_linear": dense(f"{a}.gru_rel_pos_linear", d // heads, 8),
+            "q_proj": dense(name["q_proj"], d, d),
+            "k_proj": dense(name["k_proj"], d, d),
+            "v_proj": dense(name["v_proj"], d, d),
+            "out_proj": dense(name["out_proj"], d, d),
+            "gru_rel_pos_linear": dense(name["gru_rel_pos_linear"], d // heads, 8),
             "gru_rel_pos_const": get(f"{a}.gru_rel_pos_const", (1, heads, 1, 1)).reshape(heads),
-            "intermediate_dense": dense(f"{p}.feed_forward.intermediate_dense", d, ff),
-            "output_dense": dense(f"{p}.feed_forward.output_dense", ff, d),
+            "intermediate_dense": dense(name["intermediate_dense"], d, ff),
+            "output_dense": dense(name["output_dense"], ff, d),
         }
 
     # One lazy [layers, ...] array per parameter: read slice by slice when placed on devices.
     params["layers"] = stack.stack_layers([layer(i) for i in range(cfg.num_hidden_layers)])
     return params
+
+
+def example_inputs(config_json: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract inputs of batch 1 for ``jax.eval_shape``: 1 s of audio at 16 kHz.
+
+    ``input_values`` is float32 ``[1, 16000]``.
+    """
+    del config_json
+    return {"input_values": jax.ShapeDtypeStruct((1, 16000), jnp.float32)}
+
+
+def peft_module_names(path: tuple[str, ...], layer: int | None) -> tuple[str, ...]:
+    """``WavLMModel``'s module name of our Dense at ``path`` (in layer ``layer``, or on top)."""
+    if layer is None:
+        name = _HF_TOP_LINEARS.get("/".join(path))
+        return () if name is None else (name,)
+    name = _HF_LAYER_LINEARS.get("/".join(path[1:]))
+    return () if name is None else (name.format(i=layer),)
+
+
+class WavLMHead(nn.Module):
+    """``WavLMForSequenceClassification``'s head on frame-mean states: projector, classifier.
+
+    The last hidden state (or, with ``use_weighted_layer_sum``, the softmax(``layer_weights``)-
+    weighted sum of all ``L+1``) -> mean over the real frames (the frame mask of
+    ``attention_mask``; every frame without one) -> ``projector`` (Dense H->
+    ``classifier_proj_size``) -> ``classifier``. transformers projects every frame and then takes
+    the masked mean; the projector is affine and the mean's weights sum to one, so projecting
+    the mean is the same up to rounding, and no ``[B, T, proj]`` array is built. With
+    ``do_stable_layer_norm`` (WavLM-Large) transformers pools ``last_hidden_state``, which
+    carries the final LayerNorm, so the encoder must have ``final_norm_on_last_state=True``; the
+    weighted sum uses ``hidden_states``, whose last entry has none, so then it must be False
+    (:func:`head_fit_encoder` sets it, :func:`head_check_encoder` checks it).
+
+    Attributes:
+      num_classes: C.
+      classifier_proj_size: the projector's width P.
+      use_weighted_layer_sum: classify the softmax(``layer_weights``)-weighted sum of all ``L+1``
+        states (``layer_weights`` start at ``1 / (L+1)``, as transformers'), not the last one.
+      init_std: std of the fresh kernels.
+    """
+
+    num_classes: int
+    classifier_proj_size: int = 256
+    use_weighted_layer_sum: bool = False
+    init_std: float = head_parts.DEFAULT_STD
+
+    @nn.compact
+    def __call__(self, features: jax.Array, *, train: bool = False) -> jax.Array:
+        """Classifies.
+
+        Args:
+          features: float32 ``[B, L+1, H]``, every layer's mean over the real frames (pooling
+            ``mean``). Mean and weighted sum are linear and the projector affine, so this
+            equals transformers' project-every-frame-then-mean up to rounding.
+          train: unused (no dropout in this head).
+
+        Returns:
+          float32 logits ``[B, C]``.
+        """
+        del train
+        x = head_parts.last_state(features)
+        if self.use_weighted_layer_sum:
+            n = features.shape[1]
+            weights = self.param(
+                "layer_weights",
+                sharding.with_logical_axes(nn.initializers.constant(1.0 / n), (None,)),
+                (n,),
+            )
+            norm = jax.nn.softmax(jnp.asarray(weights, jnp.float32))
+            x = jnp.einsum(
+                "bnh,n->bh", features.astype(jnp.float32), norm, precision=head_parts.HIGHEST
+            )
+        std = self.init_std
+        x = head_parts.dense(self.classifier_proj_size, std, "projector", ("embed", None))(x)
+        return head_parts.dense(self.num_classes, std, "classifier", (None, "classes"))(x)
+
+
+def head_options_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
+    """:class:`WavLMHead`'s options in ``config.json`` (transformers' defaults if absent).
+
+    Raises:
+      ValueError: ``add_adapter`` (transformers' classifier refuses it too).
+    """
+    if config.get("add_adapter"):
+        raise ValueError(
+            "config.json: add_adapter=True: transformers' WavLMForSequenceClassification does "
+            "not support WavLM adapters either."
+        )
+    return {
+        "classifier_proj_size": int(config.get("classifier_proj_size", 256)),
+        "use_weighted_layer_sum": bool(config.get("use_weighted_layer_sum", False)),
+        "init_std": head_parts.init_std(config),
+    }
+
+
+def head_params_from_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> dict:
+    """:class:`WavLMHead`'s parameters in a checkpoint, those it holds.
+
+    ``projector.*``, ``classifier.*`` (any number of labels), ``layer_weights``
+    (``use_weighted_layer_sum``).
+    """
+    read = head_parts.HeadTensors(tensors)
+    d = int(config.get("hidden_size", 768))
+    proj = int(config.get("classifier_proj_size", 256))
+    out: dict[str, Any] = {
+        "projector": read.dense(["projector"], d, proj),
+        "classifier": read.dense(["classifier"], proj, None),
+    }
+    if config.get("use_weighted_layer_sum", False):
+        n = int(config.get("num_hidden_layers", 12)) + 1
+        weights = read.get(["layer_weights"], (n,))
+        if weights is not None:
+            out["layer_weights"] = weights
+    return out
+
+
+def head_fit_encoder(encoder: nn.Module, options: Mapping[str, Any]) -> nn.Module:
+    """The encoder module whose last state is what transformers' head reads.
+
+    With ``do_stable_layer_norm``: the final LayerNorm on the last state exactly when the head
+    reads ``last_hidden_state`` (no weighted layer sum).
+    """
+    if not encoder.config.do_stable_layer_norm:
+        return encoder
+    weighted = bool(options.get("use_weighted_layer_sum", False))
+    return encoder.clone(final_norm_on_last_state=not weighted)
+
+
+def head_check_encoder(encoder: nn.Module, options: Mapping[str, Any]) -> None:
+    """The last state must carry the final LayerNorm exactly when transformers' does.
+
+    Raises:
+      ValueError: one line, for an encoder that does otherwise.
+    """
+    weighted = bool(options.get("use_weighted_layer_sum", False))
+    cfg = getattr(encoder, "config", None)
+    if not getattr(cfg, "do_stable_layer_norm", False) or getattr(
+        cfg, "tie_last_hidden_states", False
+    ):
+        return  # no final norm, or the encoder applies it whatever the flag says
+    normed = bool(getattr(encoder, "final_norm_on_last_state", False))
+    if not weighted and not normed:
+        raise ValueError(
+            "wavlm head: with do_stable_layer_norm, transformers classifies last_hidden_state, "
+            "which carries the final LayerNorm: use an encoder with final_norm_on_last_state=True "
+            "(classifier_from_encoder sets it)."
+        )
+    if weighted and normed:
+        raise ValueError(
+            "wavlm head: use_weighted_layer_sum weighs transformers' hidden_states, whose last has "
+            "no final LayerNorm: use an encoder with final_norm_on_last_state=False."
+        )
+
+
+ARCHITECTURE = Architecture(
+    model_type=MODEL_TYPE,
+    config_cls=WavLMConfig,
+    encoder_cls=WavLMEncoder,
+    # Looked up when called, so that a replaced module function (a test's) is the one used.
+    params_from_hf=lambda config, tensors: params_from_hf(config, tensors),
+    modality="audio",
+    example_inputs=example_inputs,
+    hf_base_class="WavLMModel",
+    hf_prefix=_HF_PREFIX,
+    peft_module_names=peft_module_names,
+    head=HfHead(
+        module=WavLMHead,
+        options_from_hf=head_options_from_hf,
+        params_from_hf=head_params_from_hf,
+        pooling=lambda options: "mean",
+        fit_encoder=head_fit_encoder,
+        check_encoder=head_check_encoder,
+    ),
+)
