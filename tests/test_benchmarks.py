@@ -29,6 +29,16 @@ def test_device_benchmark_runs_quick(capsys):
 
 
 @pytest.mark.slow
+def test_lora_against_qwix_runs_quick():
+    from benchmarks import lora_qwix
+
+    result = lora_qwix.main(["--quick"])
+    assert result["linen"]["params_equal_base"] == {"gaam_jax": True, "qwix": False}
+    # The same update from both libraries once qwix's factors are copied into ours.
+    assert result["linen"]["max_output_difference_of_scale"] < 1e-6
+
+
+@pytest.mark.slow
 def test_encoder_scale_13b_section_runs_quick():
     from benchmarks import encoder_scale
 
