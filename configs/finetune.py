@@ -9,6 +9,7 @@ each also with ``,runlocal``):
 
 * ``lora_r4``, ``lora_r8``: LoRA on the query and value projections, alpha 16 (peft's alpha/r).
 * ``loraplus_r4``: LoRA+ (``B`` at 2.828 x the learning rate of ``A``).
+* ``dora_r4``: DoRA at rank 4 (LoRA's direction and a trained magnitude per output feature).
 * ``daam_adapter``: a DAAM gate after every layer (3 x 384 parameters a layer), no LoRA.
 * ``daam_adapter_lora``: both.
 
@@ -21,7 +22,7 @@ import ml_collections
 
 from gaam_jax.adapters import PAPER_TARGETS
 
-VARIANTS = ("lora_r4", "lora_r8", "loraplus_r4", "daam_adapter", "daam_adapter_lora")
+VARIANTS = ("lora_r4", "lora_r8", "loraplus_r4", "dora_r4", "daam_adapter", "daam_adapter_lora")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -45,6 +46,11 @@ def base() -> ml_collections.ConfigDict:
             lora_targets=PAPER_TARGETS,
             lora_scaling="alpha_over_r",  # alpha_over_r (peft) | raw_alpha (paper) | rslora
             lora_init="peft",  # peft | paper
+            use_dora=False,  # DoRA: a trained magnitude per output feature (peft's use_dora)
+            # Per-module rank / alpha: ((regex, value), ...), matched as peft's rank_pattern
+            # against a '/'-bounded suffix of the module path ("layers/query"); () = none.
+            rank_pattern=(),
+            alpha_pattern=(),
             daam=False,
         )
     )
@@ -90,8 +96,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             f"variant must be one of {VARIANTS} (optionally ',runlocal'), got {arg!r}."
         )
     c = base()
-    if variant.startswith(("lora", "daam_adapter_lora")):
+    if variant.startswith(("lora", "dora", "daam_adapter_lora")):
         c.adapters.lora_rank = 8 if variant == "lora_r8" else 4
+    if variant.startswith("dora"):
+        c.adapters.use_dora = True
     if variant.startswith("loraplus"):
         c.optimizer.loraplus_ratio = 2.828
     if variant.startswith("daam"):

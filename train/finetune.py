@@ -15,7 +15,8 @@ decoders on frozen features (:mod:`train.cross_validation`), with two difference
 
 Each run is its own program (``runs_per_program`` 1: a model too large to stack). A finished run
 also writes ``adapter/`` (``adapter_config.json``, ``adapter_model.safetensors``) of its best
-state in Hugging Face PEFT's format, which ``peft.PeftModel.from_pretrained`` loads.
+state in Hugging Face PEFT's format, which ``peft.PeftModel.from_pretrained`` loads (not yet for
+DoRA or per-module ranks and alphas: :func:`peft_unsupported`; the run says so).
 """
 
 from __future__ import annotations
@@ -24,13 +25,17 @@ import dataclasses
 import json
 import pathlib
 import re
+import sys
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import NamedSharding, PartitionSpec
 
 from data import pipeline
 from gaam_jax import COMPUTE_DTYPES, storage
@@ -47,7 +52,11 @@ def is_finetune(config: ml_collections.ConfigDict) -> bool:
 
 
 def adapters_from_config(cfg: ml_collections.ConfigDict) -> adapters_lib.Adapters:
-    """``config.adapters`` -> :class:`gaam_jax.adapters.Adapters` (``lora_rank`` 0: no LoRA)."""
+    """``config.adapters`` -> :class:`gaam_jax.adapters.Adapters` (``lora_rank`` 0: no LoRA).
+
+    ``use_dora``, ``rank_pattern`` and ``alpha_pattern`` (``(regex, value)`` pairs) may be
+    missing (configs recorded before they existed): off and empty.
+    """
     lora = None
     if cfg.lora_rank:
         lora = adapters_lib.LoRA(
@@ -56,8 +65,31 @@ def adapters_from_config(cfg: ml_collections.ConfigDict) -> adapters_lib.Adapter
             targets=str(cfg.lora_targets),
             scaling=str(cfg.lora_scaling),
             init=str(cfg.lora_init),
+            use_dora=bool(cfg.get("use_dora", False)),
+            # (regex, value) pairs; LoRA also takes the lists a recorded config.json gives back.
+            rank_pattern=cfg.get("rank_pattern") or (),
+            alpha_pattern=cfg.get("alpha_pattern") or (),
         )
     return adapters_lib.Adapters(lora=lora, daam=bool(cfg.daam))
+
+
+def peft_unsupported(lora: adapters_lib.LoRA | None) -> str:
+    """What of ``lora`` :func:`gaam_jax.adapters.peft.save` cannot write yet ("" if nothing).
+
+    Drop an option from here once ``peft.save`` writes it.
+    """
+    if lora is None:
+        return ""
+    found = [
+        name
+        for name, on in (
+            ("use_dora", lora.use_dora),
+            ("rank_pattern", bool(lora.rank_pattern)),
+            ("alpha_pattern", bool(lora.alpha_pattern)),
+        )
+        if on
+    ]
+    return ", ".join(found)
 
 
 def encoder_folder(config: ml_collections.ConfigDict) -> pathlib.Path:
@@ -86,6 +118,9 @@ class FineTuneModel:
       trainable_head: regular expression of the head parameter paths that train.
       loraplus_ratio: LoRA+'s learning-rate ratio of ``B`` to ``A`` (0: plain LoRA).
       paper_faithful: the paper's LoRA+ optimiser holds only ``A`` and ``B``.
+      magnitudes: DoRA's initial magnitudes (``||W||`` of the base kernels; ``B`` starts at
+        zero) by adapter path (``('encoder', 'layers', 'query', 'lora_magnitude')``), small
+        host arrays; empty without DoRA.
     """
 
     module: heads.SequenceClassifier
@@ -95,6 +130,7 @@ class FineTuneModel:
     trainable_head: str
     loraplus_ratio: float = 0.0
     paper_faithful: bool = False
+    magnitudes: dict = dataclasses.field(default_factory=dict)
 
     def init(self, key: jax.Array, x: Any) -> dict:
         """Fresh trained variables ``{'params': {'head': ..., 'adapters': ...}}`` (traceable)."""
@@ -108,7 +144,15 @@ class FineTuneModel:
         head = jax.tree.map(
             lambda b, v: b.replace_boxed(v) if _is_box(b) else v, boxed, merged, is_leaf=_is_box
         )
-        return {"params": {"head": head, "adapters": variables.get(adapters_lib.COLLECTION, {})}}
+        adapters = variables.get(adapters_lib.COLLECTION, {})
+        if self.magnitudes:
+            # init drew random base weights; DoRA's magnitudes are those of the real ones.
+            flat = dict(flatten_dict(adapters))
+            for path, value in self.magnitudes.items():
+                box = flat[path]
+                flat[path] = box.replace_boxed(value) if _is_box(box) else jnp.asarray(value)
+            adapters = unflatten_dict(flat)
+        return {"params": {"head": head, "adapters": adapters}}
 
     def apply(self, variables: dict, x: Any, train: bool = False, mutable: Any = False) -> Any:
         """Logits float32 ``[B, C]`` (and no updated collections, when ``mutable``)."""
@@ -120,7 +164,12 @@ class FineTuneModel:
         return (logits, {}) if mutable else logits
 
     def labels(self, params: dict) -> dict:
-        """Optimiser group of every trained leaf: ``lora_a``, ``lora_b``, ``other``, ``frozen``."""
+        """Optimiser group of every trained leaf: ``lora_a``, ``lora_b``, ``other``, ``frozen``.
+
+        DoRA's ``lora_magnitude`` goes with ``lora_b``: peft's LoRA+ optimiser puts every 1-D
+        adapter parameter (the magnitude vectors) in B's group, at ``loraplus_ratio`` x the
+        rate; without LoRA+ both groups have the same rate.
+        """
         head = re.compile(self.trainable_head)
 
         def label(path: tuple, _: Any) -> str:
@@ -131,7 +180,7 @@ class FineTuneModel:
                 return "other" if head.search("/".join(names[1:])) else "frozen"
             if names[-1] == "lora_a":
                 return "lora_a"
-            if names[-1] == "lora_b":
+            if names[-1] in ("lora_b", "lora_magnitude"):
                 return "lora_b"
             return "other"  # DAAM adapters
 
@@ -140,8 +189,8 @@ class FineTuneModel:
     def optimizer(self, opt_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
         """AdamW per group (LoRA+: ``B`` at ``loraplus_ratio`` x the rate), clipped together.
 
-        Frozen head parameters get no update (weight decay included) and stay out of the
-        clipping norm.
+        DoRA's magnitudes are in ``B``'s group (:meth:`labels`). Frozen head parameters get no
+        update (weight decay included) and stay out of the clipping norm.
         """
         lr, wd = opt_cfg.learning_rate, opt_cfg.weight_decay
         ratio = self.loraplus_ratio or 1.0
@@ -216,6 +265,7 @@ def build_model(
     found = heads.head_params_from_hf(
         module.head_kind, encoder.config_json, checkpoint.open_tensors(folder)
     )
+    lora = encoder.module.adapters.lora
     return FineTuneModel(
         module=module,
         frozen={"encoder": encoder.params},
@@ -224,7 +274,22 @@ def build_model(
         trainable_head=heads.trainable_head_paths(module.head_kind, config.paper_faithful),
         loraplus_ratio=float(config.optimizer.get("loraplus_ratio", 0.0)),
         paper_faithful=bool(config.paper_faithful),
+        magnitudes=_dora_magnitudes(encoder, lora, mesh) if lora and lora.use_dora else {},
     )
+
+
+def _dora_magnitudes(encoder: Any, lora: adapters_lib.LoRA, mesh: Any) -> dict:
+    """DoRA's initial magnitudes from the base weights, by path in the trained ``adapters``."""
+    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    fixed = jax.jit(adapters_lib.init_magnitudes, static_argnums=2, out_shardings=replicated)(
+        encoder.params, encoder.adapters, lora
+    )
+    # Replicated: every process holds the whole value (addressable_data(0)), multi-host too.
+    return {
+        ("encoder", *k): np.asarray(v.addressable_data(0))
+        for k, v in flatten_dict(fixed).items()
+        if k[-1] == "lora_magnitude"
+    }
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -440,7 +505,7 @@ def check(config: ml_collections.ConfigDict, workdir: Any) -> list[DatasetFolds]
         raise ConfigError("fine-tuning trains one run per program: set runs_per_program=1.")
     choices = (("encoder.dtype", tuple(COMPUTE_DTYPES)), ("model.head", ("auto", *heads.HEADS)))
     for key, allowed in choices:
-        value = validate._get(config, key)
+        value = validate.get(config, key)
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}.")
     try:
@@ -518,8 +583,17 @@ def run(
         config, workdir, datasets=datasets, progress=progress, hooks=hooks, make_steps=make_steps
     )
     if config.adapters.lora_rank and jax.process_index() == 0:
-        for record in results["records"]:
-            _write_adapter(config, storage.path(workdir), record)
+        unsupported = peft_unsupported(adapters_from_config(config.adapters).lora)
+        if unsupported:
+            # peft.save would write a LoRA that is not this one (no magnitudes, one rank).
+            print(
+                f"adapter/ not written: the PEFT export does not carry {unsupported} yet; the "
+                "adapters are in each run's checkpoints.",
+                file=sys.stderr,
+            )
+        else:
+            for record in results["records"]:
+                _write_adapter(config, storage.path(workdir), record)
     return results
 
 
@@ -534,9 +608,9 @@ def _write_adapter(config: ml_collections.ConfigDict, workdir: Any, record: dict
         return
     best = artefacts.load_best_variables(folder)
     raw = json.loads((encoder_folder(config) / "config.json").read_text())
-    from gaam_jax.encoders import _configured
+    from gaam_jax.encoders import configure
 
-    _, enc_config, _ = _configured(raw)
+    _, enc_config, _ = configure(raw)
     lora = adapters_from_config(config.adapters).lora
     adapters = best["params"]["adapters"]["encoder"]
     peft.save(target, lora, adapters, raw["model_type"], enc_config,

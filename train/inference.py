@@ -363,5 +363,7 @@ class FineTunedPredictor:
 def _without_lora(tree: Any) -> Any:
     from flax.traverse_util import flatten_dict, unflatten_dict
 
+    from gaam_jax.adapters import FACTORS
+
     flat = flatten_dict(tree)
-    return unflatten_dict({k: v for k, v in flat.items() if k[-1] not in ("lora_a", "lora_b")})
+    return unflatten_dict({k: v for k, v in flat.items() if k[-1] not in FACTORS})

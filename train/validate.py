@@ -44,7 +44,8 @@ MINIMUM = {
 }  # fmt: skip
 
 
-def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+def get(config: ml_collections.ConfigDict, key: str) -> Any:
+    """The value at a dotted ``key`` (``'optimizer.learning_rate'``) of ``config``."""
     node = config
     for part in key.split("."):
         if part not in node:
@@ -56,11 +57,11 @@ def _get(config: ml_collections.ConfigDict, key: str) -> Any:
 def check_values(config: ml_collections.ConfigDict) -> None:
     """Checks choices and ranges that need no data."""
     for key, allowed in CHOICES.items():
-        value = _get(config, key)
+        value = get(config, key)
         if value is not None and value not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}.")
     for key, low in MINIMUM.items():
-        value = _get(config, key)
+        value = get(config, key)
         if value is not None and not value >= low:
             raise ConfigError(f"{key} must be at least {low}, got {value!r}.")
     opt = config.optimizer

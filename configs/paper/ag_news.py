@@ -10,7 +10,8 @@ Recipe (the code): cross-entropy, AdamW lr 5e-5, batch 32, 35 epochs, 3 runs R1.
 by seed (the code's 111, then +1 per run).
 
 Fine-tuning variants (:mod:`configs.paper.finetune`): ``lora_r4``, ``lora_r8``,
-``loraplus_r4``, ``loraplus_r8``, ``daam_adapter`` (``,paper_faithful``, ``,runlocal``).
+``loraplus_r4``, ``loraplus_r8``, ``dora_r4`` (not in the paper), ``daam_adapter``
+(``,paper_faithful``, ``,runlocal``).
 
 Variants: ``daamv1`` (g 8), ``daamv2`` (g 1: a true single head; the released AG News DAAMv2
 passes ``num_heads=8`` and is identical to DAAMv1), ``gqdaam`` (g 8, GQA maps 64 x 8),

@@ -12,7 +12,8 @@ Recipe (the code): cross-entropy, AdamW lr 1e-5 (the paper says 1e-4), batch 32,
 per run: the seeds of the paper's repeats are unknown).
 
 Fine-tuning variants (:mod:`configs.paper.finetune`): ``lora_r4``, ``lora_r8``,
-``loraplus_r4``, ``loraplus_r8``, ``daam_adapter`` (``,paper_faithful``, ``,runlocal``).
+``loraplus_r4``, ``loraplus_r8``, ``dora_r4`` (not in the paper), ``daam_adapter``
+(``,paper_faithful``, ``,runlocal``).
 
 Variants: ``daamv1`` (g 8), ``daamv2`` (g 1), ``gqdaam`` (g 1 as in the code; GQA maps 8 x 64,
 because the code's 32 x 32 reshape of a 512-wide tensor cannot run), ``mixture``, ``mha``,

@@ -1,5 +1,7 @@
 """The paper's fine-tuning rows: LoRA and LoRA+ (r 4 and 8, alpha 16) and the DAAM adapter.
 
+``dora_r4`` (not in the paper) is DoRA at rank 4 on the same targets with LoRA's recipe.
+
 Each experiment file takes these variants beside its decoders (``iemocap.py:lora_r4``);
 ``<variant>,paper_faithful`` reproduces the authors' scripts (docs/design.md, "Fine-tuning"):
 the update ``alpha x A B`` with alpha applied raw, ``A ~ N(0, 1/r)``, only parameters named
@@ -19,7 +21,7 @@ import ml_collections
 
 from configs import finetune as common
 
-VARIANTS = ("lora_r4", "lora_r8", "loraplus_r4", "loraplus_r8", "daam_adapter")
+VARIANTS = ("lora_r4", "lora_r8", "loraplus_r4", "loraplus_r8", "dora_r4", "daam_adapter")
 FLAGS = ("paper_faithful", "runlocal")
 
 
@@ -90,8 +92,10 @@ def config(
     c.num_epochs = num_epochs
     c.seeds = tuple(seeds)
     c.cv = ml_collections.ConfigDict(cv)
-    if name.startswith(("lora", "loraplus")):
+    if name.startswith(("lora", "loraplus", "dora")):
         c.adapters.lora_rank = int(name[-1])
+    if name.startswith("dora"):
+        c.adapters.use_dora = True  # not in the paper: DoRA on the same targets and recipe
     if name.startswith("loraplus"):
         c.optimizer.loraplus_ratio = 2.828
         c.optimizer.learning_rate = loraplus_learning_rate or learning_rate

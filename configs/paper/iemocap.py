@@ -13,7 +13,8 @@ batch 8, 35 epochs, seed 1. The code's IEMOCAP "MHA" decoder sees only layer 22 
 ``mha`` reproduces that with ``model.layers = (22,)``.
 
 Fine-tuning variants (:mod:`configs.paper.finetune`): ``lora_r4``, ``lora_r8``,
-``loraplus_r4``, ``loraplus_r8``, ``daam_adapter`` (``,paper_faithful``, ``,runlocal``).
+``loraplus_r4``, ``loraplus_r8``, ``dora_r4`` (not in the paper), ``daam_adapter``
+(``,paper_faithful``, ``,runlocal``).
 
 Variants: ``daamv1`` (g 8), ``daamv2`` (g 1), ``gqdaam`` (g 8, GQA maps 8 x 64), ``mixture``,
 ``mha``, ``mha_bn``.

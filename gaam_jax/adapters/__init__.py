@@ -7,7 +7,9 @@ One entry point, :func:`adapt`, for Linen and NNX models alike::
                   daam=DAAM(targets=r"^blocks_\d+$", mask_arg="mask"))
 
 * A :class:`~lora.LoRA` adapts every matching projection (Linen ``Dense``, ``DenseGeneral``
-  and ``Einsum``; NNX ``Linear``, ``LinearGeneral`` and ``Einsum``).
+  and ``Einsum``; NNX ``Linear``, ``LinearGeneral`` and ``Einsum``), optionally with DoRA's
+  magnitudes (``use_dora``) and per-module ranks and alphas (``rank_pattern``,
+  ``alpha_pattern``).
 * A :class:`~daam.DAAM` puts a DAAM gate (the identity at initialisation, mask-aware) after
   every matching module.
 
@@ -16,7 +18,9 @@ in the collection :data:`COLLECTION` (``'adapters'``); train that collection and
 base. An NNX model comes back with its adapters attached as ``nnx.LoRAParam`` variables (DAAM's
 as :class:`DaamParam`, a subclass), so ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` trains
 them. :func:`merge` (Linen variables) and :func:`merge_model` (NNX) fold the LoRA into the
-kernels. Adapters are float32 and replicated on a mesh.
+kernels. With DoRA, a Linen model's ``init`` sets the magnitudes from the kernels it draws:
+:func:`init_magnitudes` sets them from the base weights the adapters will run on. Adapters
+are float32 and replicated on a mesh.
 
 The project's encoders are adapted the same way, by their ``adapters`` field
 (:class:`Adapters`): ``BertEncoder(config, adapters=Adapters(lora=..., daam=True))``.
@@ -33,11 +37,20 @@ from flax import nnx
 from gaam_jax.adapters import attach, intercept
 from gaam_jax.adapters.attach import DaamAdapter, DaamParam, merge_model
 from gaam_jax.adapters.daam import DAAM
-from gaam_jax.adapters.lora import COLLECTION, PAPER_TARGETS, LoRA, merge, paths
+from gaam_jax.adapters.lora import (
+    COLLECTION,
+    FACTORS,
+    PAPER_TARGETS,
+    LoRA,
+    init_magnitudes,
+    merge,
+    paths,
+)
 
 __all__ = [
     "COLLECTION",
     "ENCODER_DAAM",
+    "FACTORS",
     "PAPER_TARGETS",
     "DAAM",
     "Adapters",
@@ -46,6 +59,7 @@ __all__ = [
     "LoRA",
     "adapt",
     "in_call",
+    "init_magnitudes",
     "merge",
     "merge_model",
     "paths",

@@ -2,11 +2,13 @@
 
 NNX modules are objects, so the adapters are attached where they act: every ``nnx.Linear``,
 ``nnx.LinearGeneral`` or ``nnx.Einsum`` whose path matches the LoRA's targets gets ``lora_a``
-and ``lora_b`` (:class:`flax.nnx.LoRAParam`), and every module whose path matches the DAAM's
-targets gets a ``daam_adapter`` (its variables are :class:`DaamParam`, a ``LoRAParam``
-subclass). Each adapted module's class becomes a subclass of its own whose ``__call__`` adds
-the update or gates the output, so the base variables keep their paths (``attn/query/kernel``)
-and checkpoints of the base load unchanged. Flax's own idioms select the adapters:
+and ``lora_b`` (:class:`flax.nnx.LoRAParam`) at its path's rank, its path's scale as
+``lora_scale``, and with DoRA ``lora_magnitude`` (a ``LoRAParam``, initialised from the kernel
+when attached); every module whose path matches the DAAM's targets gets a ``daam_adapter``
+(its variables are :class:`DaamParam`, a ``LoRAParam`` subclass). Each adapted module's class
+becomes a subclass of its own whose ``__call__`` adds the update or gates the output, so the
+base variables keep their paths (``attn/query/kernel``) and checkpoints of the base load
+unchanged. Flax's own idioms select the adapters:
 ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``, ``nnx.DiffState(0, nnx.LoRAParam)``,
 ``nnx.state(model, nnx.LoRAParam)``.
 
@@ -25,7 +27,7 @@ from flax import nnx
 
 from gaam_jax.adapters import daam as daam_lib
 from gaam_jax.adapters.daam import DAAM
-from gaam_jax.adapters.lora import LoRA, Projection, kernel_delta
+from gaam_jax.adapters.lora import LoRA, Projection, merged_kernel, weight_norm
 
 __all__ = ["DaamAdapter", "DaamParam", "adapt", "merge_model"]
 
@@ -71,8 +73,15 @@ def _call(self, *args: Any, **kwargs: Any) -> Any:
     if getattr(self, "lora_a", None) is not None:
         x = args[0] if args else kwargs["inputs"]
         proj = _lora_projection(self, x, args[1:], kwargs)
-        update = proj.update(x, self.lora_a[...], self.lora_b[...], self.lora_scale)
-        y = y + update.astype(y.dtype)
+        a, b = self.lora_a[...], self.lora_b[...]
+        magnitude = getattr(self, "lora_magnitude", None)
+        if magnitude is None:
+            y = y + proj.update(x, a, b, self.lora_scale).astype(y.dtype)
+        else:
+            bias = getattr(self, "bias", None)
+            bias = None if bias is None else bias[...]
+            kernel = self.kernel[...]
+            y = proj.dora(y, x, kernel, bias, a, b, magnitude[...], self.lora_scale).astype(y.dtype)
     daam = getattr(self, "daam_adapter", None)
     if daam is not None:
         cfg: DAAM = self.daam_config
@@ -92,8 +101,9 @@ def _base_class(module: nnx.Module) -> type[nnx.Module]:
 
 def _attach_lora(module: nnx.Module, lora: LoRA, where: str, key: jax.Array) -> None:
     shape = module.kernel.shape
+    rank, scale = lora.rank_for(where), lora.scale_for(where)
     if isinstance(module, nnx.Einsum):
-        proj = Projection.einsum(module.einsum_str or "", shape, lora.rank)
+        proj = Projection.einsum(module.einsum_str or "", shape, rank)
         lead = ()
     else:
         if isinstance(module, nnx.LinearGeneral) and module.batch_axis:
@@ -104,11 +114,20 @@ def _attach_lora(module: nnx.Module, lora: LoRA, where: str, key: jax.Array) -> 
         n_out = 1 if isinstance(module, nnx.Linear) else len(module.out_features)
         lead = shape[: len(shape) - n_in - n_out]  # stacked layers (nnx.vmap'd modules)
         core = shape[len(lead) :]
-        proj = Projection.dense_general(n_in + 1, tuple(range(1, n_in + 1)), core, lora.rank)
+        proj = Projection.dense_general(n_in + 1, tuple(range(1, n_in + 1)), core, rank)
     a = lora.init_a(key, (*lead, *proj.a_shape), proj.fan_in)
+    b = jnp.zeros((*lead, *proj.b_shape), jnp.float32)
+    if lora.use_dora:
+        if proj.m is None:
+            raise ValueError(
+                f"DoRA at {where!r}: an einsum kernel axis is neither contracted nor an output "
+                "axis."
+            )
+        m = weight_norm(module.kernel[...], a, b, scale, (*lead, *proj.m_shape))
+        module.lora_magnitude = _param(nnx.LoRAParam, m)
     module.lora_a = _param(nnx.LoRAParam, a)
-    module.lora_b = _param(nnx.LoRAParam, jnp.zeros((*lead, *proj.b_shape), jnp.float32))
-    module.lora_scale = lora.scale
+    module.lora_b = _param(nnx.LoRAParam, b)
+    module.lora_scale = scale
 
 
 def _width(module: nnx.Module, daam: DAAM, where: str) -> int:
@@ -155,17 +174,26 @@ def adapt(model: nnx.Module, lora: LoRA | None, daam: DAAM | None, rngs: nnx.Rng
 def merge_model(model: nnx.Module) -> nnx.Module:
     """A copy of ``model`` with every LoRA folded into its kernel and no LoRA factor left.
 
+    The kernel becomes ``W + s A B``, or with DoRA ``(m / ||W + s A B||) * (W + s A B)``
+    (:func:`gaam_jax.adapters.lora.merged_kernel`).
+
     DAAM adapters (a nonlinear gate, :class:`DaamParam`) cannot be folded and stay.
     """
     model = nnx.clone(model)
     for _, module in list(nnx.iter_modules(model)):
         if getattr(module, "lora_a", None) is None:
             continue
-        kernel = module.kernel[...]
-        delta = kernel_delta(kernel.shape, module.lora_a[...], module.lora_b[...])
-        merged = kernel.astype(jnp.float32) + module.lora_scale * delta
-        module.kernel[...] = merged.astype(kernel.dtype)
+        magnitude = getattr(module, "lora_magnitude", None)
+        module.kernel[...] = merged_kernel(
+            module.kernel[...],
+            module.lora_a[...],
+            module.lora_b[...],
+            module.lora_scale,
+            None if magnitude is None else magnitude[...],
+        )
         del module.lora_a, module.lora_b, module.lora_scale
+        if magnitude is not None:
+            del module.lora_magnitude
         if getattr(module, "daam_adapter", None) is None:
             module.__class__ = _base_class(module)
     return model

@@ -5,10 +5,11 @@ module call inside it. A ``Dense``, ``DenseGeneral`` or ``Einsum`` whose path ma
 LoRA's targets adds its low-rank update; a module whose path matches the DAAM's targets has
 its output gated. The adapters' variables are created beside the module they adapt, in the
 collection :data:`~gaam_jax.adapters.lora.COLLECTION` (``'adapters'``): ``lora_a`` /
-``lora_b`` at the projection's path, ``daam_adapter/{delta,xi,scale}`` under the gated
-module's. ``params`` stays exactly the base model's, so its checkpoints load unchanged. Inside
-``nn.scan`` the adapters are stacked like the parameters when the scan's ``variable_axes``
-include the collection.
+``lora_b`` (and DoRA's ``lora_magnitude``, initialised from the kernel when it is created) at
+the projection's path, at the path's rank and scale (``LoRA.rank_for``, ``scale_for``);
+``daam_adapter/{delta,xi,scale}`` under the gated module's. ``params`` stays exactly the base
+model's, so its checkpoints load unchanged. Inside ``nn.scan`` the adapters are stacked like
+the parameters when the scan's ``variable_axes`` include the collection.
 
 Adapters are annotated with logical axes ``(None, ...)``: replicated on a mesh, never split
 along the rank, while the base keeps its own shardings.
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from gaam_jax import sharding
 from gaam_jax.adapters import daam as daam_lib
 from gaam_jax.adapters.daam import DAAM
-from gaam_jax.adapters.lora import COLLECTION, LoRA, Projection
+from gaam_jax.adapters.lora import COLLECTION, LoRA, Projection, weight_norm
 
 __all__ = ["adapt", "in_call", "intercepting"]
 
@@ -38,31 +39,50 @@ def _replicated(init: Callable[..., Any], ndim: int) -> Callable[..., Any]:
     return sharding.with_logical_axes(init, (None,) * ndim)
 
 
-def _projection(module: nn.Module, x: Any, args: Sequence[Any], kwargs: dict, lora: LoRA):
+def _projection(
+    module: nn.Module, x: Any, args: Sequence[Any], kwargs: dict, rank: int
+) -> tuple[Projection, Any]:
+    """The module's :class:`Projection` at ``rank`` and its kernel (unboxed)."""
     kernel = nn.meta.unbox(module.get_variable("params", "kernel"))
     if isinstance(module, nn.Einsum):
         equation = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
-        return Projection.einsum(equation or module.einsum_str, kernel.shape, lora.rank)
+        return Projection.einsum(equation or module.einsum_str, kernel.shape, rank), kernel
     if isinstance(module, nn.Dense):
-        return Projection.dense_general(x.ndim, (-1,), kernel.shape, lora.rank)
+        return Projection.dense_general(x.ndim, (-1,), kernel.shape, rank), kernel
     if module.batch_dims:
         raise ValueError(
             f"LoRA at {'/'.join(module.path)!r}: a DenseGeneral with batch_dims is not supported."
         )
     axis = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
-    return Projection.dense_general(x.ndim, axis, kernel.shape, lora.rank)
+    return Projection.dense_general(x.ndim, axis, kernel.shape, rank), kernel
 
 
-def _lora_update(module: nn.Module, lora: LoRA, args: Sequence[Any], kwargs: dict) -> Any:
+def _lora(
+    module: nn.Module, lora: LoRA, y: Any, args: Sequence[Any], kwargs: dict, where: str
+) -> Any:
+    """``y`` (the module's output) with the LoRA (or DoRA) of the module at ``where``."""
     x = args[0] if args else kwargs["inputs"]
-    proj = _projection(module, x, args, kwargs, lora)
+    scale = lora.scale_for(where)
+    proj, kernel = _projection(module, x, args, kwargs, lora.rank_for(where))
     init_a = _replicated(lambda key, shape: lora.init_a(key, shape, proj.fan_in), len(proj.a_shape))
     init_b = _replicated(nn.initializers.zeros_init(), len(proj.b_shape))
     scope = module.scope
     # Lazily initialised: make_rng is only called when the variable is created.
     a = scope.variable(COLLECTION, "lora_a", lambda: init_a(scope.make_rng("params"), proj.a_shape))
     b = scope.variable(COLLECTION, "lora_b", lambda: init_b(None, proj.b_shape, jnp.float32))
-    return proj.update(x, a.value, b.value, lora.scale)
+    if not lora.use_dora:
+        return y + proj.update(x, a.value, b.value, scale).astype(y.dtype)
+    if proj.m is None:
+        raise ValueError(
+            f"DoRA at {where!r}: an einsum kernel axis is neither contracted nor an output axis."
+        )
+    # The magnitude starts as the norm of the kernel it rescales (read here, at creation).
+    init_m = _replicated(
+        lambda key, shape: weight_norm(kernel, a.value, b.value, scale, shape), len(proj.m_shape)
+    )
+    m = scope.variable(COLLECTION, "lora_magnitude", lambda: init_m(None, proj.m_shape))
+    bias = nn.meta.unbox(module.get_variable("params", "bias"))
+    return proj.dora(y, x, kernel, bias, a.value, b.value, m.value, scale).astype(y.dtype)
 
 
 def _daam(module: nn.Module, daam: DAAM, y: Any, args: Sequence[Any], kwargs: dict, where: str):
@@ -92,7 +112,7 @@ def _interceptor(lora: LoRA | None, daam: DAAM | None, root: tuple[str, ...]):
             return next_fun(*args, **kwargs)
         y = next_fun(*args, **kwargs)
         if adapt_lora:
-            y = y + _lora_update(module, lora, args, kwargs).astype(y.dtype)
+            y = _lora(module, lora, y, args, kwargs, where)
         if adapt_daam:
             y = _daam(module, daam, y, args, kwargs, where)
         return y

@@ -53,6 +53,3 @@ __all__ = [
     "init_adapters",
     "open_host_params",
 ]
-
-# The former private name, which train/finetune.py still imports; configure is the public one.
-_configured = configure

@@ -21,7 +21,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gaam_jax.adapters import COLLECTION as ADAPTERS
-from gaam_jax.adapters import Adapters, merge
+from gaam_jax.adapters import FACTORS, Adapters, init_magnitudes, merge
 from gaam_jax.encoders import pooling as poolings
 from gaam_jax.encoders import registry
 from gaam_jax.sharding import DEFAULT_RULES, Rules
@@ -112,6 +112,9 @@ class Encoder:
             return dataclasses.replace(self, module=module, adapters=None)
         if variables is None:
             variables = init_adapters(module, self.example_inputs(), seed)
+            if adapters.lora is not None and adapters.lora.use_dora:
+                # init drew its own base weights: DoRA's magnitudes come from this encoder's.
+                variables = init_magnitudes(self.params, variables, adapters.lora)
         if self.mesh is not None:
             replicated = NamedSharding(self.mesh, PartitionSpec())
             variables = jax.device_put(variables, replicated)
@@ -269,4 +272,4 @@ def init_adapters(module: nn.Module, example: Mapping[str, Any], seed: int = 0) 
 
 def _without_lora(tree: Any) -> Any:
     flat = flatten_dict(tree)
-    return unflatten_dict({k: v for k, v in flat.items() if k[-1] not in ("lora_a", "lora_b")})
+    return unflatten_dict({k: v for k, v in flat.items() if k[-1] not in FACTORS})
