@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.run import _ms, _ratio, _table, compare, machine
+from benchmarks.run import compare, machine, ms, ratio, table
 from gaam_jax import MixtureGaussianAdaptiveAttention
 from gaam_jax import functional as F
 
@@ -83,12 +83,12 @@ def package_table(quick: bool) -> str:
         f, b = compare(fwd_c, repeats), compare(bwd_c, repeats)
         rows.append([
             "x".join(map(str, shape)), f"{heads}x{gaussians}",
-            _ms(f.get("package")), _ms(f["jax"]), _ratio(f.get("package"), f["jax"]),
-            _ms(b.get("package")), _ms(b["jax"]), _ratio(b.get("package"), b["jax"]),
+            ms(f.get("package")), ms(f["jax"]), ratio(f.get("package"), f["jax"]),
+            ms(b.get("package")), ms(b["jax"]), ratio(b.get("package"), b["jax"]),
         ])  # fmt: skip
     header = ["shape", "heads x K", "package fwd ms", "jax fwd ms", "speed-up",
               "package fwd+bwd ms", "jax fwd+bwd ms", "speed-up"]  # fmt: skip
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def copy_bandwidth(nbytes: int) -> float:
@@ -111,10 +111,10 @@ def bandwidth_table(quick: bool) -> str:
                 jnp.full((heads, d), 2.0))  # fmt: skip
         t = compare({"gaam": (lambda args=args: args, fwd)}, 3 if quick else 20)["gaam"]
         moved = 2 * args[0].size * 4  # read x, write y (float32)
-        rows.append(["x".join(map(str, shape)), _ms(t), f"{moved / t / 1e9:.0f}",
+        rows.append(["x".join(map(str, shape)), ms(t), f"{moved / t / 1e9:.0f}",
                      f"{peak / 1e9:.0f}", f"{moved / t / peak:.2f}"])  # fmt: skip
     header = ["shape", "fwd ms", "GB/s", "copy GB/s (this card)", "fraction"]
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,15 +85,18 @@ def compare(candidates: dict[str, tuple[Callable[[], tuple], Callable]], repeats
     return {name: float(np.median(v)) for name, v in samples.items()}
 
 
-def _ms(seconds: float | None) -> str:
+def ms(seconds: float | None) -> str:
+    """Seconds as milliseconds for a table cell (``n/a`` for a missing measurement)."""
     return "n/a" if seconds is None else f"{1e3 * seconds:.2f}"
 
 
-def _ratio(a: float | None, b: float | None) -> str:
+def ratio(a: float | None, b: float | None) -> str:
+    """``a / b`` as ``'2.5x'`` for a table cell (``n/a`` if either is missing)."""
     return "n/a" if a is None or b is None else f"{a / b:.1f}x"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table of ``header`` and ``rows`` (cells already formatted)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -212,19 +215,19 @@ def section_package(quick: bool, repeats: int, try_compile: bool) -> tuple[str, 
         }
         if "torch.compile" in fwd:
             compiled = (
-                f"{_ratio(fwd['torch.compile'], fwd['jax'])} / "
-                f"{_ratio(bwd['torch.compile'], bwd['jax'])}"
+                f"{ratio(fwd['torch.compile'], fwd['jax'])} / "
+                f"{ratio(bwd['torch.compile'], bwd['jax'])}"
             )
         else:
             compiled = compile_note
         rows.append([
-            case["name"], _ms(fwd.get("torch")), _ms(fwd["jax"]),
-            _ratio(fwd.get("torch"), fwd["jax"]), _ms(bwd.get("torch")), _ms(bwd["jax"]),
-            _ratio(bwd.get("torch"), bwd["jax"]), compiled,
+            case["name"], ms(fwd.get("torch")), ms(fwd["jax"]),
+            ratio(fwd.get("torch"), fwd["jax"]), ms(bwd.get("torch")), ms(bwd["jax"]),
+            ratio(bwd.get("torch"), bwd["jax"]), compiled,
         ])  # fmt: skip
     header = ["case", "package fwd ms", "ours fwd ms", "speed-up", "package fwd+bwd ms",
               "ours fwd+bwd ms", "speed-up", "vs torch.compile (fwd / fwd+bwd)"]  # fmt: skip
-    return _table(header, rows), data
+    return table(header, rows), data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,11 +280,11 @@ def section_floor(quick: bool, repeats: int) -> tuple[str, dict]:
         "mixture fwd": _fusions(mixture, x),
         "mixture fwd+bwd": _fusions(vjp(mixture), x, ct),
     }
-    rows = [["elementwise x*2 (floor)", _ms(base), "1.0x", f"{gb / base:.1f} GB/s", "1"]]
+    rows = [["elementwise x*2 (floor)", ms(base), "1.0x", f"{gb / base:.1f} GB/s", "1"]]
     for name in ("paper fwd", "paper fwd+bwd", "mixture fwd", "mixture fwd+bwd"):
-        rows.append([name, _ms(times[name]), _ratio(times[name], base), "", str(fusions[name])])
+        rows.append([name, ms(times[name]), ratio(times[name], base), "", str(fusions[name])])
     text = f"Input {shape} float32 ({x.nbytes / 1e6:.0f} MB), gate over axis 1, {heads} heads.\n\n"
-    text += _table(["computation", "ms", "x floor", "bandwidth", "XLA fusions"], rows)
+    text += table(["computation", "ms", "x floor", "bandwidth", "XLA fusions"], rows)
     return text, {"shape": shape, "times": times, "fusions": fusions}
 
 
@@ -327,7 +330,7 @@ def section_scaling(quick: bool, repeats: int, out_dir: pathlib.Path | None) -> 
         times = compare(cands, repeats)
         for name in fns:
             results[name][length]["seconds"] = times.get(name)
-            row += [_ms(times.get(name)), f"{results[name][length]['memory_bytes'] / 1e6:.1f}"]
+            row += [ms(times.get(name)), f"{results[name][length]['memory_bytes'] / 1e6:.1f}"]
         rows.append(row)
     header = [
         "length",
@@ -341,7 +344,7 @@ def section_scaling(quick: bool, repeats: int, out_dir: pathlib.Path | None) -> 
     text = (
         f"Width {width}, {heads} heads, batch 1. Memory: XLA's compiled temporary + output "
         f"buffers; runs needing over {limit / 1e9:.0f} GB are analysed, not run (n/a).\n\n"
-        + _table(header, rows)
+        + table(header, rows)
     )
     if out_dir is not None:
         _plot_scaling(results, lengths, out_dir / "scaling.png")
@@ -439,17 +442,17 @@ def section_train_step(quick: bool, repeats: int) -> tuple[str, dict]:
     flops = float(cost.get("flops", 0.0))
     peak = _matmul_flops_per_second(repeats, 256 if quick else 2048)
     rows = [
-        ["ours (JAX, jit)", _ms(times["jax"]), f"{batch / times['jax']:.0f}",
+        ["ours (JAX, jit)", ms(times["jax"]), f"{batch / times['jax']:.0f}",
          f"{flops / times['jax'] / 1e9:.0f}", f"{100 * flops / times['jax'] / peak:.0f}%"],
-        ["PyTorch (eager)", _ms(times.get("torch")),
+        ["PyTorch (eager)", ms(times.get("torch")),
          "n/a" if "torch" not in times else f"{batch / times['torch']:.0f}", "", ""],
     ]  # fmt: skip
     text = (
         f"GaussianAdaptiveTransformer (GAAM front, {layers}x{d} inputs, conv 512, batch {batch}), "
         f"AdamW. Step FLOPs (XLA cost analysis): {flops / 1e9:.1f} GFLOP; measured float32 "
         f"matmul throughput: {peak / 1e9:.0f} GFLOP/s. Speed-up over PyTorch: "
-        f"{_ratio(times.get('torch'), times['jax'])}.\n\n"
-        + _table(["step", "ms", "samples/s", "GFLOP/s", "of matmul peak"], rows)
+        f"{ratio(times.get('torch'), times['jax'])}.\n\n"
+        + table(["step", "ms", "samples/s", "GFLOP/s", "of matmul peak"], rows)
     )
     return text, {"times": times, "flops": flops, "matmul_flops_per_s": peak}
 
@@ -477,15 +480,15 @@ def section_bfloat16(quick: bool, repeats: int) -> tuple[str, dict]:
         err_compute = float(jnp.max(jnp.abs(yb - y_same_input))) / scale
         err_total = float(jnp.max(jnp.abs(yb - y32))) / scale
         data[str(shape)] = {"times": times, "err_compute": err_compute, "err_total": err_total}
-        rows.append([str(shape), _ms(times["f32"]), _ms(times["bf16"]),
-                     _ratio(times["f32"], times["bf16"]), f"{err_compute:.1e}",
+        rows.append([str(shape), ms(times["f32"]), ms(times["bf16"]),
+                     ratio(times["f32"], times["bf16"]), f"{err_compute:.1e}",
                      f"{err_total:.1e}"])  # fmt: skip
     header = ["input", "float32 ms", "bfloat16 ms", "speed-up", "max rel. error (same input)",
               "max rel. error (incl. input rounding)"]  # fmt: skip
     text = (
         "Errors are max |y_bf16 - y_f32| / max |y_f32|. 'Same input' feeds float32 the "
         "bf16-rounded input, so it measures the output rounding alone (statistics stay "
-        "float32).\n\n" + _table(header, rows)
+        "float32).\n\n" + table(header, rows)
     )
     return text, data
 

@@ -1,4 +1,4 @@
-"""A short, real demonstration of the library: ``python -m gaam_jax.demo`` (``make run``).
+"""A short, real demonstration of the library: ``python -m gaam_jax.demo`` (``make demo``).
 
 It builds the paper's multi-head GAAM on a decoder-sized input, times the jitted forward and
 backward passes, runs the authors' package example (``GaussianBlock`` on a 10 x 128 tensor), and

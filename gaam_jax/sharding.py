@@ -10,9 +10,8 @@ abstract init); rules map logical names to *mesh* axes (``data``, ``model``);
 
 The annotations only become ``nn.LogicallyPartitioned`` boxes inside
 :func:`logical_annotations` (or :func:`abstract_params`): ``init`` of every gaam_jax module, and
-of any model that contains one, returns plain arrays. A gaam_jax module's own ``init`` also
-remembers the logical axes of the tree it built, so :func:`param_shardings` accepts that tree
-(or its ``jax.eval_shape``) as it is.
+of any model that contains one, returns plain arrays, so :func:`param_shardings` needs the boxed
+tree: :func:`abstract_params` (``jax.eval_shape`` of an annotated init, nothing allocated).
 
 Multi-head GAAM splits the layer axis into contiguous groups, so sharding ``layers`` (and the
 parameters' ``heads``) over ``model`` gives every device whole heads: the statistics never cross
@@ -253,8 +252,8 @@ def param_shardings(params: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> An
     """``NamedSharding`` for every parameter, from its logical axes and the rules.
 
     Args:
-      params: as for :func:`param_logical_axes` (boxed, or a plain tree of arrays or
-        ``ShapeDtypeStruct`` s built by a gaam_jax module's ``init``).
+      params: as for :func:`param_logical_axes`: the boxed tree of :func:`abstract_params` (a
+        plain tree of arrays carries no annotations and is refused).
       mesh: the device mesh.
       rules: logical-to-mesh axis rules.
 
@@ -268,10 +267,3 @@ def param_shardings(params: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> An
         nn.meta.unbox(params),
         logical,  # the tuples sit where params has leaves: passed whole
     )
-
-
-def activation_sharding(
-    logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES
-) -> NamedSharding:
-    """``NamedSharding`` of an activation, e.g. ``('batch', 'layers', 'embed')`` for GAAM input."""
-    return NamedSharding(mesh, logical_to_spec(logical, shape, mesh, rules))
