@@ -115,6 +115,9 @@ fixtures:
 	  tests/reference/make_peft_fixtures.py tests/fixtures
 	HF_HUB_OFFLINE=1 $$(bash tests/reference/venv.sh .reference-venv) \
 	  tests/reference/make_head_fixtures.py tests/fixtures/heads
+# (on the heads' models: after them)
+	HF_HUB_OFFLINE=1 $$(bash tests/reference/venv.sh .reference-venv) \
+	  tests/reference/make_peft_classifier_fixtures.py tests/fixtures
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) .bench-venv .pytest_cache .ruff_cache

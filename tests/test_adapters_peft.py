@@ -176,7 +176,7 @@ def test_save_writes_what_peft_writes_and_round_trips(arch, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, variables2, variables)
 
 
-def test_save_keeps_the_scale_and_ignores_daam(tmp_path):
+def test_save_keeps_the_scale_and_puts_daam_gates_in_their_own_file(tmp_path):
     config = _config("bert")
     lora, variables = peft.load(ROOT / "bert" / "adapter", "bert", config)
     extra = dict(variables, layers=dict(variables["layers"], daam_adapter={"scale": np.ones(32)}))
@@ -187,8 +187,12 @@ def test_save_keeps_the_scale_and_ignores_daam(tmp_path):
         assert (raw["lora_alpha"], raw["use_rslora"]) == (alpha, rslora)
         back, loaded = peft.load(tmp_path / scaling, "bert", config)
         assert back.scale == raw_lora.scale
-        assert "daam_adapter" not in loaded["layers"]
-        jax.tree.map(np.testing.assert_array_equal, loaded, variables)
+        # The gates: in DAAM_FILE (peft ignores it), named in the README, read back.
+        assert "daam_adapter" not in str(load_file(tmp_path / scaling / peft.WEIGHTS_FILE))
+        assert peft.DAAM_FILE in (tmp_path / scaling / peft.README_FILE).read_text()
+        gates = load_file(tmp_path / scaling / peft.DAAM_FILE)
+        assert list(gates) == ["layers/daam_adapter/scale"]
+        jax.tree.map(np.testing.assert_array_equal, loaded, extra)
 
 
 def test_save_writes_exact_targets_for_any_selection(tmp_path):
@@ -264,13 +268,14 @@ def _lines(err: pytest.ExceptionInfo) -> str:
 REFUSED = {
     "peft_type": ({"peft_type": "IA3"}, "peft_type"),
     "bias": ({"bias": "all"}, "bias"),
-    "use_dora": ({"use_dora": True}, "use_dora"),
+    "use_dora_without_magnitudes": ({"use_dora": True}, "lora_magnitude_vector"),
     "fan_in_fan_out": ({"fan_in_fan_out": True}, "fan_in_fan_out"),
-    "rank_pattern": ({"rank_pattern": {"query": 4}}, "rank_pattern"),
-    "alpha_pattern": ({"alpha_pattern": {"query": 4}}, "alpha_pattern"),
+    "rank_pattern": ({"rank_pattern": {"query": 4}}, "shape"),
+    "bad_rank_pattern": ({"rank_pattern": {"query": 0}}, "rank_pattern"),
+    "alpha_pattern": ({"alpha_pattern": {"query": "x"}}, "alpha_pattern"),
     "layers_to_transform": ({"layers_to_transform": 0}, "layers_to_transform"),
-    "layers_pattern": ({"layers_pattern": "layer"}, "layers_pattern"),
-    "modules_to_save": ({"modules_to_save": ["classifier"]}, "modules_to_save"),
+    "layers_pattern": ({"layers_pattern": "blocks"}, "layers_pattern"),
+    "trainable_token_indices": ({"trainable_token_indices": [1]}, "trainable_token_indices"),
     "lora_bias": ({"lora_bias": True}, "lora_bias"),
     "not_a_dense": ({"target_modules": ["query", "value", "word_embeddings"]}, "word_embeddings"),
     "no_target": ({"target_modules": None}, "target_modules"),
@@ -310,6 +315,8 @@ BAD_TENSORS = {
     "pooler": (_extra("base_model.model.pooler.dense.lora_A.weight"), "pooler.dense"),
     "unselected": (_extra(LAYER0 + "key.lora_A.weight"), "target_modules"),
     "dora": (_extra(LAYER0 + "query.lora_magnitude_vector"), "lora_magnitude_vector"),
+    "embedding": (_extra("base_model.model.embeddings.word_embeddings.lora_embedding_A"),
+                  "lora_embedding_A"),
 }  # fmt: skip
 
 

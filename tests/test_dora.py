@@ -9,6 +9,7 @@ magnitude to 5e-7) when it was written; these tests need no torch.
 """
 
 import functools
+import json
 
 import flax.linen as nn
 import jax
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors.numpy import load_file
 from tolerances import F32, scaled_atol
 
 from gaam_jax.adapters import COLLECTION, LoRA, adapt, init_magnitudes, merge, merge_model
@@ -306,7 +308,6 @@ def test_dora_r4_configs_load(spec):
     c = config_lib.load(spec)
     lora = finetune.adapters_from_config(c.adapters).lora
     assert (lora.rank, lora.use_dora, lora.rank_pattern, lora.alpha_pattern) == (4, True, (), ())
-    assert finetune.peft_unsupported(lora) == "use_dora"
 
 
 def test_config_patterns_and_optimizer_groups():
@@ -319,7 +320,7 @@ def test_config_patterns_and_optimizer_groups():
     )
     lora = finetune.adapters_from_config(c.adapters).lora
     assert lora.rank_for("layers/query") == 8 and lora.alpha_for("layers/value") == 4.0
-    assert not lora.use_dora and finetune.peft_unsupported(lora) == "rank_pattern, alpha_pattern"
+    assert not lora.use_dora
     recorded = c.adapters.copy_and_resolve_references()
     recorded.rank_pattern = [["query", 8]]  # as a recorded config.json gives it back
     assert finetune.adapters_from_config(recorded).lora == lora
@@ -337,13 +338,15 @@ def test_config_patterns_and_optimizer_groups():
 
 
 @pytest.mark.slow
-def test_dora_finetuning_run_starts_from_the_base_and_exports_merged(tmp_path, tfds_dir, capfd):
+def test_dora_finetuning_run_starts_from_the_base_and_exports_merged(tmp_path, tfds_dir):
     """configs/finetune.py:dora_r4,runlocal on the tiny BERT: the magnitudes start at the
-    pretrained kernels' norms (not the random init's), the run skips the PEFT export with a
-    message, and the exported (merged) program equals the unmerged logits."""
+    pretrained kernels' norms (not the random init's), the run's PEFT adapter (DoRA magnitudes
+    as lora_magnitude_vector) gives its logits through classifier_from_pretrained, and the
+    exported (merged) program equals the unmerged logits."""
     from test_finetune import tiny_bert_folder
 
-    from gaam_jax.encoders import from_pretrained
+    from gaam_jax.adapters import peft
+    from gaam_jax.encoders import classifier_from_pretrained, from_pretrained
     from train import config as config_lib
     from train import finetune
     from train.inference import Predictor, load_exported
@@ -360,11 +363,16 @@ def test_dora_finetuning_run_starts_from_the_base_and_exports_merged(tmp_path, t
         want = np.linalg.norm(np.asarray(base["layers"][name]["kernel"]), axis=1)
         np.testing.assert_allclose(m, want, rtol=1e-6)
     finetune.run(c, tmp_path / "run", datasets=datasets, progress=False)
-    assert "the PEFT export does not carry use_dora" in capfd.readouterr().err
     run = tmp_path / "run" / "pang_lee_polarity" / "seed0_fold1"
-    assert not (run / "adapter").exists()
+    raw = json.loads((run / "adapter" / peft.CONFIG_FILE).read_text())
+    assert raw["use_dora"] and raw["task_type"] == "SEQ_CLS"
+    keys = load_file(run / "adapter" / peft.WEIGHTS_FILE)
+    layer0 = "base_model.model.bert.encoder.layer.0.attention.self."
+    assert layer0 + "query.lora_magnitude_vector" in keys
     predictor = Predictor.from_run(run)
     inputs = predictor.preprocess(["a moving , beautifully acted film .", "tedious and flat ."])
     logits = predictor.logits(**inputs)
+    clf = classifier_from_pretrained(c.encoder.path, adapter=run / "adapter")
+    np.testing.assert_allclose(clf.logits(**inputs), logits, rtol=0, atol=1e-5)
     exported = load_exported(predictor.export(tmp_path / "model.jaxexport"))
     np.testing.assert_allclose(exported(**inputs), logits, rtol=1e-5, atol=1e-5)

@@ -293,6 +293,19 @@ def test_predictor_of_a_finetuned_run(finished, tmp_path):
     exported = load_exported(predictor.export(tmp_path / "model.jaxexport"))
     # Merging changes the float32 rounding of the q/v kernels only.
     np.testing.assert_allclose(exported(**inputs), logits, rtol=1e-5, atol=1e-5)
+    # Its adapter/ (peft SEQ_CLS: LoRA, head in modules_to_save, DAAM gates in their own file)
+    # gives the same logits through classifier_from_pretrained.
+    from gaam_jax.adapters import peft
+    from gaam_jax.encoders import classifier_from_pretrained
+
+    base, revision = finetune.base_model_id(finished[0])
+    assert pathlib.Path(base).is_absolute() and revision is None
+    raw = json.loads((run / "adapter" / peft.CONFIG_FILE).read_text())
+    assert raw["task_type"] == "SEQ_CLS" and raw["base_model_name_or_path"] == base
+    assert "classifier" in raw["modules_to_save"] and (run / "adapter" / peft.DAAM_FILE).exists()
+    assert peft.DAAM_FILE in (run / "adapter" / peft.README_FILE).read_text()
+    clf = classifier_from_pretrained(base, adapter=run / "adapter")
+    np.testing.assert_allclose(clf.logits(**inputs), logits, rtol=0, atol=1e-5)
     recorded = json.loads((run / "config.json").read_text())
     recorded["config"]["encoder"]["fingerprint"] = "0" * 64
     (run / "config.json").write_text(json.dumps(recorded))

@@ -13,10 +13,13 @@ decoders on frozen features (:mod:`train.cross_validation`), with two difference
   the programs' ``frozen`` input, never differentiated, never in the optimiser, never in a
   checkpoint (the run identity names them instead: folder or hub id and a fingerprint).
 
-Each run is its own program (``runs_per_program`` 1: a model too large to stack). A finished run
-also writes ``adapter/`` (``adapter_config.json``, ``adapter_model.safetensors``) of its best
-state in Hugging Face PEFT's format, which ``peft.PeftModel.from_pretrained`` loads (not yet for
-DoRA or per-module ranks and alphas: :func:`peft_unsupported`; the run says so).
+Each run is its own program (``runs_per_program`` 1: a model too large to stack). A finished
+LoRA/DoRA run also writes ``adapter/`` of its best state in Hugging Face PEFT's
+sequence-classification format (:func:`write_adapter`): ``PeftModel.from_pretrained(
+AutoModelForSequenceClassification.from_pretrained(base, num_labels=C), adapter)`` and
+``AutoPeftModelForSequenceClassification.from_pretrained(adapter)`` give the run's logits, and
+``gaam_jax.encoders.classifier_from_pretrained(base, adapter=adapter)`` too (DAAM gates
+included); its README says what peft users do not get.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import dataclasses
 import json
 import pathlib
 import re
-import sys
 from typing import Any
 
 import flax.linen as nn
@@ -71,25 +73,6 @@ def adapters_from_config(cfg: ml_collections.ConfigDict) -> adapters_lib.Adapter
             alpha_pattern=cfg.get("alpha_pattern") or (),
         )
     return adapters_lib.Adapters(lora=lora, daam=bool(cfg.daam))
-
-
-def peft_unsupported(lora: adapters_lib.LoRA | None) -> str:
-    """What of ``lora`` :func:`gaam_jax.adapters.peft.save` cannot write yet ("" if nothing).
-
-    Drop an option from here once ``peft.save`` writes it.
-    """
-    if lora is None:
-        return ""
-    found = [
-        name
-        for name, on in (
-            ("use_dora", lora.use_dora),
-            ("rank_pattern", bool(lora.rank_pattern)),
-            ("alpha_pattern", bool(lora.alpha_pattern)),
-        )
-        if on
-    ]
-    return ", ".join(found)
 
 
 def encoder_folder(config: ml_collections.ConfigDict) -> pathlib.Path:
@@ -583,35 +566,94 @@ def run(
         config, workdir, datasets=datasets, progress=progress, hooks=hooks, make_steps=make_steps
     )
     if config.adapters.lora_rank and jax.process_index() == 0:
-        unsupported = peft_unsupported(adapters_from_config(config.adapters).lora)
-        if unsupported:
-            # peft.save would write a LoRA that is not this one (no magnitudes, one rank).
-            print(
-                f"adapter/ not written: the PEFT export does not carry {unsupported} yet; the "
-                "adapters are in each run's checkpoints.",
-                file=sys.stderr,
+        from train.runs import run_folder
+
+        for record in results["records"]:
+            folder = storage.path(workdir) / run_folder(
+                record["dataset"], record["seed"], record["fold"] or 1
             )
-        else:
-            for record in results["records"]:
-                _write_adapter(config, storage.path(workdir), record)
+            if not (folder / "adapter" / "adapter_model.safetensors").exists():
+                write_adapter(config, folder)
     return results
 
 
-def _write_adapter(config: ml_collections.ConfigDict, workdir: Any, record: dict) -> None:
+def base_model_id(config: ml_collections.ConfigDict) -> tuple[str, str | None]:
+    """``(base_model_name_or_path, revision)`` for peft's adapter config.
+
+    The hub id and revision the run used, or its local folder as an absolute path (the packaged
+    MiniLM's when no path is given).
+    """
+    path = config.encoder.path
+    if path and checkpoint.is_hub_id(path):
+        return path, config.encoder.get("revision") or None
+    return str(encoder_folder(config).resolve()), None
+
+
+def write_adapter(config: ml_collections.ConfigDict, run_dir: Any) -> list[str]:
+    """Writes ``<run_dir>/adapter/``: the run's best state as a peft ``SEQ_CLS`` adapter.
+
+    The LoRA (DoRA magnitudes, per-module ranks and alphas) under the classification model's
+    module paths; the whole head through ``modules_to_save`` (trained or not: a part the
+    checkpoint lacks would be drawn afresh by transformers); the DAAM gates in
+    :data:`gaam_jax.adapters.peft.DAAM_FILE`; ``base_model_name_or_path`` and ``revision`` as
+    :func:`base_model_id`; a README listing what peft users do not get.
+
+    Args:
+      config: the run's fine-tuning config.
+      run_dir: the run folder (``<workdir>/<dataset>/seed0_fold1``) with its best state.
+
+    Returns:
+      The README's notes (what a peft user does not get; empty when nothing).
+    """
     from gaam_jax.adapters import peft
-    from train import artefacts
-    from train.runs import run_folder
-
-    folder = workdir / run_folder(record["dataset"], record["seed"], record["fold"] or 1)
-    target = folder / "adapter"
-    if (target / "adapter_model.safetensors").exists():
-        return
-    best = artefacts.load_best_variables(folder)
-    raw = json.loads((encoder_folder(config) / "config.json").read_text())
     from gaam_jax.encoders import configure
+    from train import artefacts
 
-    _, enc_config, _ = configure(raw)
+    best = artefacts.load_best_variables(run_dir)
+    raw = json.loads((encoder_folder(config) / "config.json").read_text())
+    arch, enc_config, _ = configure(raw)
     lora = adapters_from_config(config.adapters).lora
-    adapters = best["params"]["adapters"]["encoder"]
-    peft.save(target, lora, adapters, raw["model_type"], enc_config,
-              base_model_name_or_path=config.encoder.path or None)  # fmt: skip
+    trained = best["params"]
+    kind = arch.model_type if config.model.head == "auto" else config.model.head
+    notes, saved = [], {}
+    if kind in heads.HF_HEADS:
+        saved, left = heads.head_params_to_hf(kind, raw, trained["head"])
+        notes += [
+            f"the head's {name} (a bare parameter in transformers' model, which peft's "
+            "modules_to_save cannot hold): transformers' own init is used"
+            for name in left
+        ]
+        pad = dict(config.model.get("head_kwargs", {})).get("pad_token_id")
+        if pad is None and arch.model_type == "llama":
+            from data.preprocess.text import TextPreprocessor
+
+            pad = TextPreprocessor(encoder_folder(config), raw).pad_id
+        if pad is not None and pad != raw.get("pad_token_id"):
+            notes.append(
+                f"the head read each row's last token by pad id {pad}; set "
+                f"config.pad_token_id={pad} on transformers' model to do the same"
+            )
+    else:
+        notes.append(
+            f"the {kind!r} head (no transformers counterpart): transformers' classifier starts "
+            "fresh; load with gaam_jax (train.inference.Predictor) for the run's predictions"
+        )
+    if arch.model_type == "wavlm":
+        notes.append(
+            "transformers' WavLM attention reads q/k/v/out_proj weights directly: call "
+            "merge_and_unload() for the LoRA on them to apply"
+        )
+    base, revision = base_model_id(config)
+    peft.save(
+        run_dir / "adapter",
+        lora,
+        trained["adapters"]["encoder"],
+        raw["model_type"],
+        enc_config,
+        base_model_name_or_path=base,
+        revision=revision,
+        task_type="SEQ_CLS",
+        saved=saved,
+        notes=notes,
+    )
+    return notes

@@ -24,12 +24,14 @@ The package:
   (``config.json`` and safetensors), ``convert`` (``.bin`` to safetensors).
 * ``stack``, ``attention``, ``pooling``: what every architecture's layers share.
 * ``heads`` (:class:`SequenceClassifier`, a head on an encoder), ``head_parts`` (what the heads
-  are made of), ``dat_head`` (the paper's decoder as a head).
+  are made of), ``dat_head`` (the paper's decoder as a head); ``classifier``
+  (:func:`classifier_from_pretrained`: a checkpoint and a peft adapter as a classifier).
 """
 
 from __future__ import annotations
 
 from gaam_jax.encoders.architecture import Architecture, HfHead
+from gaam_jax.encoders.classifier import PretrainedClassifier, classifier_from_pretrained
 from gaam_jax.encoders.encoder import Encoder, init_adapters
 from gaam_jax.encoders.heads import SequenceClassifier, classifier_from_encoder
 from gaam_jax.encoders.loading import (
@@ -45,9 +47,11 @@ __all__ = [
     "Encoder",
     "EncoderOptions",
     "HfHead",
+    "PretrainedClassifier",
     "SequenceClassifier",
     "check_checkpoint",
     "classifier_from_encoder",
+    "classifier_from_pretrained",
     "configure",
     "from_pretrained",
     "init_adapters",

@@ -64,6 +64,10 @@ class HfHead:
         reads (e.g. WavLM's last state with or without the final LayerNorm).
       check_encoder: ``(encoder module, options)`` -> None, or ValueError (one line) for an
         encoder module whose output is not what transformers' head reads.
+      hf_modules: the head's top-level parameter names -> the torch module each is in
+        transformers' classification model (``pooler`` -> ``bert.pooler.dense``): what a peft
+        adapter saves through ``modules_to_save``. A parameter not listed has no module
+        (WavLM's ``layer_weights``).
       paper_trainable: regular expression (``re.search`` in ``classifier/kernel``-style paths)
         of the head parameters the paper's fine-tuning scripts train.
     """
@@ -77,6 +81,7 @@ class HfHead:
     ] = _own_mask
     fit_encoder: Callable[[nn.Module, Mapping[str, Any]], nn.Module] = _same_encoder
     check_encoder: Callable[[nn.Module, Mapping[str, Any]], None] = _any_encoder
+    hf_modules: Mapping[str, str] = dataclasses.field(default_factory=dict)
     # The scripts train only parameters whose name contains "classifier" (with the adapters).
     paper_trainable: str = "classifier"
 

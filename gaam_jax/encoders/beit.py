@@ -657,6 +657,11 @@ ARCHITECTURE = Architecture(
         module=BeitHead,
         options_from_hf=head_options_from_hf,
         params_from_hf=head_params_from_hf,
+        hf_modules={
+            "pooler_norm": f"{_HF_PREFIX}pooler.layernorm",
+            "final_norm": f"{_HF_PREFIX}layernorm",
+            "classifier": "classifier",
+        },
         pooling=_head_pooling,
         pool_mask=head_pool_mask,
     ),

@@ -457,6 +457,7 @@ ARCHITECTURE = Architecture(
         module=BertHead,
         options_from_hf=head_options_from_hf,
         params_from_hf=head_params_from_hf,
+        hf_modules={"pooler": f"{_HF_PREFIX}pooler.dense", "classifier": "classifier"},
         pooling=lambda options: "first",
     ),
 )

@@ -55,6 +55,8 @@ __all__ = [
     "head_kind",
     "head_kwargs_from_hf",
     "head_params_from_hf",
+    "head_params_from_saved",
+    "head_params_to_hf",
     "init_head_params",
     "make_head",
     "merge_head_params",
@@ -300,6 +302,99 @@ def head_params_from_hf(
         return {}
     out = registry.get(model_type).head.params_from_hf(config, tensors)
     return {k: v for k, v in out.items() if not isinstance(v, dict) or v}
+
+
+class _Reads(Mapping):
+    """A mapping of tensors that records which were read."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray]):
+        self.tensors, self.read = tensors, set()
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        self.read.add(key)
+        return self.tensors[key]
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+def head_params_from_saved(
+    model_type: str, config: Mapping[str, Any], saved: Mapping[str, np.ndarray]
+) -> dict:
+    """The head parameters among a peft adapter's ``modules_to_save`` tensors.
+
+    Args:
+      model_type: the encoder's architecture (one of :data:`HF_HEADS`).
+      config: the base model's ``config.json``.
+      saved: :attr:`gaam_jax.adapters.peft.PeftAdapter.saved`: tensors by their module path in
+        transformers' classification model (``classifier.weight``, ``bert.pooler.dense.bias``).
+
+    Returns:
+      A partial head params tree (as :func:`head_params_from_hf`).
+
+    Raises:
+      ValueError: one line naming a saved tensor that is no part of the architecture's head
+        (a saved module inside the encoder is not supported) or one of the wrong shape.
+    """
+    reads = _Reads(saved)
+    out = head_params_from_hf(model_type, config, reads)
+    unread = sorted(set(saved) - reads.read)
+    if unread:
+        raise ValueError(
+            f"modules_to_save: {unread[0]} is not part of the {model_type} classification head; "
+            "only the head's modules (classifier, score, pooler, projector) are supported."
+        )
+    return out
+
+
+def head_params_to_hf(
+    model_type: str, config: Mapping[str, Any], head_params: Mapping
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The head parameters as transformers' classification model names them (float32 numpy).
+
+    The inverse of :func:`head_params_from_hf` for the parameters in a module of that model
+    (``HfHead.hf_modules``): ``kernel`` -> ``<module>.weight`` (transposed), ``bias`` ->
+    ``<module>.bias``, ``scale`` -> ``<module>.weight``. Checked: reading the result back gives
+    the same parameters.
+
+    Args:
+      model_type: one of :data:`HF_HEADS`.
+      config: the base model's ``config.json``.
+      head_params: the head's params tree.
+
+    Returns:
+      ``(tensors by name, names of head parameters in no module)`` (WavLM's ``layer_weights``:
+      transformers has them as a bare parameter, which peft's ``modules_to_save`` cannot hold).
+
+    Raises:
+      ValueError: an unknown head.
+    """
+    _check_kind(model_type)
+    if model_type == dat_head.NAME:
+        raise ValueError("head_params_to_hf: the 'dat' head has no transformers counterpart.")
+    modules = registry.get(model_type).head.hf_modules
+    out: dict[str, np.ndarray] = {}
+    left = []
+    for top, value in dict(head_params).items():
+        if top not in modules:
+            left.append(top)
+            continue
+        for leaf, array in flatten_dict(
+            {"": value} if not isinstance(value, Mapping) else value
+        ).items():
+            name = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf[-1]]
+            array = np.asarray(array, np.float32)
+            out[f"{modules[top]}.{name}"] = array.T if leaf[-1] == "kernel" else array
+    back = flatten_dict(head_params_from_hf(model_type, config, out))
+    want = {k: v for k, v in flatten_dict(dict(head_params)).items() if k[0] not in left}
+    if set(back) != set(want) or any(
+        not np.array_equal(np.asarray(back[k]), np.asarray(want[k], np.float32)) for k in want
+    ):
+        raise ValueError(f"head_params_to_hf: the {model_type} head does not round-trip.")
+    return out, left
 
 
 def merge_head_params(head_params: Any, pretrained: Mapping, *, skip_mismatched: bool = False):

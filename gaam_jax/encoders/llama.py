@@ -571,6 +571,7 @@ ARCHITECTURE = Architecture(
         module=LlamaHead,
         options_from_hf=head_options_from_hf,
         params_from_hf=head_params_from_hf,
+        hf_modules={"score": "score"},
         pooling=lambda options: "last",
         pool_mask=head_pool_mask,
         # Llama's score has no "classifier" in its name: the paper's scripts never train it.

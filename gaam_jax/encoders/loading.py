@@ -23,7 +23,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gaam_jax.adapters import Adapters
-from gaam_jax.encoders import registry, stack
+from gaam_jax.encoders import heads, registry, stack
 from gaam_jax.encoders.architecture import Architecture
 from gaam_jax.encoders.checkpoint import open_tensors, read_config, resolve
 from gaam_jax.encoders.encoder import Encoder, init_adapters
@@ -210,8 +210,11 @@ def from_pretrained(
       adapters: LoRA and/or DAAM adapters to attach (:mod:`gaam_jax.adapters`), fresh (seeded
         by ``adapter_seed``) unless ``adapter`` gives the LoRA.
       adapter: a folder holding a LoRA adapter that Hugging Face peft wrote
-        (``adapter_config.json``, ``adapter_model.safetensors``): its targets, ``r``,
-        ``lora_alpha`` and ``use_rslora`` are honoured; other PEFT types are refused.
+        (``adapter_config.json``, ``adapter_model.safetensors``), as
+        :func:`gaam_jax.adapters.peft.read` reads it (ranks, alphas and their patterns,
+        ``layers_to_transform``, rsLoRA, DoRA); a head saved through ``modules_to_save`` is
+        ignored here (:func:`classifier_from_pretrained` uses it); other PEFT types are
+        refused.
       adapter_seed: seeds fresh adapters.
 
     Returns:
@@ -253,10 +256,14 @@ def from_pretrained(
         # would run it half-initialised whenever peft is imported first.
         from gaam_jax.adapters import peft  # noqa: PLC0415
 
-        lora_cfg, variables = peft.load(adapter, model_type, config)
+        read = peft.read(adapter, model_type, config, params=encoder.params)
+        # A saved head (a SEQ_CLS adapter's) is no part of the encoder; other saved modules are.
+        heads.head_params_from_saved(model_type, raw, read.saved)
+        lora_cfg, variables = read.lora, read.variables
         if adapters is not None and adapters.lora is not None:
             raise ValueError("from_pretrained: give adapters.lora or adapter, not both.")
-        adapters = Adapters(lora=lora_cfg, daam=adapters.daam if adapters else False)
+        # DAAM gates: the folder's (peft.DAAM_FILE), else fresh ones when adapters asks.
+        adapters = Adapters(lora=lora_cfg, daam=read.daam or bool(adapters and adapters.daam))
         return encoder.with_adapters(adapters, variables=_with_daam(adapters, variables, encoder))
     if adapters is not None and adapters.any:
         return encoder.with_adapters(adapters, seed=adapter_seed)

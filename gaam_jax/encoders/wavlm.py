@@ -746,6 +746,8 @@ ARCHITECTURE = Architecture(
         module=WavLMHead,
         options_from_hf=head_options_from_hf,
         params_from_hf=head_params_from_hf,
+        # layer_weights is a bare parameter of the torch model, no module: not listed.
+        hf_modules={"projector": "projector", "classifier": "classifier"},
         pooling=lambda options: "mean",
         fit_encoder=head_fit_encoder,
         check_encoder=head_check_encoder,
