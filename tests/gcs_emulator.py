@@ -18,6 +18,9 @@ import urllib.parse
 import urllib.request
 
 BUCKET = "bkt"
+# While an object of this name is in the bucket, downloads lack ``x-goog-generation``
+# (:func:`answer_malformed`): a store that starts answering malformed midway through a run.
+MALFORMED = "_emulator/malformed"
 
 
 def free_port() -> int:
@@ -44,7 +47,7 @@ def send_generation_headers(server_module) -> None:
             obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
         except Exception:  # noqa: BLE001 - not found: the original handler answers 404
             obj = None
-        if obj is not None:
+        if obj is not None and not _exists(storage, MALFORMED):
             response["x-goog-generation"] = str(obj["generation"])
             response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
         return original(request, response, storage, *args, **kwargs)
@@ -55,6 +58,26 @@ def send_generation_headers(server_module) -> None:
         for method, handler in list(handlers.items()):
             if handler is original:
                 handlers[method] = download
+
+
+def _exists(storage, name: str) -> bool:
+    try:
+        return storage.get_file_obj(BUCKET, name) is not None
+    except Exception:  # noqa: BLE001 - the emulator raises its own NotFound
+        return False
+
+
+def answer_malformed(gcs) -> None:
+    """Makes the running emulator leave out ``x-goog-generation`` from now on: tensorstore's
+    next read of an OCDBT manifest fails. One plain upload, straight to its JSON API."""
+    query = urllib.parse.urlencode({"uploadType": "media", "name": MALFORMED})
+    request = urllib.request.Request(
+        f"{gcs['url']}/upload/storage/v1/b/{BUCKET}/o?{query}",
+        data=b"1",
+        method="POST",
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    urllib.request.urlopen(request).close()
 
 
 def objects(gcs, prefix: str) -> list[str]:
@@ -73,19 +96,25 @@ def upload(local: pathlib.Path, url: str) -> None:
 
 
 @contextlib.contextmanager
-def start():
+def start(*, generation_header: bool = True):
     """A GCS emulator with an empty bucket; yields the environment that points clients at it.
 
     The emulator runs in a process of its own: in the test's process its HTTP threads would
     share the interpreter lock with the training they serve (a fine-tuning run took twice as
     long).
+
+    Args:
+      generation_header: send ``x-goog-generation`` with downloads, as real GCS does. False
+        models a store that answers malformed: orbax's second save to it fails (tensorstore:
+        "Malformed StorageGeneration").
     """
     # Both are in the dev extra: a missing one fails here, it is not skipped.
     import gcp_storage_emulator  # noqa: F401
     import gcsfs  # noqa: F401 - epath's gs:// backend
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, __file__, str(port)], stdin=subprocess.DEVNULL)
+    argv = [sys.executable, __file__, str(port)] + ([] if generation_header else ["--malformed"])
+    server = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while True:
@@ -103,6 +132,7 @@ def start():
         "STORAGE_EMULATOR_HOST": url,  # gcsfs (etils.epath) and google-cloud-storage
         "TENSORSTORE_GCS_HTTP_URL": url,  # tensorstore (orbax's array writes)
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "abc",  # tensorstore: no credential lookup
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # the emulator has no storage-control API
         "NO_GCE_CHECK": "True",  # google-auth: no probe of a GCE metadata server
     }
     saved = {k: os.environ.get(k) for k in env}
@@ -119,15 +149,16 @@ def start():
         server.wait()
 
 
-def _serve(port: int) -> None:
+def _serve(port: int, generation_header: bool = True) -> None:
     """The emulator's process: serves until killed."""
     from gcp_storage_emulator import server as server_module
 
-    send_generation_headers(server_module)
+    if generation_header:
+        send_generation_headers(server_module)
     server = server_module.create_server("127.0.0.1", port, in_memory=True,
                                          default_bucket=BUCKET)  # fmt: skip
     server.run()
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]))
+    _serve(int(sys.argv[1]), generation_header="--malformed" not in sys.argv[2:])

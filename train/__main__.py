@@ -4,11 +4,14 @@ Runs every fold and seed of the config, resuming whatever a previous invocation 
 command left unfinished, and prints the cross-validated results table. The config is validated
 against the data, and the workdir against the config it records, before any work: a user error
 prints ``error: <cause and fix>`` in one line and exits with status 2 (``--debug`` shows the
-traceback instead).
+traceback instead). So does a failed save (a store that answers malformed, a full or read-only
+disk): the line names the store, the cause and the last verified checkpoint, which rerunning
+the same command resumes from; orbax's and tensorstore's own reports of it are held back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import sys
 import time
@@ -33,9 +36,23 @@ def _disk_full(err: BaseException) -> bool:
 
 def user_error(err: BaseException, workdir: str) -> str | None:
     """The one-line message for an error the user can fix, or None for a bug."""
+    from train.checkpointing import SaveError
     from train.loop import NonFiniteLossError
 
     if isinstance(err, config_lib.ConfigError | NonFiniteLossError):
+        return str(err)
+    if isinstance(err, SaveError):
+        if _disk_full(err):
+            step = err.last_verified
+            where = (
+                "starts over: no checkpoint was verified yet"
+                if step is None
+                else f"resumes from the last verified checkpoint, step {step}"
+            )
+            return (
+                f"the disk holding {err.store} is full; free space and rerun the same command "
+                f"(it {where})."
+            )
         return str(err)
     if _disk_full(err):
         return (
@@ -77,15 +94,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             import jax
 
             jax.distributed.initialize()
-        from train import cross_validation, finetune, validate
+        from train import checkpointing, cross_validation, finetune, validate
 
         progress = not args.no_progress
-        if finetune.is_finetune(config):  # an encoder trains through its adapters
-            datasets = finetune.prepare(config, args.workdir)
-            finetune.run(config, args.workdir, datasets=datasets, progress=progress)
-        else:
-            datasets = validate.prepare(config, args.workdir)
-            cross_validation.run(config, args.workdir, datasets=datasets, progress=progress)
+        # A failed save is reported in one line; --debug keeps orbax's own reports of it.
+        quiet = contextlib.nullcontext() if args.debug else checkpointing.quiet_failed_saves()
+        with quiet:
+            if finetune.is_finetune(config):  # an encoder trains through its adapters
+                datasets = finetune.prepare(config, args.workdir)
+                finetune.run(config, args.workdir, datasets=datasets, progress=progress)
+            else:
+                datasets = validate.prepare(config, args.workdir)
+                cross_validation.run(config, args.workdir, datasets=datasets, progress=progress)
         print(f"wall time: {time.perf_counter() - start:.0f} s")
         return 0
 

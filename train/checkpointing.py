@@ -21,13 +21,26 @@ Saves are orbax's own asynchronous saves: :meth:`Checkpoints.save` copies the st
 (so the next donated step cannot clobber it) and returns while orbax writes. The checksum
 record is the thin layer on top: it is written as soon as orbax reports the save finished
 (:meth:`Checkpoints.poll`, called by the loop at every fetch point, or :meth:`wait`).
+
+A save that fails (the store answers malformed, the disk is full or read-only), in the
+background or not, surfaces at the next save, poll, wait or close as one :class:`SaveError`
+naming the store, the cause and the last verified checkpoint; orbax and tensorstore's own
+reports of it are held back by :func:`quiet_failed_saves` (the command line's).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
+import logging
+import os
 import pathlib
+import re
+import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -66,6 +79,142 @@ def snapshot(tree: Any) -> Any:
 
 class CheckpointError(RuntimeError):
     """A checkpoint failed verification (its message is one line)."""
+
+
+class SaveError(RuntimeError):
+    """Saving a checkpoint failed; its message is one line that says what a rerun resumes from.
+
+    Args:
+      store: the checkpoint folder (a local path or a ``gs://`` URL).
+      step: the step being saved.
+      cause: one line, e.g. ``Error writing gs://.../manifest.ocdbt: Malformed StorageGeneration``.
+      last_verified: the newest checkpoint whose checksum record is committed (None: none yet).
+    """
+
+    def __init__(self, store: str, step: int | None, cause: str, last_verified: int | None):
+        self.store, self.step, self.cause, self.last_verified = store, step, cause, last_verified
+        what = "a checkpoint" if step is None else f"checkpoint {step}"
+        super().__init__(f"saving {what} to {store} failed: {cause}; {self.resumes()}")
+
+    def resumes(self) -> str:
+        """What rerunning the same command does: resume from the last verified checkpoint."""
+        if self.last_verified is None:
+            return "no checkpoint was verified yet, so rerunning the same command starts over."
+        return (
+            "rerunning the same command resumes from the last verified checkpoint, "
+            f"step {self.last_verified}."
+        )
+
+
+def _cause(err: BaseException) -> str:
+    """One short line for the root of ``err``'s chain (tensorstore's spec dumps left out)."""
+    seen = set()
+    while id(err) not in seen and (err.__cause__ or err.__context__) is not None:
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    if isinstance(err, OSError) and err.strerror:
+        where = err.filename or ""
+        return f"{err.strerror}{f' ({where})' if where else ''}"
+    text = re.sub(r"\s*\[tensorstore_spec=.*$", "", " ".join(str(err).split()))
+    # tensorstore nests "Error opening ...: Error writing <object>: <reason>"; the last two say
+    # which object and why.
+    text = ": ".join(text.split(": ")[-2:])
+    return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
+
+
+class _HeldBack(logging.Filter):
+    """Keeps orbax's warnings and errors and asyncio's errors instead of writing them.
+
+    orbax's warnings too: a failing store is slow first ("Waiting for previous save ...").
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+        level = logging.WARNING if orbax else logging.ERROR
+        if (orbax or record.name == "asyncio") and record.levelno >= level:
+            self.records.append(record)
+            return False
+        return True
+
+
+class _Abandoned(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" for operations on a store that failed.
+
+    tensorstore releases a failed save's futures whenever its threads let go of them (often at
+    interpreter shutdown); each would log the failure that :class:`SaveError` already reported.
+    Installed on the first SaveError and left installed: it matches only those stores' paths.
+    """
+
+    stores: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return "never retrieved" not in text or not any(s in text for s in self.stores)
+
+
+_ABANDONED = _Abandoned()
+
+
+def _loop_closed(args: Any) -> bool:
+    """Whether an unraisable exception is tensorstore calling back into a closed asyncio loop.
+
+    orbax runs each save's tensorstore futures on an asyncio loop of its own, and closes it
+    when the first of them fails; the others then fail to post their results to it.
+    """
+    return isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(
+        args.exc_value
+    )
+
+
+@contextlib.contextmanager
+def quiet_failed_saves() -> Iterator[None]:
+    """Holds back orbax's, tensorstore's and asyncio's own reports of a failing save.
+
+    They repeat in hundreds of lines (tracebacks from background threads, callbacks into closed
+    event loops, abandoned tasks) the failure that :class:`SaveError` says in one. If the block
+    ends in a SaveError they are dropped; otherwise they are written when it ends, so nothing
+    else is lost. The command line's ``--debug`` does without this.
+    """
+    held = _HeldBack()
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    unraisable: list[Any] = []
+    previous = sys.unraisablehook
+
+    def hook(args: Any) -> None:
+        (unraisable.append if _loop_closed(args) else previous)(args)
+
+    for logger in loggers:
+        logger.addFilter(held)
+    sys.unraisablehook = hook
+    failed = False
+    try:
+        yield
+    except SaveError as err:
+        failed = True
+        # Its chain's tracebacks hold orbax's abandoned tasks; released and collected here,
+        # they are not reported as "never retrieved" at interpreter shutdown.
+        chained: BaseException | None = err
+        while chained is not None:
+            chained.__traceback__ = None
+            chained = chained.__cause__ or chained.__context__
+        _ABANDONED.stores.add(err.store)
+        logging.getLogger("asyncio").addFilter(_ABANDONED)  # once: filters are a set
+        gc.collect()
+        raise
+    finally:
+        for logger in loggers:
+            logger.removeFilter(held)
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous
+        if not failed:
+            for record in held.records:
+                logging.getLogger(record.name).handle(record)
+            for args in unraisable:
+                previous(args)
 
 
 def _read_checksums(path: storage.AnyPath) -> dict[str, str]:
@@ -111,6 +260,21 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(self.directory / "steps", options=options)
         self.sums_dir = self.directory / "checksums"
         self._unsealed: int | None = None  # saved by orbax, checksum record not yet written
+        # Tracked as they are committed or restored, so a failure names it without asking a
+        # store that is failing.
+        self._last_verified: int | None = None
+        self._failed: SaveError | None = None
+
+    @contextlib.contextmanager
+    def _saving(self, step: int | None) -> Iterator[None]:
+        """Turns any failure of the enclosed save, wait or rotation into one SaveError."""
+        if self._failed is not None:  # orbax's manager is unusable after a failed save
+            raise self._failed
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - whatever the store or disk raised
+            self._failed = SaveError(str(self.directory), step, _cause(err), self._last_verified)
+            raise self._failed from err
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -119,38 +283,54 @@ class Checkpoints:
 
         Returns once the arrays are copied on device; orbax writes in the background and the
         checkpoint counts once :meth:`poll` or :meth:`wait` has committed its checksum record.
+
+        Raises:
+          SaveError: this save or the previous one failed.
         """
         self.wait()
-        if step in self.steps():  # a replayed step after a resume: write it again
-            self._delete(step)
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(snapshot(state)),
-            best=ocp.args.StandardSave(snapshot(best)),
-            meta=ocp.args.JsonSave(meta),
-        )
-        self.manager.save(step, args=args, force=True)
-        self._unsealed = step
+        with self._saving(step):
+            if step in self.steps():  # a replayed step after a resume: write it again
+                self._delete(step)
+            args = ocp.args.Composite(
+                state=ocp.args.StandardSave(snapshot(state)),
+                best=ocp.args.StandardSave(snapshot(best)),
+                meta=ocp.args.JsonSave(meta),
+            )
+            self.manager.save(step, args=args, force=True)
+            self._unsealed = step
         if not self.asynchronous:
             self.wait()
 
     def poll(self) -> None:
-        """Commits the checksum record of a save orbax has finished (never waits)."""
-        if self._unsealed is not None and not self.manager.is_saving_in_progress():
+        """Commits the checksum record of a save orbax has finished (never waits).
+
+        Raises:
+          SaveError: the save failed.
+        """
+        with self._saving(self._unsealed):
+            finished = self._unsealed is not None and not self.manager.is_saving_in_progress()
+        if finished:
             self.wait()
 
     def wait(self) -> None:
-        """Blocks until the last save is committed (record written, old ones rotated)."""
-        self.manager.wait_until_finished()
-        if self._unsealed is None:
-            return
-        step, self._unsealed = self._unsealed, None
-        if jax.process_index() == 0:
-            self.sums_dir.mkdir(exist_ok=True)
-            digests = file_digests(self.directory / "steps" / str(step))
-            write_json_atomic(self._sum_path(step), {"files": digests})
-        kept = self.verified_steps()
-        for old in kept[: -self.max_to_keep]:
-            self._delete(old)
+        """Blocks until the last save is committed (record written, old ones rotated).
+
+        Raises:
+          SaveError: the save failed.
+        """
+        with self._saving(self._unsealed):
+            self.manager.wait_until_finished()
+            if self._unsealed is None:
+                return
+            step = self._unsealed
+            if jax.process_index() == 0:
+                self.sums_dir.mkdir(exist_ok=True)
+                digests = file_digests(self.directory / "steps" / str(step))
+                write_json_atomic(self._sum_path(step), {"files": digests})
+            self._unsealed, self._last_verified = None, step
+            kept = self.verified_steps()
+            for old in kept[: -self.max_to_keep]:
+                self._delete(old)
 
     def _delete(self, step: int) -> None:
         if jax.process_index() == 0:
@@ -216,14 +396,51 @@ class Checkpoints:
         """
         for step in reversed(self.steps()):
             try:
-                return self._restore(step, abstract_state)
+                restored = self._restore(step, abstract_state)
             except CheckpointError as err:
                 print(f"warning: skipping checkpoint {self.directory / 'steps' / str(step)}: {err}")
+            else:
+                self._last_verified = step
+                return restored
         return None
 
     def close(self) -> None:
-        """Commits the last save, then releases orbax's resources."""
+        """Commits the last save, then releases orbax's resources.
+
+        Raises:
+          SaveError: the last save failed (and was not reported yet).
+        """
+        if self._failed is not None:  # reported already: only release what is left
+            self._release()
+            return
         try:
             self.wait()
         finally:
+            self._release()
+
+    def _release(self) -> None:
+        try:
             self.manager.close()
+        except Exception:  # noqa: BLE001 - after a failed save: that failure is the one to report
+            if self._failed is None:
+                raise
+        if self._failed is not None:
+            # The failed save's other background threads report their own failures (while the
+            # command line holds such reports back): let them finish now rather than at exit.
+            for thread in threading.enumerate():
+                if thread is not threading.current_thread() and _orbax_save_thread(thread):
+                    with contextlib.suppress(Exception):  # orbax's join re-raises the failure
+                        thread.join(timeout=_JOIN_S)
+            # Its abandoned coroutines, collected now rather than at interpreter shutdown, when
+            # their cleanup can no longer import anything.
+            gc.collect()
+
+
+_JOIN_S = 30.0  # the most a failed save's background thread is waited for, each
+
+
+def _orbax_save_thread(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is one of orbax's per-save threads (not its long-lived loops)."""
+    return thread.name == "async_save" or (
+        type(thread).__name__ == "_SignalingThread" and type(thread).__module__.startswith("orbax")
+    )
