@@ -155,15 +155,18 @@ def adapt(model: nnx.Module, lora: LoRA | None, daam: DAAM | None, rngs: nnx.Rng
     matched_lora, matched_daam = [], []
     for path, module in list(nnx.iter_modules(model)):
         where = "/".join(str(p) for p in path)
+        adapted = False
         if lora is not None and isinstance(module, _KINDS) and lora.matches(where):
             _attach_lora(module, lora, where, rngs.params())
             matched_lora.append(where)
+            adapted = True
         if daam is not None and path and daam.matches(where):
             module.daam_adapter = DaamAdapter(_width(module, daam, where))
             module.daam_config = daam
             module.daam_path = where
             matched_daam.append(where)
-        if where in matched_lora[-1:] + matched_daam[-1:]:
+            adapted = True
+        if adapted:
             module.__class__ = _adapted_class(_base_class(module))
     for cfg, found, kind in ((lora, matched_lora, "LoRA"), (daam, matched_daam, "DAAM")):
         if cfg is not None and not found:
