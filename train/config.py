@@ -23,6 +23,45 @@ from gaam_jax.cli import one_line  # noqa: F401 - re-exported for train's module
 REQUIRED = ("dataset_paths", "model", "optimizer", "cv", "batch_size", "num_epochs", "seeds")
 
 
+# What an optional key means when a config leaves it out (configs, and the configs recorded with
+# runs, written before the key existed): each default stated once, read with setting().
+DEFAULTS: dict[str, Any] = {
+    "log_every_steps": 0,
+    "async_checkpoints": True,
+    "data_on_device": "auto",
+    "runs_per_program": 0,
+    "runs_vectorized": "auto",
+    "validation_paths": {},
+    "manual_dir": "",
+    "model.head_kwargs": {},
+    "optimizer.frozen": (),
+    "optimizer.loraplus_ratio": 0.0,
+    "encoder.revision": "",
+    "encoder.max_length": 0,
+    "encoder.pooling": "mean",
+    "encoder.fingerprint": "",
+    "adapters.use_dora": False,
+    "adapters.rank_pattern": (),
+    "adapters.alpha_pattern": (),
+}
+
+
+def setting(config: ml_collections.ConfigDict, key: str, within: str = "") -> Any:
+    """``config``'s value at the dotted ``key``, or :data:`DEFAULTS`' when it leaves it out.
+
+    Args:
+      config: a config, or its sub-config ``within`` (``config.optimizer``: ``within='optimizer'``).
+      key: the dotted key below ``config``.
+      within: the dotted path of ``config`` in the whole config, for the defaults table.
+    """
+    node = config
+    for part in key.split("."):
+        if part not in node:
+            return DEFAULTS[f"{within}.{key}" if within else key]
+        node = node[part]
+    return node
+
+
 class ConfigError(ValueError):
     """A config that cannot be loaded or used; the message is one line naming cause and fix."""
 

@@ -22,6 +22,7 @@ import numpy as np
 from data import pipeline
 from gaam_jax import sharding, storage
 from train import artefacts, feeds, loop, report
+from train import config as config_lib
 from train.runs import CONFIG, RECORD, RunRecord, run_folder, write_json_atomic
 from train.splits import DatasetFolds, open_folds
 from train.steps import Steps
@@ -117,7 +118,7 @@ def plan_programs(config: ml_collections.ConfigDict, datasets: list[DatasetFolds
                     tr, va = tr + offset, va + offset
                     runs.append(RunSpec(d.name, seed, fold, column, index, tr, va))
             offset += len(d.source)
-        size = config.get("runs_per_program", 0) or len(runs)
+        size = config_lib.setting(config, "runs_per_program") or len(runs)
         chunks = [runs[i : i + size] for i in range(0, len(runs), size)]
         base = "+".join(d.name for d in members)
         for i, chunk in enumerate(chunks):
@@ -202,7 +203,7 @@ def _train(
         if primary:
             write_json_atomic(d / CONFIG, artefacts.run_config(config, by_name[r.dataset]))
     feed = feeds.make_feed(steps, program.source(), steps.num_classes,
-                           config.get("data_on_device", "auto"))  # fmt: skip
+                           config_lib.setting(config, "data_on_device"))  # fmt: skip
     boards = [artefacts.TensorBoard(d, config) if primary else None for d in dirs]
     bar = _progress_bar(f"{program.name} ({len(program.runs)} runs)", show)
 

@@ -43,6 +43,7 @@ from data import pipeline
 from gaam_jax import COMPUTE_DTYPES, storage
 from gaam_jax import adapters as adapters_lib
 from gaam_jax.encoders import checkpoint, heads
+from train import config as config_lib
 from train import steps as steps_lib
 from train.config import ConfigError, one_line
 from train.splits import CV_KINDS, DatasetFolds
@@ -67,10 +68,10 @@ def adapters_from_config(cfg: ml_collections.ConfigDict) -> adapters_lib.Adapter
             targets=str(cfg.lora_targets),
             scaling=str(cfg.lora_scaling),
             init=str(cfg.lora_init),
-            use_dora=bool(cfg.get("use_dora", False)),
+            use_dora=bool(config_lib.setting(cfg, "use_dora", within="adapters")),
             # (regex, value) pairs; LoRA also takes the lists a recorded config.json gives back.
-            rank_pattern=cfg.get("rank_pattern") or (),
-            alpha_pattern=cfg.get("alpha_pattern") or (),
+            rank_pattern=config_lib.setting(cfg, "rank_pattern", within="adapters") or (),
+            alpha_pattern=config_lib.setting(cfg, "alpha_pattern", within="adapters") or (),
         )
     return adapters_lib.Adapters(lora=lora, daam=bool(cfg.daam))
 
@@ -82,7 +83,7 @@ def encoder_folder(config: ml_collections.ConfigDict) -> pathlib.Path:
         from gaam_jax.encoders import bert
 
         path = bert.minilm_dir()
-    return checkpoint.resolve(path, config.encoder.get("revision") or None)
+    return checkpoint.resolve(path, config_lib.setting(config, "encoder.revision") or None)
 
 
 @dataclasses.dataclass(eq=False)
@@ -229,7 +230,7 @@ def build_model(
         remat=enc_cfg.remat,
         adapters=adapters_from_config(config.adapters),
     )
-    head_kwargs = dict(config.model.get("head_kwargs", {}))
+    head_kwargs = dict(config_lib.setting(config, "model.head_kwargs"))
     for key in ("map_shape", "layers"):
         if key in head_kwargs:
             head_kwargs[key] = tuple(head_kwargs[key]) or None
@@ -255,7 +256,7 @@ def build_model(
         example=example,
         pretrained_head=jax.tree.map(np.array, found),  # small host copies (pooler, norms)
         trainable_head=heads.trainable_head_paths(module.head_kind, config.paper_faithful),
-        loraplus_ratio=float(config.optimizer.get("loraplus_ratio", 0.0)),
+        loraplus_ratio=float(config_lib.setting(config, "optimizer.loraplus_ratio")),
         paper_faithful=bool(config.paper_faithful),
         magnitudes=_dora_magnitudes(encoder, lora, mesh) if lora and lora.use_dora else {},
     )
@@ -292,8 +293,8 @@ def preprocessor(config: ml_collections.ConfigDict) -> Any:
 
     return FeatureEncoder(
         encoder_folder(config),
-        max_length=config.encoder.get("max_length") or None,
-        pooling=config.encoder.get("pooling", "mean"),
+        max_length=config_lib.setting(config, "encoder.max_length") or None,
+        pooling=config_lib.setting(config, "encoder.pooling"),
     )
 
 
@@ -339,7 +340,7 @@ class RawSource:
     def __init__(self, config: ml_collections.ConfigDict, sources: list[Any], first: dict):
         self.config = config
         self.parts = pipeline.ConcatSource(sources)
-        self.length = config.encoder.get("max_length") or None
+        self.length = config_lib.setting(config, "encoder.max_length") or None
         self.encoder = preprocessor(config)  # read once, not once per record
         one = self._inputs([first])
         # One example's model inputs (batch 1): the programs' example and the feed's shapes.
@@ -383,10 +384,13 @@ def open_raw_folds(config: ml_collections.ConfigDict, name: str) -> DatasetFolds
     sources, info = [], None
     for split in splits:
         source, info = registry.load_examples(
-            name, config.dataset_paths[name], split, manual_dir=config.get("manual_dir") or None
+            name,
+            config.dataset_paths[name],
+            split,
+            manual_dir=config_lib.setting(config, "manual_dir") or None,
         )
         sources.append(source)
-    on_device = config.get("data_on_device", "auto")
+    on_device = config_lib.setting(config, "data_on_device")
     lazy, encoder = None, None
     if on_device is not True:
         lazy = RawSource(config, sources, sources[0][0])
@@ -441,7 +445,7 @@ def with_fingerprint(config: ml_collections.ConfigDict) -> ml_collections.Config
     refused like one of another config, and :class:`train.inference.FineTunedPredictor` refuses
     to load a run whose encoder changed.
     """
-    if not config.encoder.get("fingerprint"):
+    if not config_lib.setting(config, "encoder.fingerprint"):
         with config.unlocked():
             config.encoder.fingerprint = checkpoint.weights_fingerprint(encoder_folder(config))
     return config
@@ -450,7 +454,7 @@ def with_fingerprint(config: ml_collections.ConfigDict) -> ml_collections.Config
 def check_fingerprint(config: ml_collections.ConfigDict) -> None:
     """Raises a one-line ValueError when the encoder's weights are not the recorded ones."""
     folder = encoder_folder(config)
-    if checkpoint.weights_fingerprint(folder) != config.encoder.get("fingerprint"):
+    if checkpoint.weights_fingerprint(folder) != config_lib.setting(config, "encoder.fingerprint"):
         raise ValueError(
             f"{folder}: the encoder's weights are not the ones this run was trained on "
             "(their fingerprint differs); point encoder.path at the original weights."
@@ -484,7 +488,7 @@ def check(config: ml_collections.ConfigDict, workdir: Any) -> list[DatasetFolds]
     validate.check_values(config)
     validate.check_workdir(workdir)
     validate.check_mesh(config)
-    if config.get("runs_per_program", 1) != 1:
+    if config_lib.setting(config, "runs_per_program") != 1:
         raise ConfigError("fine-tuning trains one run per program: set runs_per_program=1.")
     choices = (("encoder.dtype", tuple(COMPUTE_DTYPES)), ("model.head", ("auto", *heads.HEADS)))
     for key, allowed in choices:
@@ -585,7 +589,7 @@ def base_model_id(config: ml_collections.ConfigDict) -> tuple[str, str | None]:
     """
     path = config.encoder.path
     if path and checkpoint.is_hub_id(path):
-        return path, config.encoder.get("revision") or None
+        return path, config_lib.setting(config, "encoder.revision") or None
     return str(encoder_folder(config).resolve()), None
 
 
@@ -623,7 +627,7 @@ def write_adapter(config: ml_collections.ConfigDict, run_dir: Any) -> list[str]:
             "modules_to_save cannot hold): transformers' own init is used"
             for name in left
         ]
-        pad = dict(config.model.get("head_kwargs", {})).get("pad_token_id")
+        pad = dict(config_lib.setting(config, "model.head_kwargs")).get("pad_token_id")
         if pad is None and arch.model_type == "llama":
             from data.preprocess.text import TextPreprocessor
 

@@ -29,6 +29,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from gaam_jax import storage
+from train import config as config_lib
 from train import feeds, plateau
 from train.checkpointing import Checkpoints, snapshot
 from train.steps import Steps, Sums, TrainState, select
@@ -207,11 +208,13 @@ def train_program(
     per_epoch = feeds.steps_per_epoch(padded, cfg.batch_size)
     positions = int(per_epoch.max())  # the longest run's steps per epoch
     total = positions * cfg.num_epochs
-    every = (cfg.checkpoint_every_steps, cfg.get("log_every_steps", 0))
+    every = (cfg.checkpoint_every_steps, config_lib.setting(cfg, "log_every_steps"))
     plateau_args = (cfg.optimizer.plateau_factor, cfg.optimizer.plateau_patience)
     primary = jax.process_index() == 0
     ckpt = Checkpoints(
-        directory, max_to_keep=cfg.max_to_keep, asynchronous=cfg.get("async_checkpoints", True)
+        directory,
+        max_to_keep=cfg.max_to_keep,
+        asynchronous=config_lib.setting(cfg, "async_checkpoints"),
     )
     try:
         state = steps.init_state(padded.seeds)
@@ -230,7 +233,7 @@ def train_program(
                 first = int(np.argmax(bad != NO_BAD_STEP))
                 raise _non_finite(ckpt, directory, first, bad, upto, epoch, plan.names)
 
-        log_every = cfg.get("log_every_steps", 0)
+        log_every = config_lib.setting(cfg, "log_every_steps")
         logged = None  # (program step, wall time) of the last training line in this process
 
         def write_metrics(r: int, durable: bool) -> None:

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from gaam_jax import storage
+from train import config as config_lib
 
 RECORD = "record.json"  # one run's outcome
 CONFIG = "config.json"  # a workdir's (or a run's) identity
@@ -130,7 +131,7 @@ def dataset_fingerprint(path: str | pathlib.Path) -> str:
 def identity(config: ml_collections.ConfigDict) -> dict:
     """The resolved config and a fingerprint of every dataset it reads."""
     paths = dict(config.dataset_paths)
-    for name, path in dict(config.get("validation_paths", {})).items():
+    for name, path in dict(config_lib.setting(config, "validation_paths")).items():
         paths[f"{name} (validation)"] = path
     data = {
         name: {"path": str(p), "fingerprint": dataset_fingerprint(p)} for name, p in paths.items()

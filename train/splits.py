@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from data import pipeline
+from train import config as config_lib
 
 CV_KINDS = ("stratified_kfold", "leave_one_group_out", "holdout")
 
@@ -60,7 +61,7 @@ def open_folds(config: ml_collections.ConfigDict, name: str) -> DatasetFolds:
     input_shape = tuple(info.features["features"].shape)
     kind = config.cv.kind
     if kind == "holdout":
-        if name not in config.get("validation_paths", {}):
+        if name not in config_lib.setting(config, "validation_paths"):
             raise ValueError(
                 f"cv.kind 'holdout' needs validation_paths.{name} (the held-out split)."
             )

@@ -35,6 +35,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from gaam_jax import COMPUTE_DTYPES, GaussianAdaptiveTransformer, importance, sharding
+from train import config as config_lib
 from train import losses, plateau
 
 GATED_FRONTS = ("gaam", "gqgaam", "mixture")
@@ -121,7 +122,7 @@ def make_optimizer(opt_cfg: ml_collections.ConfigDict) -> optax.GradientTransfor
         optax.clip_by_global_norm(opt_cfg.grad_clip),
         optax.adamw(opt_cfg.learning_rate, weight_decay=opt_cfg.weight_decay),
     )
-    patterns = tuple(opt_cfg.get("frozen", ()))
+    patterns = tuple(config_lib.setting(opt_cfg, "frozen", within="optimizer"))
     if not patterns:
         return tx
 
@@ -471,7 +472,7 @@ class Steps:
         vmapped cost 2.7x per run what one costs; looped, 1.0x), so "auto" loops there. A run
         axis split over devices is always vmapped (each device holds its own runs).
         """
-        per = self.config.get("runs_vectorized", "auto")
+        per = config_lib.setting(self.config, "runs_vectorized")
         if per == "auto":
             per = 1 if jax.default_backend() == "cpu" else 0
         if per == 0 or self.runs_multiple() > 1:

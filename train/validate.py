@@ -20,6 +20,7 @@ import numpy as np
 
 from gaam_jax import COMPUTE_DTYPES, storage
 from gaam_jax.transformer import FRONTS
+from train import config as config_lib
 from train import feeds, losses, runs
 from train.config import ConfigError, one_line
 from train.splits import CV_KINDS, DatasetFolds, open_folds
@@ -70,7 +71,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"optimizer.{key} must be positive, got {opt[key]!r}.")
     if not 0 < opt.plateau_factor < 1:
         raise ConfigError(f"optimizer.plateau_factor must be in (0, 1), got {opt.plateau_factor}.")
-    per = config.get("runs_vectorized", "auto")
+    per = config_lib.setting(config, "runs_vectorized")
     if per != "auto" and not (isinstance(per, int) and per >= 0):
         raise ConfigError(f"runs_vectorized must be 'auto' or a count >= 0, got {per!r}.")
     if not config.seeds:
