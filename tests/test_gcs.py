@@ -4,6 +4,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -26,12 +27,18 @@ def _cli(gcs, cfg, workdir, cwd, cache):
                             stderr=subprocess.STDOUT)  # fmt: skip
 
 
+# A log record (absl/logging "WARNING:absl:...", glog "W1206 ..."): stderr is merged into the
+# output, and orbax's warnings of a healthy run are written when training ends (see
+# checkpointing.quiet_failed_saves), between the table and the wall time.
+_LOG_LINE = re.compile(r"^((DEBUG|INFO|WARNING|ERROR|CRITICAL):[\w.]*:|[IWEF]\d{4} )")
+
+
 def _table(out: str) -> str:
     """The printed results table (the lines from the first ``|``-row to the wall time)."""
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
     end = next(i for i, line in enumerate(lines) if line.startswith("wall time"))
-    return "\n".join(lines[start:end])
+    return "\n".join(line for line in lines[start:end] if not _LOG_LINE.match(line)).rstrip()
 
 
 @pytest.mark.slow

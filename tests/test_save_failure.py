@@ -23,6 +23,14 @@ TENSORSTORE_INFO = re.compile(r"I\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \w+\.cc:\d+\] ")
 
 
 @pytest.fixture
+def own_gcs():
+    """A healthy GCS emulator of this test's own: the test turns it malformed, which must not
+    reach the session's emulator (``gcs``) that other tests share."""
+    with gcs_emulator.start() as found:
+        yield found
+
+
+@pytest.fixture
 def malformed_gcs():
     """A GCS emulator whose downloads lack ``x-goog-generation``: orbax's second save fails."""
     with gcs_emulator.start(generation_header=False) as found:
@@ -39,8 +47,9 @@ def _train(gcs, toy, tmp_path, *flags) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_a_store_that_answers_malformed_ends_in_one_line(gcs, toy, tmp_path):
+def test_a_store_that_answers_malformed_ends_in_one_line(own_gcs, toy, tmp_path):
     """The store turns malformed once the first checkpoint is verified: a later save fails."""
+    gcs = own_gcs
     job = _train(gcs, toy, tmp_path)
     sums = "runs/toy/programs/toy/checkpoints/checksums/"
     deadline = time.time() + 120
