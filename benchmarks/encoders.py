@@ -182,7 +182,7 @@ def section_vs_torch(
         times = compare(
             {
                 "torch": (lambda t=torch_inputs: (t,), torch_run),
-                "jax": (lambda j=jax_inputs: (j,), enc.hidden_states_of),
+                "jax": (lambda j=jax_inputs: (j,), lambda inputs, e=enc: e.hidden_states(**inputs)),
             },
             repeats,
         )
@@ -227,7 +227,7 @@ def section_mesh(names: list[str], quick: bool, repeats: int) -> str:
         errs = {}
         for key, enc in encoders.items():
             errs[key] = np.abs(np.asarray(enc.hidden_states(**inputs)) - ref).max()
-            candidates[key] = (lambda i=inputs: (i,), enc.hidden_states_of)
+            candidates[key] = (lambda i=inputs: (i,), lambda x, e=enc: e.hidden_states(**x))
         times = compare(candidates, repeats)
         cells = " | ".join(
             f"{batch / times[k]:.2f} ({errs[k] / np.abs(ref).max():.0e})" for k in encoders

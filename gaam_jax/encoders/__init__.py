@@ -20,7 +20,8 @@ The package:
 * ``bert``, ``llama``, ``beit``, ``wavlm``: one module per architecture, each with its config,
   encoder, checkpoint mapping, classification head and ``ARCHITECTURE``, what the rest of the
   project knows about it (:class:`Architecture`); ``registry`` finds them by ``model_type``.
-* ``loading`` (:func:`from_pretrained`), ``encoder`` (:class:`Encoder`), ``checkpoint``
+* ``loading`` (:func:`from_pretrained`; :func:`abstract_from_pretrained`, its shapes, dtypes
+  and shardings without reading a weight), ``encoder`` (:class:`Encoder`), ``checkpoint``
   (``config.json`` and safetensors), ``convert`` (``.bin`` to safetensors).
 * ``stack``, ``attention``, ``pooling``: what every architecture's layers share.
 * ``heads`` (:class:`SequenceClassifier`, a head on an encoder), ``head_parts`` (what the heads
@@ -35,6 +36,7 @@ from gaam_jax.encoders.classifier import PretrainedClassifier, classifier_from_p
 from gaam_jax.encoders.encoder import Encoder, init_adapters
 from gaam_jax.encoders.heads import SequenceClassifier, classifier_from_encoder
 from gaam_jax.encoders.loading import (
+    abstract_from_pretrained,
     check_checkpoint,
     configure,
     from_pretrained,
@@ -49,6 +51,7 @@ __all__ = [
     "HfHead",
     "PretrainedClassifier",
     "SequenceClassifier",
+    "abstract_from_pretrained",
     "check_checkpoint",
     "classifier_from_encoder",
     "classifier_from_pretrained",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,7 +39,9 @@ class Encoder:
       config: the architecture's config dataclass.
       module: the Flax module (``module.apply({'params': params}, **inputs)``).
       params: the params tree on device, floating leaves in the compute dtype; the layers'
-        parameters are stacked ``[layers, ...]`` under ``params['layers']``.
+        parameters are stacked ``[layers, ...]`` under ``params['layers']``. Or, from
+        :func:`~gaam_jax.encoders.abstract_from_pretrained`, the same tree of
+        ``jax.ShapeDtypeStruct`` s with their shardings (:attr:`is_abstract`).
       dtype: the compute dtype.
       mesh: the mesh the params are placed on, or None (one device).
       rules: the logical-axis rules used with ``mesh``.
@@ -105,26 +108,61 @@ class Encoder:
           variables: the adapter collection to use instead of fresh ones.
 
         Returns:
-          An :class:`Encoder` whose ``adapters`` are float32 and replicated over the mesh.
+          An :class:`Encoder` whose ``adapters`` are float32 and replicated over the mesh; for
+          an abstract encoder (:attr:`is_abstract`), their ``jax.ShapeDtypeStruct`` s with that
+          placement (nothing is computed).
         """
         module = self.module.clone(adapters=adapters)
         if not adapters.any:
             return dataclasses.replace(self, module=module, adapters=None)
-        if variables is None:
-            variables = init_adapters(module, self.example_inputs(), seed)
+
+        def fresh(params: Any) -> Any:
+            out = init_adapters(module, self.example_inputs(), seed)
             if adapters.lora is not None and adapters.lora.use_dora:
                 # init drew its own base weights: DoRA's magnitudes come from this encoder's.
-                variables = init_magnitudes(self.params, variables, adapters.lora)
-        if self.mesh is not None:
-            replicated = NamedSharding(self.mesh, PartitionSpec())
+                out = init_magnitudes(params, out, adapters.lora)
+            return out
+
+        replicated = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+        if self.is_abstract:  # shapes only, placed as the concrete ones would be
+            if variables is None:
+                variables = jax.eval_shape(fresh, self.params)
+            placement = replicated or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            variables = jax.tree.map(
+                lambda v: jax.ShapeDtypeStruct(
+                    np.shape(v), jax.dtypes.canonicalize_dtype(v.dtype), sharding=placement
+                ),
+                variables,
+            )
+            return dataclasses.replace(self, module=module, adapters=variables)
+        if variables is None:
+            variables = fresh(self.params)
+        if replicated is not None:
             variables = jax.device_put(variables, replicated)
         return dataclasses.replace(self, module=module, adapters=variables)
+
+    @property
+    def is_abstract(self) -> bool:
+        """Whether ``params`` are ``jax.ShapeDtypeStruct`` s (:func:`abstract_from_pretrained`).
+
+        An abstract encoder has the shapes, dtypes and shardings of the loaded one, for
+        ``jax.eval_shape`` and :meth:`bytes_per_device`; it does not run.
+        """
+        return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.params))
+
+    def _require_concrete(self, what: str) -> None:
+        if self.is_abstract:
+            raise ValueError(
+                f"{self.model_type} encoder: {what} needs the weights, and this encoder has "
+                "shapes only (abstract_from_pretrained); load it with from_pretrained."
+            )
 
     def merged(self) -> Encoder:
         """LoRA folded into the base kernels (jitted, same shardings); DAAM adapters kept."""
         lora_cfg = self.module.adapters.lora
         if lora_cfg is None:
             return self
+        self._require_concrete("merged()")
         shardings = jax.tree.map(lambda a: a.sharding, self.params)
         params = jax.jit(merge, static_argnums=2, out_shardings=shardings)(
             self.params, self.adapters, lora_cfg
@@ -176,6 +214,7 @@ class Encoder:
         return tuple(out)
 
     def _run(self, inputs: dict, pool_mask: Any, pooling_name: str | None, layers: Any):
+        self._require_concrete("running")
         inputs, n = self._check_inputs(inputs)
         selected = self._layers(layers)
         if pool_mask is not None:
@@ -244,16 +283,17 @@ class Encoder:
         poolings.pooling(pooling)  # the name is checked before any work
         return self._run(inputs, pool_mask, pooling, layers)
 
-    def hidden_states_of(self, inputs: Mapping[str, Any]) -> jax.Array:
-        """:meth:`hidden_states` of a dict of inputs."""
-        return self.hidden_states(**inputs)
-
     def bytes_per_device(self) -> dict[Any, int]:
-        """Bytes of parameters each device holds."""
+        """Bytes of parameters each device holds (would hold, for an abstract encoder)."""
         held: dict[Any, int] = {}
         for leaf in jax.tree.leaves(self.params):
-            for shard in leaf.addressable_shards:
-                held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+            if isinstance(leaf, jax.ShapeDtypeStruct):
+                size = math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+                shards = [(device, size) for device in leaf.sharding.addressable_devices]
+            else:
+                shards = [(shard.device, shard.data.nbytes) for shard in leaf.addressable_shards]
+            for device, nbytes in shards:
+                held[device] = held.get(device, 0) + nbytes
         return held
 
 

@@ -4,12 +4,14 @@
 (:func:`configure`), checks every tensor's name and shape against the module's (from
 ``jax.eval_shape``, before anything is read) and streams each memory-mapped tensor to its
 devices (into its shards, with a mesh), so the host never holds two copies of the weights.
-:func:`check_checkpoint` runs the checks alone; :func:`open_host_params` maps the weights
-without placing them.
+:func:`check_checkpoint` runs the checks alone; :func:`abstract_from_pretrained` is
+:func:`from_pretrained` with shapes, dtypes and shardings instead of weights (nothing read);
+:func:`open_host_params` maps the weights without placing them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
 from collections.abc import Mapping
@@ -35,7 +37,13 @@ from gaam_jax.sharding import (
     validate_rules,
 )
 
-__all__ = ["check_checkpoint", "configure", "from_pretrained", "open_host_params"]
+__all__ = [
+    "abstract_from_pretrained",
+    "check_checkpoint",
+    "configure",
+    "from_pretrained",
+    "open_host_params",
+]
 
 
 def configure(
@@ -119,6 +127,76 @@ def _check_tree(host: dict, abstract: Any, model_type: str) -> None:
                 f"{model_type}.params_from_hf: {'/'.join(key)} is {got.get(key)}, the module "
                 f"expects {want.get(key)}."
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What loading a folder decides before reading any weight (names and shapes checked)."""
+
+    path: pathlib.Path
+    raw: dict
+    model_type: str
+    dtype: Any
+    config: Any
+    module: nn.Module
+    rules: Rules
+    tensors: Any  # the memory-mapped checkpoint (views: nothing read)
+    host: dict  # flat: param path -> its memory-mapped view or StackedTensor
+    shardings: dict  # flat: param path -> the sharding it is placed with
+
+
+def _plan(
+    path: str | pathlib.Path,
+    dtype: Any,
+    mesh: Mesh | None,
+    rules: Rules | None,
+    revision: str | None,
+    attention: str,
+    block_size: int,
+    remat: str,
+) -> _Plan:
+    """:func:`from_pretrained` up to placing the weights: config, module, checks, shardings."""
+    options = stack.EncoderOptions(attention=attention, block_size=block_size, remat=remat)
+    path = resolve(path, revision)
+    raw = read_config(path)
+    dtype = jnp.dtype(dtype)
+    arch, config, module = configure(raw, dtype, options)  # the base: adapters come last
+    rules = DEFAULT_RULES if rules is None else tuple(tuple(r) for r in rules)
+    validate_rules(rules)
+    if mesh is not None and set(mesh.axis_names) != {"data", "model"}:
+        raise ValueError(f"mesh axes must be ('data', 'model'), got {tuple(mesh.axis_names)}.")
+
+    tensors, host, abstract = _mapped(path, raw, arch, config, module)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, nn.unbox(abstract))
+    else:
+        shardings = param_shardings(abstract, mesh, rules)
+    return _Plan(
+        path=path,
+        raw=raw,
+        model_type=raw["model_type"],
+        dtype=dtype,
+        config=config,
+        module=module,
+        rules=rules,
+        tensors=tensors,
+        host=flatten_dict(host),
+        shardings=flatten_dict(shardings),
+    )
+
+
+def _placed_dtype(stored: Any, dtype: Any) -> np.dtype:
+    """The dtype :func:`_place` gives a tensor stored as ``stored``: floating ones ``dtype``."""
+    stored = jax.dtypes.canonicalize_dtype(stored)  # as jax holds it (no 64-bit without x64)
+    return jnp.dtype(dtype) if jnp.issubdtype(stored, jnp.floating) else stored
+
+
+def _abstract_leaf(host: Any, sharding: jax.sharding.Sharding, dtype: Any) -> jax.ShapeDtypeStruct:
+    """What :func:`_place` would make of ``host``, as shape, dtype and sharding only."""
+    return jax.ShapeDtypeStruct(
+        tuple(host.shape), _placed_dtype(host.dtype, dtype), sharding=sharding
+    )
 
 
 def _place(host: Any, sharding: jax.sharding.Sharding, dtype: Any, release: Any):
@@ -228,29 +306,15 @@ def from_pretrained(
         mesh without ``data`` and ``model`` axes, a bad option, or a revision the repository
         does not have (or given with a local folder).
     """
-    options = stack.EncoderOptions(attention=attention, block_size=block_size, remat=remat)
-    path = resolve(path, revision)
-    raw = read_config(path)
-    model_type = raw["model_type"]
-    dtype = jnp.dtype(dtype)
-    arch, config, module = configure(raw, dtype, options)  # the base: adapters come last
-    rules = DEFAULT_RULES if rules is None else tuple(tuple(r) for r in rules)
-    validate_rules(rules)
-    if mesh is not None and set(mesh.axis_names) != {"data", "model"}:
-        raise ValueError(f"mesh axes must be ('data', 'model'), got {tuple(mesh.axis_names)}.")
-
-    tensors, host, abstract = _mapped(path, raw, arch, config, module)
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, nn.unbox(abstract))
-    else:
-        shardings = param_shardings(abstract, mesh, rules)
-    flat_shardings = flatten_dict(shardings)
-    release = getattr(tensors, "release", lambda _: None)
+    plan = _plan(path, dtype, mesh, rules, revision, attention, block_size, remat)
+    model_type, config, raw = plan.model_type, plan.config, plan.raw
+    release = getattr(plan.tensors, "release", lambda _: None)
     params = unflatten_dict(
-        {k: _place(v, flat_shardings[k], dtype, release) for k, v in flatten_dict(host).items()}
+        {k: _place(v, plan.shardings[k], plan.dtype, release) for k, v in plan.host.items()}
     )
-    encoder = Encoder(model_type, config, module, params, dtype, mesh, rules, config_json=raw)
+    encoder = Encoder(
+        model_type, config, plan.module, params, plan.dtype, mesh, plan.rules, config_json=raw
+    )
     if adapter is not None:
         # Imported when used: peft reads this package's registry, so importing it at the top
         # would run it half-initialised whenever peft is imported first.
@@ -265,6 +329,57 @@ def from_pretrained(
         # DAAM gates: the folder's (peft.DAAM_FILE), else fresh ones when adapters asks.
         adapters = Adapters(lora=lora_cfg, daam=read.daam or bool(adapters and adapters.daam))
         return encoder.with_adapters(adapters, variables=_with_daam(adapters, variables, encoder))
+    if adapters is not None and adapters.any:
+        return encoder.with_adapters(adapters, seed=adapter_seed)
+    return encoder
+
+
+def abstract_from_pretrained(
+    path: str | pathlib.Path,
+    dtype: Any = jnp.float32,
+    mesh: Mesh | None = None,
+    rules: Rules | None = None,
+    *,
+    revision: str | None = None,
+    attention: str = "auto",
+    block_size: int = stack.BLOCK_SIZE,
+    remat: str = "none",
+    adapters: Adapters | None = None,
+    adapter_seed: int = 0,
+) -> Encoder:
+    """:func:`from_pretrained` without reading a weight: an :class:`Encoder` of shapes only.
+
+    Everything :func:`from_pretrained` does before placing the weights is done the same way
+    (``config.json``, the module, the tensors' names and shapes against the module's from the
+    safetensors headers, the rules and mesh checks, the shardings), so it raises the same errors;
+    no tensor byte is read and nothing is allocated on a device. The encoder's ``params`` are
+    ``jax.ShapeDtypeStruct`` s: the shapes, the dtypes :func:`from_pretrained` would place
+    (floating parameters in ``dtype``) and the shardings (by ``rules`` over ``mesh``, else the
+    default device), ready for ``jax.eval_shape`` or ``jax.jit(...).lower``. With ``adapters``,
+    ``encoder.adapters`` are shapes only as well (:meth:`Encoder.with_adapters`). Such an
+    encoder does not run (:attr:`Encoder.is_abstract`); :meth:`Encoder.bytes_per_device` works.
+
+    Arguments are :func:`from_pretrained`'s (there is no ``adapter``: a peft folder's LoRA is
+    read data).
+
+    Raises:
+      FileNotFoundError, ValueError: as :func:`from_pretrained` (one line for weights that do
+        not match ``config.json``).
+    """
+    plan = _plan(path, dtype, mesh, rules, revision, attention, block_size, remat)
+    params = unflatten_dict(
+        {k: _abstract_leaf(v, plan.shardings[k], plan.dtype) for k, v in plan.host.items()}
+    )
+    encoder = Encoder(
+        plan.model_type,
+        plan.config,
+        plan.module,
+        params,
+        plan.dtype,
+        mesh,
+        plan.rules,
+        config_json=plan.raw,
+    )
     if adapters is not None and adapters.any:
         return encoder.with_adapters(adapters, seed=adapter_seed)
     return encoder
