@@ -1,7 +1,7 @@
 """What every command line of the project shares: one-line errors, ``--debug``, overrides, meshes.
 
 The convention (``python -m train``, ``train.reproduce``, ``data.extract``,
-``data.import_features``, ``gaam_jax.encoders.convert``):
+``data.import_features``; the library's ``gaam_jax.encoders.convert`` keeps it on its own):
 
 * a user error, a bad flag included, is one line ``error: <cause and fix>`` on stderr, exit 2,
   found before any work or any file is written; ``--debug`` shows the traceback instead;
@@ -14,10 +14,56 @@ The convention (``python -m train``, ``train.reproduce``, ``data.extract``,
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
 
 INTERRUPTED = "interrupted: the same command resumes from the last checkpoint."
+
+
+class UserError(Exception):
+    """An error the user can fix (a config, a store, a diverged run): one line, exit 2.
+
+    The project's errors of that kind subclass it (``train.config.ConfigError``,
+    ``train.progress.NonFiniteLossError``, ``train.checkpointing.SaveError``).
+    """
+
+    def line(self) -> str:
+        """The line a command prints after ``error:``."""
+        return str(self)
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` or anything in its chain says the disk is full."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err) or "RESOURCE_EXHAUSTED" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def user_error(err: BaseException, workdir: str) -> str | None:
+    """The one line for an error of a command that writes into ``workdir``, or None for a bug.
+
+    :class:`UserError` s say their own line; a full disk, a denied permission and a missing
+    file are the user's to fix too.
+    """
+    if isinstance(err, UserError):
+        return err.line()
+    if disk_full(err):
+        return (
+            f"the disk holding {workdir} is full; free space and rerun the same command "
+            "(it resumes from the last checkpoint)."
+        )
+    if isinstance(err, PermissionError):
+        return f"permission denied: {err.filename or err}; choose a --workdir you can write."
+    if isinstance(err, FileNotFoundError | NotADirectoryError | IsADirectoryError):
+        return one_line(err)
+    return None
 
 
 def one_line(text: object) -> str:

@@ -42,7 +42,7 @@ import numpy as np
 
 from data import pipeline
 from train import config as config_lib
-from train import feeds, loop
+from train import feeds, trainer
 from train.splits import open_folds
 from train.steps import Steps, train_step
 
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(repeats + 1):  # the first run compiles
                 before = bare_step_seconds(steps, shape, n) if i else 0.0
                 start = time.perf_counter()
-                out = loop.train_program(steps, feed, plan, pathlib.Path(tmp) / f"run{i}")
+                out = trainer.train_program(steps, feed, plan, pathlib.Path(tmp) / f"run{i}")
                 wall = time.perf_counter() - start
                 if i:
                     bare = (before + bare_step_seconds(steps, shape, n)) / 2

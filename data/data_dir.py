@@ -13,8 +13,8 @@ import os
 import pathlib
 from collections.abc import Sequence
 
+from app import storage
 from data.datasets import encoder_features
-from gaam_jax import storage
 
 DISTRIBUTED_URL = (
     "--distributed with an object-store --data-dir ({data_dir}) is not supported: extract into "

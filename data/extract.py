@@ -70,6 +70,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from app import cli, storage
 from data.data_dir import DISTRIBUTED_URL, open_data_dir
 from data.datasets import encoder_features, registry
 from data.feature_encoder import (
@@ -79,7 +80,7 @@ from data.feature_encoder import (
     default_encoder_name,
 )
 from data.processes import USER_ERRORS, Processes
-from gaam_jax import COMPUTE_DTYPES, cli, sharding, storage
+from gaam_jax import COMPUTE_DTYPES, sharding
 from gaam_jax.encoders import checkpoint
 
 FEATURE_DTYPES = ("float32", "float16")

@@ -26,7 +26,7 @@ an existing name are refused. Every user error prints one line ``error: <cause a
 exits with code 2 (``--debug`` shows tracebacks).
 
 ``--data-dir`` may be an object-store URL (``gs://bucket/data``): the dataset is built in a
-local staging folder (:func:`gaam_jax.storage.staging`; tfds writes local files only) and
+local staging folder (:func:`app.storage.staging`; tfds writes local files only) and
 uploaded to ``<url>/encoder_features/<name>/1.0.0`` with ``dataset_info.json`` last, so a
 reader never sees part of it; the URL is printed.
 """
@@ -47,7 +47,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gaam_jax import cli, storage
+from app import cli, storage
 
 VERSION = "1.0.0"
 REQUIRED_KEYS = ("features", "label")
@@ -359,7 +359,7 @@ def import_features(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (the convention of :mod:`gaam_jax.cli`)."""
+    """Command-line entry point (the convention of :mod:`app.cli`)."""
     parser = cli.Parser("python -m data.import_features", __doc__.split("\n")[0])
     parser.add_argument("--npz", required=True, help="features [N, layers, d], label [N], ...")
     parser.add_argument("--name", required=True, help="dataset name, e.g. my_features")

@@ -35,7 +35,7 @@ def load_features(path: str | pathlib.Path, split: str = "train") -> tuple[Any, 
       path: the dataset version folder, e.g.
         ``<data_dir>/encoder_features/pang_lee_polarity_minilm_mean/1.0.0``, or its URL on an
         object store (``gs://...``), which is copied once into a local cache and read there
-        (:func:`gaam_jax.storage.local_copy`: the array_record reader reads local files only).
+        (:func:`app.storage.local_copy`: the array_record reader reads local files only).
       split: the split to open.
 
     Raises:
@@ -43,7 +43,7 @@ def load_features(path: str | pathlib.Path, split: str = "train") -> tuple[Any, 
     """
     import tensorflow_datasets as tfds
 
-    from gaam_jax import storage
+    from app import storage
 
     path = storage.path(path)
     if not (path / "dataset_info.json").exists():

@@ -33,9 +33,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax.traverse_util import flatten_dict
-
-from gaam_jax import storage
 
 __all__ = [
     "ImportanceState",
@@ -214,7 +213,7 @@ def plot_heatmap(
     ax.set_ylabel("encoder layer")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="IF")
-    path = storage.path(path)  # a local file or an object-store URL
+    path = epath.Path(str(path))  # a local file or an object-store URL
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:
         fig.savefig(f, dpi=dpi, format="png")

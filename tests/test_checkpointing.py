@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from train_helpers import Stop, stop_after, toy_program
 
-from train import loop
+from train import trainer
 from train.checkpointing import CheckpointError, Checkpoints
 
 
@@ -23,9 +23,9 @@ def program(toy, tmp_path_factory):
     """A program of two runs trained 3 epochs, and a copy stopped after its epoch-2 checkpoint."""
     tmp = tmp_path_factory.mktemp("ckpt")
     config, _, steps, feed, plan = toy_program(toy, tmp, folds=(0, 1), num_epochs=3)
-    full = loop.train_program(steps, feed, plan, tmp / "full", config=config)
+    full = trainer.train_program(steps, feed, plan, tmp / "full", config=config)
     with pytest.raises(Stop):
-        loop.train_program(steps, feed, plan, tmp / "cut", config=config, hooks=stop_after(10))
+        trainer.train_program(steps, feed, plan, tmp / "cut", config=config, hooks=stop_after(10))
     return config, steps, feed, plan, full, tmp / "cut"
 
 
@@ -38,7 +38,7 @@ def cut(program, tmp_path):
 
 def _resume_equals(cut, capsys, expect):
     config, steps, feed, plan, full, root = cut
-    resumed = loop.train_program(steps, feed, plan, root, config=config)
+    resumed = trainer.train_program(steps, feed, plan, root, config=config)
     out = capsys.readouterr().out
     assert "skipping checkpoint" in out and expect in out, out
     for a, b in zip(full, resumed, strict=True):
@@ -123,7 +123,7 @@ def test_damaged_bookkeeping_leaves_a_checkpoint_unverified(cut, capsys, tmp_pat
 
 def test_rotation_keeps_the_newest_committed(toy, tmp_path):
     config, _, steps, feed, plan = toy_program(toy, tmp_path, num_epochs=4)
-    loop.train_program(steps, feed, plan, tmp_path / "c", config=config)
+    trainer.train_program(steps, feed, plan, tmp_path / "c", config=config)
     ckpt = Checkpoints(tmp_path / "c", asynchronous=False)
     assert ckpt.verified_steps() == ckpt.steps() == [15, 20]
     ckpt.verify(20)

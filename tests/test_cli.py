@@ -130,12 +130,12 @@ def test_debug_shows_the_traceback(toy, tmp_path):
 
 
 def test_ctrl_c_is_one_line_and_exit_130(toy, tmp_path, capsys, monkeypatch):
-    from train import cross_validation
+    from train import trainer
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cross_validation.loop, "train_program", interrupted)
+    monkeypatch.setattr(trainer, "train_program", interrupted)
     cfg = tiny_config(tmp_path / "cfg.py", toy, num_epochs=1)
     assert (
         cli.main(["--config", str(cfg), "--workdir", str(tmp_path / "w"), "--no-progress"]) == 130

@@ -348,21 +348,21 @@ def test_dora_finetuning_run_starts_from_the_base_and_exports_merged(tmp_path, t
     from gaam_jax.adapters import peft
     from gaam_jax.encoders import classifier_from_pretrained, from_pretrained
     from train import config as config_lib
-    from train import finetune
+    from train import finetune, trainer
     from train.inference import Predictor, load_exported
 
     c = config_lib.load("configs/finetune.py:dora_r4,runlocal")
     c.encoder.path = str(tiny_bert_folder(tmp_path / "bert"))
     c.dataset_paths.pang_lee_polarity = str(tfds_dir)
-    datasets = finetune.check(c, tmp_path / "run")
-    model = finetune.build_model(c, 2, finetune.example_of(datasets[0]))
+    checked = trainer.check(c, tmp_path / "run")
+    model = finetune.build_model(c, 2, finetune.example_of(checked.datasets[0]))
     init = jax.jit(model.init)(jax.random.key(0), jax.tree.map(jnp.zeros_like, model.example))
     base = from_pretrained(c.encoder.path).params
     for name in ("query", "value"):
         m = init["params"]["adapters"]["encoder"]["layers"][name]["lora_magnitude"]
         want = np.linalg.norm(np.asarray(base["layers"][name]["kernel"]), axis=1)
         np.testing.assert_allclose(m, want, rtol=1e-6)
-    finetune.run(c, tmp_path / "run", datasets=datasets, progress=False)
+    trainer.run(c, tmp_path / "run", progress=False, checked=checked)
     run = tmp_path / "run" / "pang_lee_polarity" / "seed0_fold1"
     raw = json.loads((run / "adapter" / peft.CONFIG_FILE).read_text())
     assert raw["use_dora"] and raw["task_type"] == "SEQ_CLS"

@@ -6,7 +6,7 @@ import pytest
 from train_helpers import toy_program
 
 from data import pipeline
-from train import feeds, loop
+from train import feeds, trainer
 from train.steps import stacked_zeros
 
 
@@ -53,8 +53,8 @@ def test_device_feed_batches_like_grain(toy, tmp_path):
     config, _, steps, device, plan = toy_program(toy, tmp_path, folds=(0, 1), num_epochs=2)
     *_, g_steps, grain_feed, _ = toy_program(toy, tmp_path, folds=(0, 1), on_device=False,
                                              num_epochs=2)  # fmt: skip
-    a = loop.train_program(steps, device, plan, tmp_path / "device", config=config)
-    b = loop.train_program(g_steps, grain_feed, plan, tmp_path / "grain", config=config)
+    a = trainer.train_program(steps, device, plan, tmp_path / "device", config=config)
+    b = trainer.train_program(g_steps, grain_feed, plan, tmp_path / "grain", config=config)
     for ra, rb in zip(a, b, strict=True):
         for ha, hb in zip(ra.history, rb.history, strict=True):
             assert ha["val_accuracy"] == hb["val_accuracy"]

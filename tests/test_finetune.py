@@ -24,7 +24,7 @@ from gaam_jax.encoders import configure, heads, registry
 from gaam_jax.param_count import count_params
 from tests.train_helpers import Stop, stop_after
 from train import config as config_lib
-from train import finetune
+from train import finetune, trainer
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "encoders"
 
@@ -224,10 +224,10 @@ def finished(tmp_path_factory, tfds_dir):
     c.encoder.path = str(tiny_bert_folder(tmp_path_factory.mktemp("enc") / "bert"))  # own copy
     c.dataset_paths.pang_lee_polarity = str(tfds_dir)  # built there once per test session
     workdir = tmp_path_factory.mktemp("finetune") / "a"
-    datasets = finetune.check(c, workdir)
+    checked = trainer.check(c, workdir)
     cache: dict = {}
-    results = finetune.run(c, workdir, datasets=datasets, progress=False, cache=cache)
-    return c, datasets, cache, workdir, results
+    results = trainer.run(c, workdir, progress=False, cache=cache, checked=checked)
+    return c, checked.datasets, cache, workdir, results
 
 
 @pytest.mark.slow
@@ -250,12 +250,12 @@ def test_finetune_run_on_gcs_resumes_bit_identically_and_leaves_the_base_unchang
     c = c.copy_and_resolve_references()
     c.dataset_paths.pang_lee_polarity = data
     remote = f"gs://{gcs_emulator.BUCKET}/finetune/b"
-    datasets = finetune.check(c, remote)
+    checked = trainer.check(c, remote, cache=cache)
     # The programs of the local run are reused: the dataset's path is not part of them.
     with pytest.raises(Stop):
-        finetune.run(c, remote, datasets=datasets, progress=False, hooks=stop_after(3),
-                     cache=cache)  # fmt: skip
-    resumed = finetune.run(c, remote, datasets=datasets, progress=False, cache=cache)
+        trainer.run(c, remote, progress=False, hooks=stop_after(3), cache=cache,
+                    checked=checked)  # fmt: skip
+    resumed = trainer.run(c, remote, progress=False, cache=cache, checked=checked)
     rec_a = [(r["best_accuracy"], r["best_state_sha256"]) for r in whole["records"]]
     rec_b = [(r["best_accuracy"], r["best_state_sha256"]) for r in resumed["records"]]
     assert rec_a == rec_b
@@ -322,9 +322,9 @@ def test_raw_inputs_read_by_grain_train_as_on_device(finished, tmp_path):
     c, _, _, whole_dir, whole = finished
     c = c.copy_and_resolve_references()
     c.data_on_device = False
-    datasets = finetune.check(c, tmp_path / "grain")
-    assert isinstance(datasets[0].source, finetune.RawSource)
-    got = finetune.run(c, tmp_path / "grain", datasets=datasets, progress=False)
+    checked = trainer.check(c, tmp_path / "grain")
+    assert isinstance(checked.datasets[0].source, finetune.RawSource)
+    got = trainer.run(c, tmp_path / "grain", progress=False, checked=checked)
     keys = ("best_accuracy", "best_epoch", "final_accuracy", "steps")
     assert [[r[k] for k in keys] for r in got["records"]] == [
         [r[k] for k in keys] for r in whole["records"]

@@ -19,7 +19,7 @@ from test_extract_paper import fake_iemocap, mocked_sources  # noqa: F401 - a fi
 from tests.train_helpers import Stop, stop_after
 from train import __main__ as train_cli
 from train import config as config_lib
-from train import finetune
+from train import trainer
 
 
 def _argv(config, variant, encoder, workdir, data_dir, *extra):
@@ -38,10 +38,8 @@ def test_ag_news_lora_on_llama_killed_and_resumed(tmp_path):
     argv = _argv("ag_news", "loraplus_r4,paper_faithful,runlocal", llama, tmp_path / "run",
                  tmp_path / "data", "--config.seeds=(1,)")  # fmt: skip
     config = config_lib.load(argv[1], [a[len("--config.") :] for a in argv[5:]])
-    datasets = finetune.prepare(config, tmp_path / "run")
     with pytest.raises(Stop):  # stopped after its first steps (a checkpoint is kept at epoch end)
-        finetune.run(config, tmp_path / "run", datasets=datasets, progress=False,
-                     hooks=stop_after(1))  # fmt: skip
+        trainer.run(config, tmp_path / "run", progress=False, hooks=stop_after(1))
     assert train_cli.main(argv) == 0  # the same command resumes
     results = _results(tmp_path / "run")
     assert results["columns"] == ["R1"]

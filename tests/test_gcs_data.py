@@ -11,8 +11,8 @@ import gcs_emulator
 import numpy as np
 import pytest
 
+from app import storage
 from data import extract, feature_encoder, import_features, pipeline
-from gaam_jax import storage
 
 pytestmark = pytest.mark.slow  # gs:// tests run in make test-slow (and CI)
 

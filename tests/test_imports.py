@@ -14,7 +14,7 @@ import pathlib
 from collections.abc import Iterator
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PACKAGES = ("gaam_jax", "data", "train", "benchmarks")
+PACKAGES = ("gaam_jax", "app", "data", "train", "benchmarks")
 
 
 def _module_files() -> dict[str, pathlib.Path]:
@@ -166,6 +166,17 @@ def test_no_import_cycles():
     graph = {m: _edges(m, t) for m, t in trees.items()}
     assert graph["gaam_jax.encoders"], "the graph reads no imports: the test is broken"
     assert _cycles(graph) == []
+
+
+def test_the_library_imports_no_application_package():
+    """``gaam_jax`` is what ``pip install`` gives; ``app``, ``data`` and ``train`` run from the
+    checkout, so the library must not import them (it writes URLs through epath itself)."""
+    trees = _trees()
+    graph = {m: _edges(m, t) for m, t in trees.items()}
+    library = [m for m in graph if m.split(".")[0] == "gaam_jax"]
+    assert "gaam_jax.adapters.peft" in library and "app.storage" in graph
+    found = [(m, e) for m in library for e in graph[m] if e.split(".")[0] != "gaam_jax"]
+    assert found == []
 
 
 def test_no_module_uses_another_modules_private_names():

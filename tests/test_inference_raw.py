@@ -28,7 +28,7 @@ from data.datasets import encoder_features, registry
 from gaam_jax.encoders import checkpoint
 from tests.test_finetune import tiny_bert_folder
 from tests.train_helpers import tiny_config
-from train import artefacts, cross_validation, validate
+from train import artefacts, trainer
 from train import config as config_lib
 from train.inference import Predictor, load_exported
 from train.splits import open_folds
@@ -56,8 +56,7 @@ def text_run(tmp_path_factory, tfds_dir):
     path = extract.extract("pang_lee_polarity", tfds_dir, encoder=encoder, encoder_name=name,
                            limit=24, shard_size=24, progress=False)  # fmt: skip
     config = config_lib.load(tiny_config(tmp / "cfg.py", path, num_epochs=1))
-    datasets = validate.prepare(config, tmp / "w")
-    cross_validation.run(config, tmp / "w", datasets=datasets, progress=False)
+    trainer.run(config, tmp / "w", progress=False)
     return types.SimpleNamespace(folder=folder, name=name, path=path,
                                  run=tmp / "w" / "toy" / "seed0_fold1")  # fmt: skip
 

@@ -1,4 +1,5 @@
-"""The training loop (train/loop.py): learning, the run axis, fetch points, resume, rollback."""
+"""The training loop (train.trainer.train_program): learning, the run axis, fetch points,
+resume, rollback."""
 
 import json
 
@@ -9,8 +10,9 @@ import pytest
 from train_helpers import Stop, stop_after, toy_program
 
 from gaam_jax import sharding
-from train import feeds, loop, losses
+from train import feeds, losses, progress, trainer
 from train.checkpointing import Checkpoints
+from train.metrics import RunMetrics
 from train.steps import Steps
 
 # A run of a vmapped program against the same run alone: XLA batches the run axis into its
@@ -34,8 +36,8 @@ def test_training_learns_the_toy_task(toy, tmp_path):
     # One checkpoint, at the end (a save costs more than an epoch here).
     config, _, steps, feed, plan = toy_program(toy, tmp_path, num_epochs=6,
                                                checkpoint_every_epochs=6)  # fmt: skip
-    (out,) = loop.train_program(
-        steps, feed, plan, tmp_path / "ckpt", run_dirs=[tmp_path], config=config
+    (out,) = trainer.train_program(
+        steps, feed, plan, tmp_path / "ckpt", metrics=[RunMetrics(tmp_path, {})], config=config
     )
     assert len(out.history) == 6
     assert out.history[-1]["train_loss"] < 0.8 * out.history[0]["train_loss"]
@@ -56,12 +58,12 @@ def test_each_run_of_a_program_equals_the_run_alone(toy, tmp_path):
                                                   runs_vectorized=0)  # fmt: skip
     plan = feeds.Plan((plan.train[0], plan.train[1][:37], plan.train[2]), plan.val, seeds)
     assert [len(t) // 8 for t in plan.train] == [5, 4, 5]
-    together = loop.train_program(steps, feed, plan, tmp_path / "together", config=config)
+    together = trainer.train_program(steps, feed, plan, tmp_path / "together", config=config)
     # Alone: a program of one run, as every one-run test compiles it (CPU's default).
     *_, alone_steps, alone_feed, _ = toy_program(toy, tmp_path, num_epochs=2)
     for r, seed in enumerate(seeds):
         alone_plan = feeds.Plan(plan.train[r : r + 1], plan.val[r : r + 1], (seed,))
-        (alone,) = loop.train_program(
+        (alone,) = trainer.train_program(
             alone_steps, alone_feed, alone_plan, tmp_path / f"alone{r}", config=config
         )
         got = together[r]
@@ -84,11 +86,11 @@ def test_each_run_of_a_program_equals_the_run_alone(toy, tmp_path):
 def test_fetch_interval_does_not_change_the_result(toy, tmp_path):
     """Mid-epoch fetch points split the jitted stretches; the arithmetic must not change."""
     config, _, steps, feed, plan = toy_program(toy, tmp_path, num_epochs=2)
-    (a,) = loop.train_program(steps, feed, plan, tmp_path / "a", config=config)
+    (a,) = trainer.train_program(steps, feed, plan, tmp_path / "a", config=config)
     config, _, steps, feed, plan = toy_program(
         toy, tmp_path, num_epochs=2, checkpoint_every_steps=2
     )
-    (b,) = loop.train_program(steps, feed, plan, tmp_path / "b", config=config)
+    (b,) = trainer.train_program(steps, feed, plan, tmp_path / "b", config=config)
     _assert_same(a.final_state, b.final_state)
     assert a.history == b.history
 
@@ -102,12 +104,14 @@ def test_resume_mid_epoch_is_bit_exact(toy, tmp_path, on_device):
         toy, tmp_path, folds=folds, on_device=on_device, checkpoint_every_steps=12,
         checkpoint_every_epochs=4,
     )  # fmt: skip
-    full = loop.train_program(steps, feed, plan, tmp_path / "full", config=config)
+    full = trainer.train_program(steps, feed, plan, tmp_path / "full", config=config)
     program = steps.programs["train_steps" if on_device else "train_step"]
     compiled = (program._cache_size(), steps.epoch_end._cache_size())
     with pytest.raises(Stop):  # in epoch 3, right after the mid-epoch checkpoint at step 12
-        loop.train_program(steps, feed, plan, tmp_path / "cut", config=config, hooks=stop_after(12))
-    resumed = loop.train_program(steps, feed, plan, tmp_path / "cut", config=config)
+        trainer.train_program(
+            steps, feed, plan, tmp_path / "cut", config=config, hooks=stop_after(12)
+        )
+    resumed = trainer.train_program(steps, feed, plan, tmp_path / "cut", config=config)
     for f, r in zip(full, resumed, strict=True):
         _assert_same(f.final_state, r.final_state)
         _assert_same(f.best_state, r.best_state)
@@ -119,16 +123,16 @@ def test_resume_mid_epoch_is_bit_exact(toy, tmp_path, on_device):
 
 def test_non_finite_loss_stops_and_rolls_back(toy, tmp_path, monkeypatch):
     config, data, steps, feed, plan = toy_program(toy, tmp_path, num_epochs=1)
-    loop.train_program(steps, feed, plan, tmp_path / "ckpt", config=config)
+    trainer.train_program(steps, feed, plan, tmp_path / "ckpt", config=config)
     config.num_epochs = 3
     # Resume with a loss that is NaN from the first new step (6) on.
     monkeypatch.setattr(losses, "get", lambda name: lambda lg, lb: jnp.full(lg.shape[:1], jnp.nan))
     broken = Steps(config, 2, data.input_shape)
     feed.steps = broken
     with pytest.raises(
-        loop.NonFiniteLossError, match=r"run 0 \(toy seed 0 fold 1\) at its step 6 .*step 5"
+        progress.NonFiniteLossError, match=r"run 0 \(toy seed 0 fold 1\) at its step 6 .*step 5"
     ):
-        loop.train_program(broken, feed, plan, tmp_path / "ckpt")
+        trainer.train_program(broken, feed, plan, tmp_path / "ckpt")
     ckpt = Checkpoints(tmp_path / "ckpt", asynchronous=False)
     assert ckpt.verified_steps() == [5]
     state, _, meta = ckpt.restore(broken.abstract_state(1))
@@ -139,10 +143,10 @@ def test_non_finite_loss_stops_and_rolls_back(toy, tmp_path, monkeypatch):
 
 def test_one_compile_serves_every_seed_and_fold(toy, tmp_path):
     config, _, steps, feed, plan = toy_program(toy, tmp_path, folds=(0, 1), num_epochs=1)
-    loop.train_program(steps, feed, plan, tmp_path / "a", config=config)
+    trainer.train_program(steps, feed, plan, tmp_path / "a", config=config)
     before = steps.programs["train_steps"]._cache_size()
     other = feeds.Plan(plan.train[::-1], plan.val[::-1], (3, 4))
-    loop.train_program(steps, feed, other, tmp_path / "b", config=config)
+    trainer.train_program(steps, feed, other, tmp_path / "b", config=config)
     assert steps.programs["train_steps"]._cache_size() == before
     a = steps.init_state([0, 1])
     assert not np.array_equal(a.params["conv1"]["kernel"][0], a.params["conv1"]["kernel"][1])
@@ -159,7 +163,7 @@ def test_ten_runs_split_over_eight_devices_equal_the_unsharded_program(toy, tmp_
     folds, seeds = (0, 1) * 5, tuple(range(10))
     config, _, steps, feed, plan = toy_program(toy, tmp_path, folds=folds, seeds=seeds,
                                                num_epochs=1)  # fmt: skip
-    plain = loop.train_program(steps, feed, plan, tmp_path / "plain", config=config)
+    plain = trainer.train_program(steps, feed, plan, tmp_path / "plain", config=config)
     mesh = sharding.make_mesh({"runs": 8})
     config, _, sharded_steps, sharded_feed, plan = toy_program(
         toy, tmp_path, folds=folds, seeds=seeds, num_epochs=1, mesh=mesh
@@ -167,7 +171,9 @@ def test_ten_runs_split_over_eight_devices_equal_the_unsharded_program(toy, tmp_
     assert sharded_steps.runs_multiple() == 8
     state = sharded_steps.init_state(feeds.pad(plan, 8).seeds)
     assert state.params["conv1"]["kernel"].sharding.spec[0] == "runs"
-    sharded = loop.train_program(sharded_steps, sharded_feed, plan, tmp_path / "sh", config=config)
+    sharded = trainer.train_program(
+        sharded_steps, sharded_feed, plan, tmp_path / "sh", config=config
+    )
     assert len(sharded) == 10
     for a, b in zip(plain, sharded, strict=True):
         for ha, hb in zip(a.history, b.history, strict=True):
@@ -183,9 +189,14 @@ def test_log_every_steps_writes_training_lines(toy, tmp_path):
     epoch lines after each evaluation; a resume keeps the lines it had checkpointed."""
     config, _, steps, feed, plan = toy_program(toy, tmp_path, num_epochs=2, log_every_steps=2)
     seen = []
-    hooks = loop.Hooks(record=lambda r, line: seen.append(line))
-    (out,) = loop.train_program(steps, feed, plan, tmp_path / "c", run_dirs=[tmp_path],
-                                config=config, hooks=hooks)  # fmt: skip
+
+    class Seen(RunMetrics):  # every new line, as TensorBoard gets it
+        def write(self, lines, new, *, durable):
+            seen.append(new)
+            super().write(lines, new, durable=durable)
+
+    (out,) = trainer.train_program(steps, feed, plan, tmp_path / "c",
+                                   metrics=[Seen(tmp_path, {})], config=config)  # fmt: skip
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines == seen
     assert [(x["step"], "val_accuracy" in x) for x in lines] == [

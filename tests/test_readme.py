@@ -76,13 +76,12 @@ def test_relative_links_resolve():
 def test_inference_example(tmp_path, monkeypatch):
     """The Inference block, on a run of [6, 384] features like the main job's (``make run``)."""
     from train import config as config_lib
-    from train import cross_validation, validate
+    from train import trainer
 
     data = toy_features(tmp_path / "toy", n=40, layers=6, dim=384)
     config = config_lib.load(tiny_config(tmp_path / "cfg.py", data, num_epochs=1))
     workdir = tmp_path / "out" / "default"
-    datasets = validate.prepare(config, workdir)
-    cross_validation.run(config, workdir, datasets=datasets, progress=False)
+    trainer.run(config, workdir, progress=False)
     ((page, block),) = [
         (page, b)
         for page in PAGES

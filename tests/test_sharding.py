@@ -15,7 +15,7 @@ from data import pipeline
 from gaam_jax import GaussianAdaptiveTransformer, sharding
 from gaam_jax import functional as F
 from train import config as config_lib
-from train import feeds, loop
+from train import feeds, progress
 from train.checkpointing import Checkpoints
 from train.steps import Steps, stacked_zeros
 
@@ -183,8 +183,8 @@ def test_sharded_train_steps_equal_unsharded(toy, tmp_path, mesh_shape, on_devic
     chex.assert_trees_all_close(
         jax.device_get(sharded.params), jax.device_get(plain.params), rtol=1e-4, atol=1e-5
     )
-    val = loop.fetch(feed.evaluate(sharded, plan))
-    val_plain = loop.fetch(plain_feed.evaluate(plain, plan))
+    val = progress.fetch(feed.evaluate(sharded, plan))
+    val_plain = progress.fetch(plain_feed.evaluate(plain, plan))
     assert val["correct"] == val_plain["correct"] and val["count"] == [20]
     chex.assert_trees_all_close(val["gate_total"], val_plain["gate_total"], rtol=1e-5)
 

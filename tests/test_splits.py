@@ -5,8 +5,8 @@ import pytest
 from train_helpers import mock_features, tiny_config
 
 from train import config as config_lib
-from train.cross_validation import plan_programs
 from train.splits import open_folds
+from train.trainer import plan_programs
 
 
 def _config(tmp_path, paths, **overrides):

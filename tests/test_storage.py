@@ -1,4 +1,4 @@
-"""gaam_jax.storage without a store: paths, atomic writes, and an unreachable ``gs://``."""
+"""app.storage without a store: paths, atomic writes, and an unreachable ``gs://``."""
 
 import pathlib
 import socket
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from gaam_jax import storage
+from app import storage
 
 
 def test_paths_keep_urls_and_local_folders_apart(tmp_path):

@@ -21,7 +21,7 @@ from train_helpers import tiny_config
 
 from train import __main__ as train_cli
 from train import config as config_lib
-from train import cross_validation, feeds, loop, losses, plateau, report, validate
+from train import feeds, losses, plateau, progress, report, trainer
 from train.checkpointing import Checkpoints
 from train.inference import Predictor, load_exported
 from train.splits import open_folds
@@ -136,9 +136,7 @@ def test_a_program_equals_its_runs_one_at_a_time(toy, tmp_path):
         cfg = tiny_config(tmp_path / f"cfg{per_program}.py", toy, num_epochs=2,
                           runs_per_program=per_program)  # fmt: skip
         config = config_lib.load(cfg)
-        datasets = validate.prepare(config, workdir)
-        return cross_validation.run(config, workdir, datasets=datasets, progress=False,
-                                    hooks=hooks)  # fmt: skip
+        return trainer.run(config, workdir, progress=False, hooks=hooks)
 
     alone = train(tmp_path / "alone", 1)
     assert sorted(p.name for p in (tmp_path / "alone" / "programs").iterdir()) == [
@@ -152,7 +150,7 @@ def test_a_program_equals_its_runs_one_at_a_time(toy, tmp_path):
             raise _Stop
 
     with pytest.raises(_Stop):
-        train(tmp_path / "both", 0, loop.Hooks(after_fetch=fail_once))
+        train(tmp_path / "both", 0, progress.Hooks(after_fetch=fail_once))
     both = train(tmp_path / "both", 0)
     for a, b in zip(alone["records"], both["records"], strict=True):
         assert a["best_accuracy"] == b["best_accuracy"] and a["best_epoch"] == b["best_epoch"]
@@ -164,8 +162,8 @@ def test_a_program_equals_its_runs_one_at_a_time(toy, tmp_path):
 def test_predictor_reads_the_recorded_config_and_exports(toy, tmp_path):
     cfg = tiny_config(tmp_path / "cfg.py", toy, num_epochs=1)
     config = config_lib.load(cfg)
-    datasets = validate.prepare(config, tmp_path / "w")
-    cross_validation.run(config, tmp_path / "w", datasets=datasets, progress=False)
+    datasets = trainer.check(config, tmp_path / "w").datasets
+    trainer.run(config, tmp_path / "w", progress=False)
     run_dir = tmp_path / "w" / "toy" / "seed0_fold1"
     predictor = Predictor.from_run(run_dir)
     source = datasets[0].source
@@ -233,7 +231,7 @@ def test_frozen_parameters_are_never_updated(toy, tmp_path):
     first_conv = np.asarray(first.params["conv1"]["kernel"])
     feed = feeds.DeviceFeed(steps, data.source, 2)
     plan = feeds.Plan((data.folds[0][0],), (data.folds[0][1],), (0,))
-    (out,) = loop.train_program(steps, feed, plan, tmp_path / "run")
+    (out,) = trainer.train_program(steps, feed, plan, tmp_path / "run")
     params = out.final_state.params
     np.testing.assert_array_equal(params["attention"]["delta"], 0.0)
     np.testing.assert_array_equal(params["attention"]["xi"], 2.0)

@@ -1,5 +1,6 @@
-"""The config checked against its data before any work (train/validate.py), called directly;
-tests/test_cli.py checks the same errors as the CLI's one-line messages."""
+"""The config checked against its data before any work (train/validate.py, run by
+train.trainer.check), called directly; tests/test_cli.py checks the same errors as the CLI's
+one-line messages."""
 
 import json
 
@@ -7,7 +8,7 @@ import pytest
 from train_helpers import tiny_config
 
 from train import config as config_lib
-from train import validate
+from train import trainer, validate
 from train.config import ConfigError
 
 
@@ -34,7 +35,7 @@ def test_values_are_checked_without_data(toy, tmp_path, override, message):
 def test_data_and_model_shape_are_checked(toy, tmp_path):
     config = _config(toy, tmp_path, "model.num_heads=3")
     with pytest.raises(ConfigError, match=r"does not fit toy's \[4, 16\] examples"):
-        validate.check(config, tmp_path / "w")
+        trainer.check(config, tmp_path / "w")
     assert not (tmp_path / "w").exists()  # nothing written before the checks pass
 
 
@@ -45,14 +46,21 @@ def test_workdir_checks(toy, tmp_path):
     validate.check_workdir(tmp_path / "new" / "deeper")  # creatable
 
 
-def test_prepare_claims_the_workdir_once(toy, tmp_path):
+def _claim(config, workdir):
+    return trainer.claim(config, workdir, trainer.task_of(config))
+
+
+def test_check_builds_one_steps_per_shape_and_claim_takes_the_workdir_once(toy, tmp_path):
     config = _config(toy, tmp_path)
-    datasets = validate.prepare(config, tmp_path / "w")
-    assert [d.name for d in datasets] == ["toy"] and len(datasets[0].folds) == 2
+    checked = trainer.check(config, tmp_path / "w")
+    assert [d.name for d in checked.datasets] == ["toy"] and len(checked.datasets[0].folds) == 2
+    assert list(checked.steps) == [(2, (4, 16))]  # kept for training: built once
+    assert not (tmp_path / "w").exists()
+    _claim(config, tmp_path / "w")
     recorded = json.loads((tmp_path / "w" / "config.json").read_text())
     assert recorded["config"]["runs_per_program"] == 0
-    validate.prepare(config, tmp_path / "w")  # the same identity: accepted
+    _claim(config, tmp_path / "w")  # the same identity: accepted
     with pytest.raises(ConfigError, match=r"differing: config\.num_epochs"):
-        validate.prepare(_config(toy, tmp_path, "num_epochs=9"), tmp_path / "w")
+        _claim(_config(toy, tmp_path, "num_epochs=9"), tmp_path / "w")
     # How often a run checkpoints cannot change its results: not part of the identity.
-    validate.prepare(_config(toy, tmp_path, "checkpoint_every_epochs=2"), tmp_path / "w")
+    _claim(_config(toy, tmp_path, "checkpoint_every_epochs=2"), tmp_path / "w")

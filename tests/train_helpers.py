@@ -145,10 +145,10 @@ class Stop(Exception):
 
 def stop_after(step: int):
     """Loop hooks that stop training at the first fetch point at or after ``step``."""
-    from train import loop
+    from train import progress
 
     def hook(done):
         if done >= step:
             raise Stop(done)
 
-    return loop.Hooks(after_fetch=hook)
+    return progress.Hooks(after_fetch=hook)

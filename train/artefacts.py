@@ -3,7 +3,7 @@
 ``<workdir>/<dataset>/seed<s>_fold<k>/`` holds:
 
 * ``config.json``: the config and the data shape (enough to rebuild the model);
-* ``metrics.jsonl``: one line per epoch (written by the loop) and ``tensorboard/`` events;
+* ``metrics.jsonl`` and ``tensorboard/`` events (:mod:`train.metrics`, during training);
 * ``best_state.msgpack``: the best epoch's parameters and BatchNorm statistics, whose SHA-256
   the record holds (:func:`load_best_variables` verifies it);
 * ``gate_mean.npy`` and ``importance.png`` for gated fronts: the mean gate map of the best
@@ -15,10 +15,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import flax.serialization
@@ -26,9 +23,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from gaam_jax import importance, storage
-from train.loop import RunResult
-from train.runs import RECORD, RunRecord, flatten, plain
+from app import storage
+from gaam_jax import importance
+from train.runs import RECORD, RunRecord, RunResult, plain
 from train.splits import DatasetFolds
 
 BEST_STATE = "best_state.msgpack"
@@ -54,57 +51,6 @@ def run_config(config: ml_collections.ConfigDict, dataset: DatasetFolds) -> dict
     return {"config": plain(config), "data": data}
 
 
-class TensorBoard:
-    """A run's TensorBoard events (nothing when tensorboardX is not installed).
-
-    Every line of ``metrics.jsonl`` against the run's global step; when the run finishes, the
-    resolved config as hyperparameters with its best and final accuracy.
-
-    A run folder on an object store gets its events written into a local temporary folder and
-    copied into ``<run>/tensorboard`` by :meth:`close` (when the program finishes or fails):
-    tensorboardX's own ``gs://`` writer re-uploads the whole file on every flush through a
-    second client (google-cloud-storage, with its own credentials), and an object cannot be
-    appended to. A job killed outright loses that program's events of this session;
-    ``metrics.jsonl``, rewritten from the checkpoints, is the record that survives.
-    """
-
-    def __init__(self, run_dir: storage.AnyPath, config: ml_collections.ConfigDict):
-        self.config = config
-        self.remote = storage.path(run_dir) / "tensorboard" if storage.is_url(run_dir) else None
-        self.local: pathlib.Path | None = None
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:  # TensorBoard logging is optional
-            self.writer = None
-            return
-        if self.remote is None:
-            self.writer = SummaryWriter(str(pathlib.Path(run_dir) / "tensorboard"))
-        else:
-            self.local = pathlib.Path(tempfile.mkdtemp(prefix="gaam_tensorboard_"))
-            self.writer = SummaryWriter(str(self.local))
-
-    def add(self, line: dict) -> None:
-        """The numbers of a ``metrics.jsonl`` line, against its step."""
-        if self.writer is not None:
-            for key, value in line.items():
-                if key not in ("epoch", "step") and value is not None:
-                    self.writer.add_scalar(key, value, line["step"])
-
-    def close(self, metrics: dict | None = None) -> None:
-        """Writes the hyperparameters (with ``metrics``, when the run finished), then flushes."""
-        if self.writer is None:
-            return
-        if metrics is not None:
-            hparams = {k: v if isinstance(v, int | float | str | bool) else json.dumps(v)
-                       for k, v in flatten(plain(self.config)).items()}  # fmt: skip
-            self.writer.add_hparams(hparams, metrics, name="hparams")
-        self.writer.close()
-        if self.local is not None:
-            storage.upload(self.local, self.remote)
-            shutil.rmtree(self.local, ignore_errors=True)
-            self.local = None
-
-
 @jax.jit
 def _gate_summary(total: jax.Array, count: jax.Array) -> tuple[jax.Array, ...]:
     """The mean gate map ``DA``, its Importance Factor and the layer shares, in one call."""
@@ -117,7 +63,7 @@ def finish_run(identity: dict, result: RunResult, run_dir: pathlib.Path, title: 
 
     Args:
       identity: the record's ``dataset``, ``seed``, ``fold``, ``run`` and ``column``.
-      result: the run's outcome from :func:`train.loop.train_program`.
+      result: the run's outcome from :func:`train.trainer.train_program`.
       run_dir: the run's folder.
       title: the heatmap's title.
 

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from gaam_jax import storage
+from app import cli, storage
 from train.runs import write_json_atomic
 
 
@@ -81,7 +81,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint failed verification (its message is one line)."""
 
 
-class SaveError(RuntimeError):
+class SaveError(RuntimeError, cli.UserError):
     """Saving a checkpoint failed; its message is one line that says what a rerun resumes from.
 
     Args:
@@ -95,6 +95,20 @@ class SaveError(RuntimeError):
         self.store, self.step, self.cause, self.last_verified = store, step, cause, last_verified
         what = "a checkpoint" if step is None else f"checkpoint {step}"
         super().__init__(f"saving {what} to {store} failed: {cause}; {self.resumes()}")
+
+    def line(self) -> str:
+        """This message; for a full disk, what to free and what a rerun resumes from."""
+        if not cli.disk_full(self):
+            return str(self)
+        where = (
+            "starts over: no checkpoint was verified yet"
+            if self.last_verified is None
+            else f"resumes from the last verified checkpoint, step {self.last_verified}"
+        )
+        return (
+            f"the disk holding {self.store} is full; free space and rerun the same command "
+            f"(it {where})."
+        )
 
     def resumes(self) -> str:
         """What rerunning the same command does: resume from the last verified checkpoint."""

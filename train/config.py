@@ -18,7 +18,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from gaam_jax.cli import one_line  # noqa: F401 - re-exported for train's modules
+from app import cli
+from app.cli import one_line  # noqa: F401 - re-exported for train's modules
 
 REQUIRED = ("dataset_paths", "model", "optimizer", "cv", "batch_size", "num_epochs", "seeds")
 
@@ -62,7 +63,7 @@ def setting(config: ml_collections.ConfigDict, key: str, within: str = "") -> An
     return node
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, cli.UserError):
     """A config that cannot be loaded or used; the message is one line naming cause and fix."""
 
 

@@ -22,22 +22,12 @@ import jax
 import numpy as np
 
 from data import pipeline
+from train import splits
 from train.steps import Steps, Sums, TrainState
 
 # Datasets up to this many bytes of features go to device memory when ``data_on_device`` is
 # "auto" (the offline sets are ~1 MB; CIFAR-100's BEiT-Large features are ~5 GB).
 AUTO_DEVICE_BYTES = 1 << 30
-
-
-def check_labels(labels: np.ndarray, ids: np.ndarray, num_classes: int) -> None:
-    """Raises ValueError naming the first example whose label is outside ``[0, num_classes)``."""
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-    if bad.size:
-        i = bad[0]
-        raise ValueError(
-            f"example id {int(ids[i])} has label {int(labels[i])}, outside [0, {num_classes}): "
-            "fix the dataset's labels or num_classes."
-        )
 
 
 def load_arrays(source: Any) -> dict[str, Any]:
@@ -163,7 +153,7 @@ class DeviceFeed:
         if not finite.all():
             bad = int(arrays["id"][np.flatnonzero(~finite)[0]])
             raise ValueError(f"example id {bad}: features contain NaN or Inf.")
-        check_labels(arrays["label"], arrays["id"], num_classes)
+        splits.check_labels(arrays["label"], arrays["id"], num_classes)
         self.steps = steps
         self.data = self._put({"x": arrays["x"], "label": arrays["label"]})
         self._eval: dict[int, tuple] = {}
@@ -250,7 +240,7 @@ class GrainFeed:
         return ds.to_iter_dataset(grain.ReadOptions(**self.read))
 
     def _put(self, batch: dict) -> dict:
-        check_labels(batch["label"].reshape(-1), batch["id"].reshape(-1), self.num_classes)
+        splits.check_labels(batch["label"].reshape(-1), batch["id"].reshape(-1), self.num_classes)
         batch = {k: v for k, v in batch.items() if k != "id"}
         if self.steps.mesh is None:
             return batch

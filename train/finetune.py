@@ -1,8 +1,8 @@
-"""Fine-tuning an encoder (LoRA, LoRA+, DAAM adapters) through the one-program training loop.
+"""Fine-tuning an encoder (LoRA, LoRA+, DAAM adapters): a task the trainer runs (:data:`TASK`).
 
 A fine-tuning config (``configs/finetune.py``, ``configs/paper/*.py:lora_*``) has an ``encoder``
-section. Its runs go through the same scheduler, loop, checkpoints and artefacts as the
-decoders on frozen features (:mod:`train.cross_validation`), with two differences:
+section. Its runs go through the same trainer, loop, checkpoints and artefacts as the decoders
+on frozen features (:mod:`train.trainer`); :data:`TASK` states what changes:
 
 * the examples are the encoder's model inputs (token ids and mask, pixel values, or waveforms),
   preprocessed on the host once by the extractor's own preprocessing (:mod:`data.preprocess`)
@@ -11,7 +11,9 @@ decoders on frozen features (:mod:`train.cross_validation`), with two difference
   head (:class:`gaam_jax.encoders.heads.SequenceClassifier`). The train state holds only what
   trains (the head and the adapter collection) and its optimiser state; the base weights are
   the programs' ``frozen`` input, never differentiated, never in the optimiser, never in a
-  checkpoint (the run identity names them instead: folder or hub id and a fingerprint).
+  checkpoint (the run identity names them instead: folder or hub id and a fingerprint). The
+  config check builds it from ``config.json`` and the weights' headers alone; the weights are
+  read once, onto the mesh, when training starts.
 
 Each run is its own program (``runs_per_program`` 1: a model too large to stack). A finished
 LoRA/DoRA run also writes ``adapter/`` of its best state in Hugging Face PEFT's
@@ -39,19 +41,16 @@ import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import NamedSharding, PartitionSpec
 
+from app import storage
 from data import pipeline
-from gaam_jax import COMPUTE_DTYPES, storage
+from gaam_jax import COMPUTE_DTYPES
 from gaam_jax import adapters as adapters_lib
 from gaam_jax.encoders import checkpoint, heads
+from train import artefacts, feeds, runs, tasks, validate
 from train import config as config_lib
 from train import steps as steps_lib
 from train.config import ConfigError, one_line
 from train.splits import CV_KINDS, DatasetFolds
-
-
-def is_finetune(config: ml_collections.ConfigDict) -> bool:
-    """Whether ``config`` fine-tunes an encoder (it has an ``encoder`` section)."""
-    return "encoder" in config
 
 
 def adapters_from_config(cfg: ml_collections.ConfigDict) -> adapters_lib.Adapters:
@@ -208,7 +207,12 @@ def _unfrozen(label: str) -> str:
 
 
 def build_model(
-    config: ml_collections.ConfigDict, num_classes: int, example: Any, mesh: Any = None
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    example: Any,
+    mesh: Any = None,
+    *,
+    abstract: bool = False,
 ) -> FineTuneModel:
     """Loads the encoder (sharded over ``mesh``) and puts the config's adapters and head on it.
 
@@ -217,12 +221,16 @@ def build_model(
       num_classes: C.
       example: one example's model inputs (batch 1) as ``jax.ShapeDtypeStruct`` s.
       mesh: optional mesh with ``data`` and ``model`` axes.
+      abstract: read only ``config.json`` and the weights' headers: the base weights are
+        ``jax.ShapeDtypeStruct`` s, and the pretrained head and DoRA's magnitudes zeros of
+        their shapes (the config check's model; :meth:`train.steps.Steps.bind` later takes the
+        one with the weights read).
     """
-    from gaam_jax.encoders import from_pretrained
+    from gaam_jax.encoders import abstract_from_pretrained, from_pretrained
 
     enc_cfg = config.encoder
     folder = encoder_folder(config)
-    encoder = from_pretrained(
+    encoder = (abstract_from_pretrained if abstract else from_pretrained)(
         folder,
         dtype=COMPUTE_DTYPES[enc_cfg.dtype],
         mesh=mesh,
@@ -250,20 +258,37 @@ def build_model(
         module.head_kind, encoder.config_json, checkpoint.open_tensors(folder)
     )
     lora = encoder.module.adapters.lora
+    # Small host copies (pooler, norms); zeros of their shapes when abstract (no page is read).
+    copy = _zeros_like if abstract else np.array
     return FineTuneModel(
         module=module,
         frozen={"encoder": encoder.params},
         example=example,
-        pretrained_head=jax.tree.map(np.array, found),  # small host copies (pooler, norms)
+        pretrained_head=jax.tree.map(copy, found),
         trainable_head=heads.trainable_head_paths(module.head_kind, config.paper_faithful),
         loraplus_ratio=float(config_lib.setting(config, "optimizer.loraplus_ratio")),
         paper_faithful=bool(config.paper_faithful),
-        magnitudes=_dora_magnitudes(encoder, lora, mesh) if lora and lora.use_dora else {},
+        magnitudes=_dora_magnitudes(encoder, lora, mesh, abstract)
+        if lora and lora.use_dora
+        else {},  # fmt: skip
     )
 
 
-def _dora_magnitudes(encoder: Any, lora: adapters_lib.LoRA, mesh: Any) -> dict:
+def _zeros_like(x: Any) -> np.ndarray:
+    return np.zeros(x.shape, x.dtype)
+
+
+def _dora_magnitudes(encoder: Any, lora: adapters_lib.LoRA, mesh: Any, abstract: bool) -> dict:
     """DoRA's initial magnitudes from the base weights, by path in the trained ``adapters``."""
+    if abstract:
+        shapes = jax.eval_shape(
+            lambda p, a: adapters_lib.init_magnitudes(p, a, lora), encoder.params, encoder.adapters
+        )
+        return {
+            ("encoder", *k): _zeros_like(v)
+            for k, v in flatten_dict(shapes).items()
+            if k[-1] == "lora_magnitude"
+        }
     replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     fixed = jax.jit(adapters_lib.init_magnitudes, static_argnums=2, out_shardings=replicated)(
         encoder.params, encoder.adapters, lora
@@ -377,7 +402,6 @@ def open_raw_folds(config: ml_collections.ConfigDict, name: str) -> DatasetFolds
     grain feed (:class:`RawSource`).
     """
     from data.datasets import registry
-    from train import feeds
 
     kind = config.cv.kind
     splits = ("train", "test") if kind == "holdout" else ("train",)
@@ -466,8 +490,6 @@ def identity(config: ml_collections.ConfigDict) -> dict:
 
     Each dataset's fingerprint is that of its tfds metadata.
     """
-    from train import runs
-
     found = runs.identity(with_fingerprint(config))
     for name, path in dict(config.dataset_paths).items():
         folder = storage.path(path) / name
@@ -481,13 +503,8 @@ def identity(config: ml_collections.ConfigDict) -> dict:
     return found
 
 
-def check(config: ml_collections.ConfigDict, workdir: Any) -> list[DatasetFolds]:
-    """Validates a fine-tuning config before any work; returns the opened datasets."""
-    from train import validate
-
-    validate.check_values(config)
-    validate.check_workdir(workdir)
-    validate.check_mesh(config)
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Checks a fine-tuning config's own keys (the common ones: :mod:`train.validate`)."""
     if config_lib.setting(config, "runs_per_program") != 1:
         raise ConfigError("fine-tuning trains one run per program: set runs_per_program=1.")
     choices = (("encoder.dtype", tuple(COMPUTE_DTYPES)), ("model.head", ("auto", *heads.HEADS)))
@@ -497,88 +514,63 @@ def check(config: ml_collections.ConfigDict, workdir: Any) -> list[DatasetFolds]
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}.")
     try:
         adapters_from_config(config.adapters)
-        folder = encoder_folder(config)
+        encoder_folder(config)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(one_line(err)) from err
-    splits = []
-    for name in config.dataset_paths:
-        try:
-            split = open_raw_folds(config, name)
-        except (ValueError, FileNotFoundError) as err:
-            raise ConfigError(f"{name}: {one_line(err)}") from err
-        smallest = min(len(tr) for tr, _ in split.folds)
-        if config.batch_size > smallest:
-            raise ConfigError(
-                f"batch_size {config.batch_size} exceeds the {smallest} training examples of "
-                f"{name}'s smallest split; use --config.batch_size={smallest} or less."
-            )
-        splits.append(split)
-    try:
-        model = build_model(config, splits[0].num_classes, example_of(splits[0]))
-        steps_lib.Steps(config, splits[0].num_classes, splits[0].input_shape, model=model)
-        jax.eval_shape(model.init, jax.random.key(0), model.example)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"{folder}: {one_line(err)}") from err
-    return splits
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: Any) -> list[DatasetFolds]:
-    """:func:`check`, then claims ``workdir`` for this identity (:func:`validate.prepare`)."""
-    from train import validate
+def check_data(config: ml_collections.ConfigDict, split: DatasetFolds) -> None:
+    """Every training split holds a batch."""
+    smallest = min(len(tr) for tr, _ in split.folds)
+    if config.batch_size > smallest:
+        raise ConfigError(
+            f"batch_size {config.batch_size} exceeds the {smallest} training examples of "
+            f"{split.name}'s smallest split; use --config.batch_size={smallest} or less."
+        )
 
-    return validate.prepare(config, workdir, checker=check, identity=identity)
 
+def abstract_steps(config: ml_collections.ConfigDict, split: DatasetFolds, mesh: Any) -> Any:
+    """The programs of ``split``'s shape on the abstract model: headers and config.json only.
 
-def run(
-    config: ml_collections.ConfigDict,
-    workdir: Any,
-    *,
-    datasets: list[DatasetFolds] | None = None,
-    progress: bool = True,
-    hooks: Any = None,
-    cache: dict | None = None,
-) -> dict:
-    """Fine-tunes every dataset x seed x fold of ``config`` (resuming) and reports.
-
-    Every finished run's folder also gets ``adapter/``: its best state's LoRA in PEFT format
-    (when the config has a LoRA).
-
-    Args:
-      config: a fine-tuning config (:func:`check` it first).
-      workdir: the output folder.
-      datasets: the opened datasets (:func:`check` returns them).
-      progress: progress bars and a line per finished run.
-      hooks: loop callbacks (tests).
-      cache: a dict kept between calls with the same config (a notebook, tests): the loaded
-        encoder and the compiled programs are reused instead of built again.
+    Raises:
+      ConfigError: the weights do not match config.json, or the head or adapters do not fit.
     """
-    from train import cross_validation
+    try:
+        model = build_model(config, split.num_classes, example_of(split), mesh, abstract=True)
+        steps = steps_lib.Steps(config, split.num_classes, split.input_shape, mesh=mesh,
+                                model=model)  # fmt: skip
+        steps.abstract_state()
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{encoder_folder(config)}: {one_line(err)}") from err
+    return steps
 
-    config = with_fingerprint(config)
-    datasets = datasets or [open_raw_folds(config, n) for n in config.dataset_paths]
-    cache = {} if cache is None else cache
 
-    def make_steps(cfg, num_classes, input_shape, mesh=None):
-        key = (num_classes, input_shape, None if mesh is None else mesh.shape_tuple)
-        if key not in cache:
-            split = next(d for d in datasets if (d.num_classes, d.input_shape) == key[:2])
-            model = build_model(cfg, num_classes, example_of(split), mesh)
-            cache[key] = steps_lib.Steps(cfg, num_classes, input_shape, mesh=mesh, model=model)
-        return cache[key]
+def load_weights(steps: Any, config: ml_collections.ConfigDict) -> None:
+    """Reads the encoder's weights onto the programs' mesh, once, and binds them."""
+    steps.bind(build_model(config, steps.num_classes, steps.example, steps.mesh))
 
-    results = cross_validation.run(
-        config, workdir, datasets=datasets, progress=progress, hooks=hooks, make_steps=make_steps
-    )
-    if config.adapters.lora_rank and jax.process_index() == 0:
-        from train.runs import run_folder
 
-        for record in results["records"]:
-            folder = storage.path(workdir) / run_folder(
-                record["dataset"], record["seed"], record["fold"] or 1
-            )
-            if not (folder / "adapter" / "adapter_model.safetensors").exists():
-                write_adapter(config, folder)
-    return results
+def write_adapter_once(config: ml_collections.ConfigDict, run_dir: Any) -> None:
+    """:func:`write_adapter` for a LoRA run whose folder has no adapter yet."""
+    if config.adapters.lora_rank and not (run_dir / "adapter" / "adapter_config.json").exists():
+        write_adapter(config, run_dir)
+
+
+TASK = tasks.Task(
+    name="fine-tuning",
+    # Inputs: the encoder's model inputs, preprocessed as extraction does.
+    open_folds=open_raw_folds,
+    check=check_config,
+    check_data=check_data,
+    # Model and trainable parameters: the adapted encoder and its head (FineTuneModel).
+    steps=abstract_steps,
+    load=load_weights,
+    # Identity: the base weights' fingerprint is part of it.
+    resolve=with_fingerprint,
+    identity=identity,
+    # What a finished run writes: its PEFT adapter.
+    finish=write_adapter_once,
+)
 
 
 def base_model_id(config: ml_collections.ConfigDict) -> tuple[str, str | None]:
@@ -611,7 +603,6 @@ def write_adapter(config: ml_collections.ConfigDict, run_dir: Any) -> list[str]:
     """
     from gaam_jax.adapters import peft
     from gaam_jax.encoders import configure
-    from train import artefacts
 
     best = artefacts.load_best_variables(run_dir)
     raw = json.loads((encoder_folder(config) / "config.json").read_text())

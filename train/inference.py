@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gaam_jax import storage
+from app import storage
 from train import artefacts
 from train.runs import CONFIG
 from train.steps import Steps

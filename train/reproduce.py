@@ -14,7 +14,7 @@ The config file defines ``get_config(variant)``, ``VARIANTS`` (names), ``ABLATIO
 (``sources``, ``num_layers``, ``overrides``) and optionally ``HEATMAPS``.
 
 Jobs (one variant on one dataset) run one after another in this process; within a job every
-seed and fold trains as one vmapped program (:mod:`train.cross_validation`).
+seed and fold trains as one vmapped program (:mod:`train.trainer`).
 
 Usage::
 
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from gaam_jax import cli, storage
+from app import cli, storage
 from train import config as config_lib
 from train.results_doc import job_root as job_dir
 from train.runs import mean_gate
@@ -52,10 +52,10 @@ def run_job(
     """Trains ``variant`` on ``dataset`` (all seeds and folds).
 
     Returns:
-      ``{'results': cross_validation.run's results, 'seconds': this call's time, 'fresh':
+      ``{'results': train.trainer.run's results, 'seconds': this call's time, 'fresh':
       whether the job had no finished results before}``.
     """
-    from train import cross_validation, validate
+    from train import trainer
 
     config = _load(f"{config_path}:{variant}", overrides, mesh)
     if dataset not in config.dataset_paths:
@@ -66,8 +66,7 @@ def run_job(
                 del config.dataset_paths[name]
     fresh = not (storage.path(workdir) / "results.json").exists()
     start = time.perf_counter()
-    datasets = validate.prepare(config, workdir)
-    results = cross_validation.run(config, workdir, datasets=datasets, progress=False)
+    results = trainer.run(config, workdir, progress=False)
     seconds = time.perf_counter() - start
     print(f"[reproduce] {variant} on {dataset}: {seconds:.0f} s", flush=True)
     return {"results": results, "seconds": seconds, "fresh": fresh}
@@ -86,7 +85,7 @@ def pick_layers(gate: np.ndarray, num_layers: int) -> tuple[tuple[int, ...], tup
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (the convention of :mod:`gaam_jax.cli`)."""
+    """Command-line entry point (the convention of :mod:`app.cli`)."""
     parser = cli.Parser("python -m train.reproduce", __doc__.split("\n")[0], config_overrides=True)
     parser.add_argument("--config", default="configs/reproduce.py", help="experiment config")
     parser.add_argument("--workdir", default="out/reproduce", help="runs and results")
@@ -101,12 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise config_lib.ConfigError(str(err)) from None
         return _reproduce(args, overrides, mesh)
 
-    def user_error(err: BaseException) -> str | None:
-        from train.__main__ import user_error as train_error
-
-        return train_error(err, args.workdir)
-
-    return cli.run(work, debug=args.debug, user_error=user_error)
+    return cli.run(work, debug=args.debug, user_error=lambda err: cli.user_error(err, args.workdir))
 
 
 def _load(spec: str, overrides: Sequence[str], mesh: dict | None) -> Any:
@@ -119,14 +113,14 @@ def _load(spec: str, overrides: Sequence[str], mesh: dict | None) -> Any:
 
 def _reproduce(args: Any, overrides: list[str], mesh: dict | None) -> int:
     # Fail before any work on a bad config, override or dataset.
-    from train import validate
+    from train import trainer
 
     try:
         module = config_lib.load_module(args.config)
         variants = list(module.VARIANTS)
         for variant in variants:
             base = _load(f"{args.config}:{variant}", overrides, mesh)
-            validate.check(base, args.workdir)
+            trainer.check(base, args.workdir)
     except ValueError as err:  # ConfigError included
         raise config_lib.ConfigError(cli.one_line(err)) from err
     datasets = list(base.dataset_paths)

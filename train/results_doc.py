@@ -16,7 +16,7 @@ import platform
 
 import numpy as np
 
-from gaam_jax import storage
+from app import storage
 from train import report
 from train import runs as run_records
 

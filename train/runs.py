@@ -5,7 +5,8 @@
   leaves the old file or the new one, never half of one. On an object store (a ``gs://``
   workdir) the final object is written directly: an object appears only once its upload is
   complete, which gives the same guarantee without a rename (object stores have none).
-* :class:`RunRecord` is one training run's outcome (dataset, seed, fold or held-out run, best
+* :class:`RunResult` is what training hands over for one run (states, history), and
+  :class:`RunRecord` one training run's outcome (dataset, seed, fold or held-out run, best
   and final accuracy, the gate map's file). Reports and ``docs/results.md`` read records;
   nothing is parsed back from table columns.
 * :func:`identity` is what a workdir was made by: the fully resolved config and a fingerprint
@@ -25,7 +26,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from gaam_jax import storage
+from app import storage
 from train import config as config_lib
 
 RECORD = "record.json"  # one run's outcome
@@ -39,7 +40,7 @@ IGNORED_KEYS = frozenset({
 
 
 def write_json_atomic(path: str | pathlib.Path, obj: Any) -> None:
-    """:func:`gaam_jax.storage.write_atomic` of ``obj`` as indented JSON."""
+    """:func:`app.storage.write_atomic` of ``obj`` as indented JSON."""
     storage.write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
@@ -91,6 +92,30 @@ class RunRecord:
     def load(cls, run_dir: str | pathlib.Path) -> RunRecord:
         """Reads a run folder's ``record.json``."""
         return cls(**json.loads((storage.path(run_dir) / RECORD).read_text()))
+
+
+@dataclasses.dataclass
+class RunResult:
+    """One run's outcome as training hands it over, before its folder is written.
+
+    Attributes:
+      history: one record per epoch.
+      best_epoch: 1-based (the first among ties).
+      best_accuracy: its validation accuracy.
+      final_accuracy: the last epoch's validation accuracy.
+      best_state: the state of the best epoch (a ``train.steps.TrainState`` of numpy leaves).
+      final_state: the state after the last epoch (numpy leaves).
+      best_eval: the evaluation sums of the best state (``gate_total``/``gate_count`` for gated
+        fronts: the Importance Factor's input), as numpy.
+    """
+
+    history: list[dict]
+    best_epoch: int
+    best_accuracy: float
+    final_accuracy: float
+    best_state: Any
+    final_state: Any
+    best_eval: dict
 
 
 def run_folder(dataset: str, seed: int, fold: int) -> pathlib.Path:

@@ -40,6 +40,17 @@ class DatasetFolds:
     labels: np.ndarray | None
 
 
+def check_labels(labels: np.ndarray, ids: np.ndarray, num_classes: int) -> None:
+    """Raises ValueError naming the first example whose label is outside ``[0, num_classes)``."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        i = bad[0]
+        raise ValueError(
+            f"example id {int(ids[i])} has label {int(labels[i])}, outside [0, {num_classes}): "
+            "fix the dataset's labels or num_classes."
+        )
+
+
 def read_column(source: Any, key: str) -> np.ndarray:
     """One scalar feature of every record (``label``, ``group``) as int64."""
     return np.array([int(source[i][key]) for i in range(len(source))], np.int64)

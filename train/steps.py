@@ -377,12 +377,29 @@ class Steps:
             lambda f, s, b: self._replicate(self._over_runs(self._evaluate(f))(s, b))
         )
         # The jitted programs themselves (their compile caches), before binding ``frozen``.
-        self.programs = {"train_steps": train_steps, "train_step": train_step}
-        self.train_steps = functools.partial(train_steps, self.frozen)
-        self.train_step = functools.partial(train_step, self.frozen)
-        self.evaluate_on_device = functools.partial(evaluate_on_device, self.frozen)
-        self.evaluate_batch = functools.partial(evaluate_batch, self.frozen)
+        self.programs = {"train_steps": train_steps, "train_step": train_step,
+                         "evaluate_on_device": evaluate_on_device,
+                         "evaluate_batch": evaluate_batch}  # fmt: skip
+        self._bind_frozen()
         self.epoch_end = jax.jit(self._epoch_end, static_argnums=3)
+
+    def _bind_frozen(self) -> None:
+        for name, program in self.programs.items():
+            setattr(self, name, functools.partial(program, self.frozen))
+
+    def bind(self, model: Any) -> None:
+        """Makes ``model`` the one the programs train: the same model, its weights now read.
+
+        A fine-tuning job's checks build the programs from an abstract model (its base weights
+        as ``jax.ShapeDtypeStruct`` s); once they pass, the weights are read onto the mesh and
+        bound here, so the programs are built once. ``model`` must have the shapes, optimiser
+        and example of the model the programs were built with.
+        """
+        self.model = model
+        self.frozen = model.frozen
+        self._create = functools.partial(create_state, self.model, self.tx, example=self.example)
+        self._init_compiled.clear()
+        self._bind_frozen()
 
     def _step(self, frozen: Any) -> Callable:
         return functools.partial(

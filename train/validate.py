@@ -1,11 +1,12 @@
-"""Checks a whole config against its data before any training or any file is written.
+"""The checks of a config against its data, made before any training or any file is written.
 
-:func:`check` raises :class:`~train.config.ConfigError` with one line naming the cause and the
-fix: unknown fronts, dtypes, losses or CV kinds; counts that must be positive; GAAM heads that do
-not divide the layer axis (or any other shape the model rejects, found by tracing its
-initialisation abstractly); frozen-parameter patterns that match nothing; a batch larger than a
-training split; more folds than the smallest class has examples; labels outside
-``[0, num_classes)``; a mesh the devices cannot form; a workdir that is a file or not writable.
+The trainer (:func:`train.trainer.check`) runs them. Each raises
+:class:`~train.config.ConfigError` with one line naming the cause and the fix: unknown fronts,
+dtypes, losses or CV kinds; counts that must be positive; a batch larger than a training split;
+more folds than the smallest class has examples; labels outside ``[0, num_classes)``; a mesh
+the devices cannot form; a workdir that is a file or not writable. A model that rejects the
+examples' shape, or frozen-parameter patterns that match nothing, are found by tracing its
+state abstractly (:func:`model_error` words them).
 """
 
 from __future__ import annotations
@@ -14,17 +15,16 @@ import os
 import pathlib
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
-from gaam_jax import COMPUTE_DTYPES, storage
+from app import storage
+from gaam_jax import COMPUTE_DTYPES
 from gaam_jax.transformer import FRONTS
 from train import config as config_lib
-from train import feeds, losses, runs
+from train import losses
 from train.config import ConfigError, one_line
-from train.splits import CV_KINDS, DatasetFolds, open_folds
-from train.steps import Steps
+from train.splits import CV_KINDS, DatasetFolds, check_labels
 
 CHOICES = {
     "model.front": FRONTS,  # typing.get_args of the model's Front
@@ -122,7 +122,7 @@ def check_data(config: ml_collections.ConfigDict, split: DatasetFolds) -> None:
     if split.labels is not None:
         ids = np.arange(len(split.labels))
         try:
-            feeds.check_labels(split.labels, ids, split.num_classes)
+            check_labels(split.labels, ids, split.num_classes)
         except ValueError as err:
             raise ConfigError(f"{name}: {err}") from err
         if config.cv.kind == "stratified_kfold":
@@ -133,16 +133,14 @@ def check_data(config: ml_collections.ConfigDict, split: DatasetFolds) -> None:
                     f"cv.k {config.cv.k} exceeds {smallest}, the size of {name}'s smallest "
                     f"class, so some folds would miss it; use --config.cv.k={smallest} or less."
                 )
-    try:
-        steps = Steps(config, split.num_classes, split.input_shape)
-        steps.abstract_state()
-    except (ValueError, TypeError) as err:
-        if one_line(err).startswith("optimizer.frozen"):  # the parameter paths are listed
-            raise ConfigError(one_line(err)) from err
-        shape = ", ".join(map(str, split.input_shape))
-        raise ConfigError(
-            f"the model does not fit {name}'s [{shape}] examples: {one_line(err)}"
-        ) from err
+
+
+def model_error(split: DatasetFolds, err: BaseException) -> ConfigError:
+    """The one line for a model that cannot be built for ``split``'s examples."""
+    if one_line(err).startswith("optimizer.frozen"):  # the parameter paths are listed
+        return ConfigError(one_line(err))
+    shape = ", ".join(map(str, split.input_shape))
+    return ConfigError(f"the model does not fit {split.name}'s [{shape}] examples: {one_line(err)}")
 
 
 def check_mesh(config: ml_collections.ConfigDict) -> None:
@@ -155,61 +153,3 @@ def check_mesh(config: ml_collections.ConfigDict) -> None:
         sharding.make_mesh(dict(config.mesh))
     except ValueError as err:
         raise ConfigError(f"mesh {dict(config.mesh)}: {one_line(err)}") from err
-
-
-def check(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[DatasetFolds]:
-    """Validates everything; returns the opened datasets (so they are opened once).
-
-    Raises:
-      ConfigError: the first problem found, in one line.
-    """
-    check_values(config)
-    check_workdir(workdir)
-    check_mesh(config)
-    splits = []
-    for name in config.dataset_paths:
-        try:
-            split = open_folds(config, name)
-        except FileNotFoundError as err:
-            raise ConfigError(one_line(err)) from err
-        except ValueError as err:
-            raise ConfigError(f"{name}: {one_line(err)}") from err
-        check_data(config, split)
-        splits.append(split)
-    return splits
-
-
-def prepare(
-    config: ml_collections.ConfigDict,
-    workdir: str | pathlib.Path,
-    *,
-    checker: Any = None,
-    identity: Any = None,
-) -> list[DatasetFolds]:
-    """:func:`check`, then claims ``workdir`` for this config (or confirms it already is).
-
-    The workdir's ``config.json`` records the resolved config and the data fingerprints; a
-    workdir recording another identity is refused before anything in it is touched, and so is
-    one that another live job is training in (:func:`train.runs.claim`).
-
-    Args:
-      config: the config.
-      workdir: the output folder.
-      checker: ``(config, workdir) -> datasets`` instead of :func:`check` (fine-tuning's).
-      identity: ``config -> identity`` instead of :func:`train.runs.identity`.
-
-    Raises:
-      ConfigError: from :func:`check`, or naming the keys that differ from the recorded run.
-    """
-    splits = (checker or check)(config, workdir)
-    current = (identity or runs.identity)(config)
-    try:
-        known = runs.check_identity(workdir, current)
-        if jax.process_index() == 0:  # one job per workdir (a multi-host job is one job)
-            runs.claim(workdir)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    if not known and jax.process_index() == 0:
-        storage.path(workdir).mkdir(parents=True, exist_ok=True)
-        runs.write_json_atomic(storage.path(workdir) / runs.CONFIG, current)
-    return splits

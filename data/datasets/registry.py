@@ -13,9 +13,9 @@ import shutil
 
 import tensorflow_datasets as tfds
 
+from app import storage
 from data.datasets import iemocap
 from data.datasets.offline import MiniNewsgroup, MlxtendMnist, PangLeePolarity
-from gaam_jax import storage
 
 TEXT_DATASETS = {"pang_lee_polarity": PangLeePolarity, "mini_newsgroup": MiniNewsgroup}
 EXTRACTABLE = (*TEXT_DATASETS, "ag_news_subset")
@@ -192,8 +192,8 @@ def local_data_dir(url: str, dataset: str) -> pathlib.Path:
     """A local tfds data folder holding ``dataset`` of the object-store data folder ``url``.
 
     array_record reads local files only: the bucket's ``<url>/<name>/<version>`` (when it holds
-    a built one) is copied once (:func:`gaam_jax.storage.local_copy`) and linked into the URL's
-    staging folder (:func:`gaam_jax.storage.staging`); otherwise the dataset is built or opened
+    a built one) is copied once (:func:`app.storage.local_copy`) and linked into the URL's
+    staging folder (:func:`app.storage.staging`); otherwise the dataset is built or opened
     in that staging folder as in a local data folder (offline datasets from installed packages,
     the paper's from their downloads).
     """

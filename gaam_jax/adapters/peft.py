@@ -51,9 +51,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from gaam_jax import storage
 from gaam_jax.adapters import Adapters
 from gaam_jax.adapters.lora import COLLECTION, FACTORS, LoRA, init_magnitudes, paths
 from gaam_jax.encoders import registry
@@ -788,7 +788,7 @@ def save(
     adapters in the collection (DAAM gates) are no peft type: they go to :data:`DAAM_FILE`
     (float32, by their path in the collection), which peft ignores and :func:`read` loads.
     ``README.md`` says what the folder holds, how peft loads it and what peft users do not get.
-    Each file is written whole (:func:`gaam_jax.storage.write_atomic`), the config last.
+    Each file is written whole (:func:`_write_whole`), the config last.
 
     Args:
       folder: the adapter folder, local or a URL such as ``gs://bucket/adapter`` (created if
@@ -903,18 +903,30 @@ def save(
     gates = {
         "/".join(k): np.asarray(v, np.float32) for k, v in flat.items() if k[-1] not in FACTORS
     }
-    folder = storage.path(os.path.expanduser(folder))
+    folder = epath.Path(os.path.expanduser(str(folder)))  # a local folder or a URL
     folder.mkdir(parents=True, exist_ok=True)
     notes = list(notes)
     if gates:
-        storage.write_atomic(folder / DAAM_FILE, _safetensors_bytes(gates, {"format": "gaam_jax"}))
+        _write_whole(folder / DAAM_FILE, _safetensors_bytes(gates, {"format": "gaam_jax"}))
         notes.insert(
             0,
             f"The DAAM gates ({len(gates)} tensors) are in {DAAM_FILE}, which peft ignores: "
             "peft's model lacks them. gaam_jax loads them with the LoRA.",
         )
-    storage.write_atomic(folder / README_FILE, _readme(raw, sorted(tensors), notes).encode())
-    storage.write_atomic(folder / WEIGHTS_FILE, _safetensors_bytes(tensors, {"format": "pt"}))
-    storage.write_atomic(
-        folder / CONFIG_FILE, (json.dumps(raw, indent=2, sort_keys=True) + "\n").encode()
-    )
+    _write_whole(folder / README_FILE, _readme(raw, sorted(tensors), notes).encode())
+    _write_whole(folder / WEIGHTS_FILE, _safetensors_bytes(tensors, {"format": "pt"}))
+    _write_whole(folder / CONFIG_FILE, (json.dumps(raw, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _write_whole(path: epath.Path, data: bytes) -> None:
+    """Writes ``data`` so that a reader sees the old file or the new one, never part of one.
+
+    A local file is written beside the target and renamed over it; an object store's object
+    appears only once its upload is complete, so it is written in place.
+    """
+    if "://" in str(path):
+        path.write_bytes(data)
+        return
+    tmp = pathlib.Path(f"{path}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, str(path))

@@ -14,12 +14,11 @@ of the project, so it also runs as a plain script in an environment without JAX.
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import sys
 from collections.abc import Sequence
-
-from gaam_jax import cli
 
 BIN = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -98,23 +97,28 @@ def convert(folder: str | pathlib.Path) -> list[pathlib.Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (the convention of :mod:`gaam_jax.cli`)."""
-    parser = cli.Parser("python -m gaam_jax.encoders.convert", __doc__.split("\n")[0])
-    parser.add_argument("folder", help="Hugging Face model folder with PyTorch .bin weights")
-    try:
-        args, _ = parser.parse(argv)
-    except SystemExit as exit:  # usage errors (one line) and --help
-        return int(exit.code or 0)
+    """Command-line entry point: a user error is one line ``error: ...`` and exit 2.
 
-    def work() -> int:
+    ``--debug`` shows the traceback instead (the convention of the project's commands).
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m gaam_jax.encoders.convert", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("folder", help="Hugging Face model folder with PyTorch .bin weights")
+    parser.add_argument("--debug", action="store_true", help="tracebacks instead of one line")
+    parser.error = lambda message: parser.exit(  # one line, as every command of the project
+        2, f"error: {' '.join(message.split())} (see {parser.prog} --help)\n"
+    )
+    args = parser.parse_args(argv)
+    try:
         for path in convert(args.folder):
             print(f"wrote {path}")
-        return 0
-
-    def user_error(err: BaseException) -> str | None:
-        return str(err) if isinstance(err, FileNotFoundError | ImportError | ValueError) else None
-
-    return cli.run(work, debug=args.debug, user_error=user_error)
+    except (FileNotFoundError, ImportError, ValueError) as err:
+        if args.debug:
+            raise
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
