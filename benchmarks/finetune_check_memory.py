@@ -10,7 +10,7 @@ Writes (in a temporary folder, or ``--folder``) a Llama checkpoint of TinyLlama-
 ``lm_head``): 2.2 GB of bfloat16 safetensors in four shards with an index, written tensor by
 tensor by repeating one 32 MiB block of pseudo-random values (the host never holds more),
 plus a word-level ``tokenizer.json`` built as the tests build the tiny Llama fixture's
-(``tests/test_data_extract.py``: that fixture ships none). :func:`check_checkpoint` verifies
+(``tests/model_folders.py``: that fixture ships none). :func:`check_checkpoint` verifies
 the folder shapes-only. Then, each in a fresh subprocess, it measures the peak resident memory
 (``ru_maxrss``) of:
 

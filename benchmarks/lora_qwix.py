@@ -243,7 +243,10 @@ def nnx_row(d: int, heads: int, blocks: int, batch: int, length: int, reps: int)
 
 
 def linen_einsum() -> str:
-    """What qwix does with LoRA on a Linen ``nn.Einsum`` (ours adapts it; tests/test_adapters)."""
+    """What qwix does with LoRA on a Linen ``nn.Einsum``.
+
+    Ours adapts it (tests/gaam_jax/test_adapters).
+    """
     model = nn.Einsum((4, 8), "btf,fd->btd", name="embed")
     x = jnp.ones((1, 2, 4))
     try:

@@ -1,6 +1,6 @@
 """Input pipelines over tfds data sources: epoch orders, evaluation batches, CV splits.
 
-Guarantees (each tested in tests/test_data_pipeline.py):
+Guarantees (each tested in tests/data/test_data_pipeline.py):
 
 * **Training** batches come from a seeded shuffle that differs per epoch and replays exactly
   (the order is a pure function of ``(seed, epoch)``), with ``drop_remainder``; a run resumed

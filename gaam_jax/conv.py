@@ -11,7 +11,7 @@ training step, against 139 ms as matrix products (benchmarks/README.md). Here:
   of Conv(N -> 512)) is one GEMM over all taps followed by shifted sums of the narrow outputs;
 * the rest stays XLA's convolution.
 
-Gradients equal XLA's to float32 rounding (tests/test_conv.py).
+Gradients equal XLA's to float32 rounding (tests/gaam_jax/test_conv.py).
 """
 
 from __future__ import annotations

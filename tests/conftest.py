@@ -36,8 +36,9 @@ def _xla_has_option(name, value):
 # order of a few float sums. Checked: every test passes with its stated tolerances under these
 # flags as under -O1 and -O3; tests that compare two results bit for bit compile both sides under
 # the same flags (subprocesses inherit them), and tests about what users' default compile gives
-# (tests/test_train.py's -O1 init) pass their options explicitly. A flag already in XLA_FLAGS is
-# left as it is. tests/arrays.py and tests/test_notebook.py read ``GAAM_TEST_HAS_*`` too.
+# (tests/train/test_train.py's -O1 init) pass their options explicitly. A flag already in
+# XLA_FLAGS is left as it is. tests/arrays.py and tests/test_notebook.py read ``GAAM_TEST_HAS_*``
+# too.
 _TEST_FLAGS = {"xla_backend_optimization_level": "0"}
 if _xla_has_option("xla_cpu_use_fusion_emitters", False):
     _TEST_FLAGS["xla_cpu_use_fusion_emitters"] = "false"
@@ -104,6 +105,27 @@ def gcs():
 def tfds_dir(tmp_path_factory):
     """One tfds data folder per test session, so offline datasets are built once per worker."""
     return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture
+def mocked_sources(monkeypatch):
+    """tfds' ag_news_subset and cifar100 builders on mock examples (read once, kept in memory).
+
+    ``mock_data`` also turns every other builder's ``download_and_prepare`` into a no-op, so
+    only the reading of the source happens inside it; the features are built for real.
+    """
+    import tensorflow_datasets as tfds
+
+    from data.datasets import registry
+
+    real = registry.load_examples
+
+    def load(name, data_dir, split="train", **kwargs):
+        with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
+            records, info = real(name, data_dir, split, **kwargs)
+            return [records[i] for i in range(len(records))], info
+
+    monkeypatch.setattr(registry, "load_examples", load)
 
 
 def pytest_addoption(parser):

@@ -1,4 +1,4 @@
-"""One process of the 2-process extraction test (tests/test_extract_distributed.py).
+"""One process of the 2-process extraction test (tests/data/test_extract_distributed.py).
 
 Usage: python extract_distributed_worker.py PROCESS_ID PORT DATA_DIR OTHER_DIR EXTRACT_ARGS...
 

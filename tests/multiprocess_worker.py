@@ -1,4 +1,4 @@
-"""One process of the 2-process data-parallel test (tests/test_multiprocess.py).
+"""One process of the 2-process data-parallel test (tests/train/test_multiprocess.py).
 
 Usage: python multiprocess_worker.py PROCESS_ID PORT CONFIG DATASET OUT.npz
 """

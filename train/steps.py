@@ -140,7 +140,7 @@ def make_optimizer(opt_cfg: ml_collections.ConfigDict) -> optax.GradientTransfor
 
 # The initial state runs once per run, but XLA:CPU's default LLVM pipeline (-O3) spends over a
 # second on its threefry and truncated-normal kernels; -O1 compiles them in 40% of the time to
-# bit-identical values (tests/test_train.py::test_init_compiled_at_o1_is_bit_identical).
+# bit-identical values (tests/train/test_train.py::test_init_compiled_at_o1_is_bit_identical).
 INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
 
 

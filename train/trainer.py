@@ -284,7 +284,7 @@ DECODERS = tasks.Task(
 )
 
 
-# == The job ===================================================================================
+# == The job: sections 1 to 7 in order ==========================================================
 
 
 def run(
@@ -334,8 +334,7 @@ def run(
             if task.load is not None:
                 task.load(steps, config)
             cache[program.key] = steps
-        found = train(config, workdir, program, cache[program.key], progress and primary, hooks)
-        records += found
+        records += train(config, workdir, program, cache[program.key], progress and primary, hooks)
     if primary and task.finish is not None:
         for record in records:
             task.finish(config, workdir / runs.run_folder(record.dataset, record.seed,

@@ -1,4 +1,4 @@
-"""Writes the PyTorch reference fixtures that tests/test_parity.py compares against.
+"""Writes the PyTorch reference fixtures that tests/gaam_jax/test_parity.py compares against.
 
 Run it in the reference venv (PyTorch + the authors' package), never in the project venv::
 

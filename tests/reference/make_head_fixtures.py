@@ -1,4 +1,4 @@
-"""Writes tiny random classification-model fixtures for tests/test_encoders_heads.py.
+"""Writes tiny random classification-model fixtures for tests/gaam_jax/test_encoders_heads.py.
 
 Run in the reference venv (torch + transformers 5.24, offline)::
 

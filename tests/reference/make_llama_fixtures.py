@@ -1,4 +1,5 @@
-"""Writes tiny random Llama fixtures for tests/test_encoders_llama.py from PyTorch transformers.
+"""Writes tiny random Llama fixtures for tests/gaam_jax/test_encoders_llama.py from PyTorch
+transformers.
 
 Run in the reference venv (torch + transformers 5.24, offline):
 ``/work/refvenv/bin/python tests/reference/make_llama_fixtures.py tests/fixtures/encoders``.

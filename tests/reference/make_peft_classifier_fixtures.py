@@ -1,4 +1,4 @@
-"""Writes peft sequence-classification adapter fixtures for tests/test_peft_classifier.py.
+"""Writes peft sequence-classification adapter fixtures for tests/gaam_jax/test_peft_classifier.py.
 
 Run in the reference venv (torch 2.13, transformers 5.24, peft 0.21.2, offline)::
 

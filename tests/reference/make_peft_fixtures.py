@@ -1,4 +1,5 @@
-"""Writes peft LoRA adapter fixtures for tests/test_adapters_peft.py from PyTorch peft 0.21.2.
+"""Writes peft LoRA adapter fixtures for tests/gaam_jax/test_adapters_peft.py from PyTorch peft
+0.21.2.
 
 Run in the reference venv (torch 2.13, transformers 5.24, peft 0.21.2, offline)::
 
