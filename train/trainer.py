@@ -123,7 +123,8 @@ def check(
         datasets.append(split)
         key = (split.num_classes, split.input_shape)
         if key not in steps:
-            steps[key] = (cache or {}).get(key) or task.steps(config, split, mesh)
+            kept = (cache or {}).get(_cache_key(key, mesh))
+            steps[key] = kept or task.steps(config, split, mesh)
     return Checked(task, datasets, steps, mesh)
 
 
@@ -329,12 +330,13 @@ def run(
         if all((d / RECORD).exists() for d in dirs):
             records += [RunRecord.load(d) for d in dirs]
             continue
-        if program.key not in cache:  # the weights a model starts from: read once, onto the mesh
+        key = _cache_key(program.key, checked.mesh)
+        if key not in cache:  # the weights a model starts from: read once, onto the mesh
             steps = checked.steps[program.key]
             if task.load is not None:
                 task.load(steps, config)
-            cache[program.key] = steps
-        records += train(config, workdir, program, cache[program.key], progress and primary, hooks)
+            cache[key] = steps
+        records += train(config, workdir, program, cache[key], progress and primary, hooks)
     if primary and task.finish is not None:
         for record in records:
             task.finish(config, workdir / runs.run_folder(record.dataset, record.seed,
@@ -389,6 +391,11 @@ def train(
         _finish_run(config, r, result, d, m, show)
         for r, result, d, m in zip(program.runs, results, dirs, metrics, strict=True)
     ]
+
+
+def _cache_key(shape_key: tuple, mesh: Any) -> tuple:
+    """A program shape on a mesh (programs built for one mesh do not run on another)."""
+    return (*shape_key, None if mesh is None else tuple(mesh.shape.items()))
 
 
 # == 5-6. Restore, and the loop ================================================================
