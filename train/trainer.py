@@ -54,7 +54,6 @@ import numpy as np
 
 from app import storage
 from data import pipeline
-from gaam_jax import sharding
 from train import artefacts, feeds, finetune, plateau, report, runs, splits, tasks, validate
 from train import config as config_lib
 from train.checkpointing import Checkpoints, snapshot
@@ -109,8 +108,7 @@ def check(
     if task.check is not None:
         task.check(config)
     validate.check_workdir(workdir)
-    validate.check_mesh(config)
-    mesh = sharding.make_mesh(dict(config.mesh)) if "mesh" in config else None
+    mesh = validate.check_mesh(config)
     datasets, steps = [], {}
     for name in config.dataset_paths:
         try:

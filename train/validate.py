@@ -143,13 +143,13 @@ def model_error(split: DatasetFolds, err: BaseException) -> ConfigError:
     return ConfigError(f"the model does not fit {split.name}'s [{shape}] examples: {one_line(err)}")
 
 
-def check_mesh(config: ml_collections.ConfigDict) -> None:
-    """The requested mesh can be formed from the devices."""
+def check_mesh(config: ml_collections.ConfigDict) -> Any:
+    """The requested mesh, formed from the devices (None when the config asks for none)."""
     if "mesh" not in config:
-        return
+        return None
     from gaam_jax import sharding
 
     try:
-        sharding.make_mesh(dict(config.mesh))
+        return sharding.make_mesh(dict(config.mesh))
     except ValueError as err:
         raise ConfigError(f"mesh {dict(config.mesh)}: {one_line(err)}") from err
