@@ -22,9 +22,10 @@ def extract_cli_error(argv, capsys, tmp_path):
     return lines[0]
 
 
-def _write_wav(path, seconds, rate=16_000):
+def write_wav(path, seconds, rate=16_000, value=3000):
+    """A mono int16 sine of ``seconds`` at ``rate`` Hz, peak ``value``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    samples = (3000 * np.sin(np.arange(int(seconds * rate)) / 7.0)).astype(np.int16)
+    samples = (value * np.sin(np.arange(int(seconds * rate)) / 7.0)).astype(np.int16)
     with wave.open(str(path), "wb") as f:
         f.setnchannels(1)
         f.setsampwidth(2)
@@ -40,7 +41,7 @@ def fake_iemocap(manual):
         lines = "% header\n\n"
         for i, label in enumerate(["neu", "exc", "ang", "sad", "fru"]):
             utt = f"{dialog}_F00{i}"
-            _write_wav(sdir / "sentences" / "wav" / dialog / f"{utt}.wav", 6.0 if i == 0 else 2.0)
+            write_wav(sdir / "sentences" / "wav" / dialog / f"{utt}.wav", 6.0 if i == 0 else 2.0)
             lines += f"[{i}.0 - {i + 1}.5]\t{utt}\t{label}\t[2.5, 2.5, 2.5]\n"
         (sdir / "dialog" / "EmoEvaluation").mkdir(parents=True)
         (sdir / "dialog" / "EmoEvaluation" / f"{dialog}.txt").write_text(lines)

@@ -39,7 +39,6 @@ import ml_collections
 import numpy as np
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
-from jax.sharding import NamedSharding, PartitionSpec
 
 from app import storage
 from data import pipeline
@@ -268,9 +267,7 @@ def build_model(
         trainable_head=heads.trainable_head_paths(module.head_kind, config.paper_faithful),
         loraplus_ratio=float(config_lib.setting(config, "optimizer.loraplus_ratio")),
         paper_faithful=bool(config.paper_faithful),
-        magnitudes=_dora_magnitudes(encoder, lora, mesh, abstract)
-        if lora and lora.use_dora
-        else {},  # fmt: skip
+        magnitudes=_dora_magnitudes(encoder, abstract) if lora and lora.use_dora else {},
     )
 
 
@@ -278,25 +275,17 @@ def _zeros_like(x: Any) -> np.ndarray:
     return np.zeros(x.shape, x.dtype)
 
 
-def _dora_magnitudes(encoder: Any, lora: adapters_lib.LoRA, mesh: Any, abstract: bool) -> dict:
-    """DoRA's initial magnitudes from the base weights, by path in the trained ``adapters``."""
-    if abstract:
-        shapes = jax.eval_shape(
-            lambda p, a: adapters_lib.init_magnitudes(p, a, lora), encoder.params, encoder.adapters
-        )
-        return {
-            ("encoder", *k): _zeros_like(v)
-            for k, v in flatten_dict(shapes).items()
-            if k[-1] == "lora_magnitude"
-        }
-    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
-    fixed = jax.jit(adapters_lib.init_magnitudes, static_argnums=2, out_shardings=replicated)(
-        encoder.params, encoder.adapters, lora
-    )
+def _dora_magnitudes(encoder: Any, abstract: bool) -> dict:
+    """DoRA's initial magnitudes, by path in the trained ``adapters``.
+
+    The encoder's adapters already hold them (``Encoder.with_adapters`` computes them from the
+    base weights, replicated over the mesh); an abstract encoder's are shapes, so zeros here.
+    """
     # Replicated: every process holds the whole value (addressable_data(0)), multi-host too.
+    copy = _zeros_like if abstract else (lambda v: np.asarray(v.addressable_data(0)))
     return {
-        ("encoder", *k): np.asarray(v.addressable_data(0))
-        for k, v in flatten_dict(fixed).items()
+        ("encoder", *k): copy(v)
+        for k, v in flatten_dict(encoder.adapters).items()
         if k[-1] == "lora_magnitude"
     }
 
@@ -557,7 +546,6 @@ def write_adapter_once(config: ml_collections.ConfigDict, run_dir: Any) -> None:
 
 
 TASK = tasks.Task(
-    name="fine-tuning",
     # Inputs: the encoder's model inputs, preprocessed as extraction does.
     open_folds=open_raw_folds,
     check=check_config,

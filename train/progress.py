@@ -182,7 +182,7 @@ def fetch_points(start: int, per_epoch: int, first_step: int, every: Sequence[in
 
 
 def check_finite(
-    sums: Sums, runs: int, upto: int, epoch: int, names: Sequence[str], last_good: Callable
+    sums: Sums, runs: int, upto: int, epoch: int, names: Sequence[str], ckpt: Any
 ) -> None:
     """Raises :class:`NonFiniteLossError` when a real run's loss went non-finite.
 
@@ -192,15 +192,16 @@ def check_finite(
       upto: the program step fetched up to.
       epoch: the 0-based epoch.
       names: each run's name in messages.
-      last_good: ``() -> (directory, verified steps)`` of the program's checkpoints, called
-        (after waiting for pending saves) only when one is found.
+      ckpt: the program's :class:`~train.checkpointing.Checkpoints`; when a loss is
+        non-finite, its pending saves are committed and its newest verified step named.
     """
     bad = np.asarray(sums.first_bad_step)[:runs]
     if not (bad != NO_BAD_STEP).any():
         return
     run = int(np.argmax(bad != NO_BAD_STEP))
     name = f"{run} ({names[run]})" if names else str(run)
-    directory, good = last_good()
+    ckpt.wait()
+    directory, good = ckpt.directory, ckpt.verified_steps()
     where = f"the newest checkpoint (step {good[-1]})" if good else "the start (no checkpoint yet)"
     raise NonFiniteLossError(
         f"non-finite loss in run {name} at its step {int(bad[run])} (found when fetching program "

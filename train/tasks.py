@@ -24,7 +24,6 @@ class Task:
     """What a kind of job changes in the trainer.
 
     Attributes:
-      name: how messages name it.
       identity: ``config -> dict``: what a workdir was made by (:func:`train.runs.identity`).
       open_folds: ``(config, dataset name) -> DatasetFolds``: its inputs, with their folds
         (:mod:`train.splits`).
@@ -42,7 +41,6 @@ class Task:
         artefacts (None: nothing).
     """
 
-    name: str
     identity: Callable[[Config], dict]
     open_folds: Callable[[Config, str], Any]
     check_data: Callable[[Config, Any], None]

@@ -275,7 +275,6 @@ def decoder_steps(config: ml_collections.ConfigDict, split: DatasetFolds, mesh: 
 
 # The paper's decoders on frozen encoder features; fine-tuning is :data:`train.finetune.TASK`.
 DECODERS = tasks.Task(
-    name="decoders on features",
     identity=runs.identity,
     open_folds=splits.open_folds,
     check_data=validate.check_data,
@@ -548,12 +547,7 @@ class _Loop:
 
     def check(self, host: Sums, ckpt: Checkpoints, upto: int, epoch: int) -> None:
         """Stops on a non-finite loss, before anything of this stretch is saved."""
-
-        def last_good():
-            ckpt.wait()
-            return ckpt.directory, ckpt.verified_steps()
-
-        check_finite(host, self.s.plan.runs, upto, epoch, self.s.plan.names, last_good)
+        check_finite(host, self.s.plan.runs, upto, epoch, self.s.plan.names, ckpt)
 
     def log(self, progress: Progress, host: Sums, epoch: int, stop: int, scale: np.ndarray):
         """Each run's training line at a log point."""

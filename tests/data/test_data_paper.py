@@ -1,10 +1,9 @@
 """The paper's datasets offline: CIFAR-100 and AG News on mock data, IEMOCAP on a fixture tree."""
 
-import wave
-
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from data_helpers import write_wav
 
 from data.datasets import iemocap, registry
 
@@ -25,16 +24,6 @@ def test_missing_paper_dataset_says_how_to_build_it(tmp_path):
         registry.load_paper("cifar100", tmp_path, "train")
 
 
-def _write_wav(path, seconds, rate=16_000, value=1000):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    samples = (value * np.sin(np.arange(int(seconds * rate)) / 7.0)).astype(np.int16)
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(rate)
-        f.writeframes(samples.tobytes())
-
-
 def _fake_iemocap(root):
     """Two sessions; utterances of 12 s (3 chunks), 3 s, a frustrated one (skipped), 8 kHz."""
     lines = {
@@ -46,9 +35,8 @@ def _fake_iemocap(root):
         text = "% header\n\n"
         for i, (utt, label, seconds) in enumerate(utts):
             rate = 8_000 if session == 2 else 16_000
-            _write_wav(
-                sdir / "sentences" / "wav" / utt.rsplit("_", 1)[0] / f"{utt}.wav", seconds, rate
-            )
+            wav = sdir / "sentences" / "wav" / utt.rsplit("_", 1)[0] / f"{utt}.wav"
+            write_wav(wav, seconds, rate, value=1000)
             text += f"[{i}.0 - {i + 1}.5]\t{utt}\t{label}\t[2.5, 2.5, 2.5]\n"
         evaluation = sdir / "dialog" / "EmoEvaluation" / f"{utts[0][0].rsplit('_', 1)[0]}.txt"
         evaluation.parent.mkdir(parents=True)
